@@ -1,0 +1,48 @@
+"""The target network's exponential moving average, as one fused multi-tensor update.
+
+Based on: timm's `ModelEmaV3` (a single `torch._foreach_lerp_` over all floating-point tensors). BYOL's update is
+`xi <- tau * xi + (1 - tau) * theta`, i.e. `lerp(xi, theta, 1 - tau)`. BatchNorm running statistics are copied from
+the online network, which is what the reference implementation's target ends up using (it never evaluates the target
+in eval mode during training); non-float buffers (`num_batches_tracked`) are copied too.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EmaPairs:
+    """The matched tensors of an online module and its target copy, collected once.
+
+    Collecting the lists once keeps the per-step update free of Python loops over modules.
+    """
+
+    def __init__(self, online: nn.Module, target: nn.Module):
+        online_params = dict(online.named_parameters())
+        target_params = dict(target.named_parameters())
+        if online_params.keys() != target_params.keys():
+            raise ValueError("online and target modules differ in parameters")
+        self.online_params = [online_params[k].detach() for k in online_params]
+        self.target_params = [target_params[k].detach() for k in online_params]
+        online_buffers = dict(online.named_buffers())
+        target_buffers = dict(target.named_buffers())
+        self.online_buffers = [online_buffers[k] for k in online_buffers]
+        self.target_buffers = [target_buffers[k] for k in online_buffers]
+
+
+@torch.no_grad()
+def ema_update_(pairs: EmaPairs, tau: float | torch.Tensor) -> None:
+    """Fused in-place update: every target parameter moves toward its online twin by `1 - tau`; buffers are copied."""
+    weight = 1.0 - tau
+    torch._foreach_lerp_(pairs.target_params, pairs.online_params, weight)
+    if pairs.target_buffers:
+        torch._foreach_copy_(pairs.target_buffers, pairs.online_buffers)
+
+
+@torch.no_grad()
+def ema_update_loop_(pairs: EmaPairs, tau: float) -> None:
+    """The naive per-parameter formula `xi = tau * xi + (1 - tau) * theta` (reference for tests and benchmarks)."""
+    for t, o in zip(pairs.target_params, pairs.online_params):
+        t.mul_(tau).add_(o, alpha=1.0 - tau)
+    for t, o in zip(pairs.target_buffers, pairs.online_buffers):
+        t.copy_(o)

@@ -1,0 +1,116 @@
+"""The batch contract every loader backend keeps, and the context the trainer hands to a backend.
+
+A backend is built by `build_two_view_loader(cfg, ctx)` and is an iterable of `Batch`:
+  - `view1`, `view2`: float tensors (N, 3, S, S) on `ctx.device`, `channels_last` memory format when
+    `ctx.channels_last`, normalised with the spec's mean/std, dtype `ctx.dtype`;
+  - `labels`: int64 (N,) on `ctx.device` (-1 where the source has no label, e.g. `synthetic`);
+  - `index`: int64 (N,) dataset indices of the samples, on any device, or None where a backend cannot tell.
+Every batch has exactly `ctx.batch_size` samples (drop_last). The loader shards by `ctx.rank` / `ctx.world_size`,
+reshuffles per epoch from `ctx.seed` (the same on every rank, so shards are disjoint), and draws its augmentation
+randomness per sample from `ctx.seed + ctx.rank`.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+
+class Batch(NamedTuple):
+    view1: torch.Tensor
+    view2: torch.Tensor
+    labels: torch.Tensor
+    index: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LoaderContext:
+    """What a backend needs to know about the run, resolved once by the trainer.
+
+    Args:
+        device: the training device; batches are delivered there.
+        dtype: dtype of the views (the training precision: bfloat16, float16 or float32).
+        batch_size: samples per batch on this rank.
+        rank, world_size: this process's place in the job.
+        seed: the run's base seed (shared by all ranks; augmentation uses `seed + rank`).
+        channels_last: deliver views in `channels_last` memory format.
+        drop_last: drop the last incomplete batch (always True for training).
+        shuffle: reshuffle per epoch (False gives the dataset order, for evaluation).
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    batch_size: int = 32
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    channels_last: bool = True
+    drop_last: bool = True
+    shuffle: bool = True
+
+
+class DataError(RuntimeError):
+    """A user-fixable problem with the data (missing path, empty class, truncated file); the message says what to do."""
+
+
+class TwoViewLoader(abc.ABC):
+    """Base of every backend. Subclasses implement `__len__`, `_iter_epoch` and, where they can, `stats`."""
+
+    def __init__(self, ctx: LoaderContext):
+        self.ctx = ctx
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int:
+        """Samples in the whole dataset (all ranks)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's shuffle and skip its first `start_batch` batches (mid-epoch resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    @abc.abstractmethod
+    def _iter_epoch(self) -> Iterator[Batch]:
+        """Yield the batches of `self.epoch`, starting at `self.start_batch`."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = self._iter_epoch()
+        self.start_batch = 0
+        return it
+
+    def stats(self) -> dict:
+        """Counters worth logging, e.g. {"bad_images": 3}."""
+        return {}
+
+    def close(self) -> None:
+        """Release worker processes / pipelines."""
+
+
+def to_contract(x: torch.Tensor, ctx: LoaderContext) -> torch.Tensor:
+    """Move a float NCHW batch to the device, dtype and memory format of the contract."""
+    x = x.to(ctx.device, non_blocking=True)
+    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    return x.to(dtype=ctx.dtype, memory_format=fmt)
+
+
+def check_batch(batch: Batch, ctx: LoaderContext, image_size: int) -> None:
+    """Raise AssertionError unless `batch` keeps the contract (used by the contract test of every backend)."""
+    for name in ("view1", "view2"):
+        v = getattr(batch, name)
+        assert v.shape == (ctx.batch_size, 3, image_size, image_size), f"{name}: shape {tuple(v.shape)}"
+        assert v.dtype == ctx.dtype, f"{name}: dtype {v.dtype} != {ctx.dtype}"
+        assert v.device.type == ctx.device.type, f"{name}: device {v.device} != {ctx.device}"
+        if ctx.channels_last:
+            assert v.is_contiguous(memory_format=torch.channels_last), f"{name}: not channels_last"
+    assert batch.labels.shape == (ctx.batch_size,) and batch.labels.dtype == torch.int64, "labels"
+    assert batch.labels.device.type == ctx.device.type, "labels device"
+    if batch.index is not None:
+        assert batch.index.shape == (ctx.batch_size,), "index"

@@ -1,0 +1,150 @@
+"""Atomic, verifiable checkpoints: written by rank 0 to a temporary name, fsynced, renamed; the last K kept.
+
+A checkpoint is one file `ckpt-<step>.pt` plus `ckpt-<step>.pt.sha256`. Loading checks the digest (when present) and
+loads with `weights_only=True`; `--resume auto` walks from the newest to older ones and uses the first that loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+# Keys that only steer the run, not what is learned: they may change freely between a checkpoint and its resume.
+RUN_CONTROL_KEYS = (
+    "train.max_steps", "train.resume", "train.allow_changed", "train.out_dir", "train.log_every", "train.ckpt_every",
+    "train.keep_last", "train.device", "train.compile", "train.num_threads", "train.preempt_signals",
+    "train.on_nonfinite", "train.max_skipped_steps", "data.path", "data.num_workers", "data.dali", "data.ffcv",
+    "data.max_bad_fraction", "eval", "dist",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message says which file and what to do."""
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt-{step:08d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int = 3) -> Path:
+    """Write `state` atomically as checkpoint `step`, then delete all but the newest `keep_last`.
+
+    Raises:
+        CheckpointError: the disk is full or not writable; the previous checkpoints are left untouched.
+    """
+    run_dir = Path(run_dir)
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        sidecar_tmp = tmp.with_name(final.name + ".sha256.tmp")
+        sidecar_tmp.write_text(digest + "\n")
+        os.replace(sidecar_tmp, final.with_name(final.name + ".sha256"))
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except OSError as err:
+        for p in (tmp, tmp.with_name(final.name + ".sha256.tmp")):
+            p.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err}. The previous checkpoints "
+                              f"are intact; free space or fix permissions on {run_dir}, then resume.") from None
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in the run folder, oldest first (temporary files are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if _NAME.match(p.name))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load and verify one checkpoint (digest, then `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        expected = sidecar.read_text().strip()
+        if _sha256(path) != expected:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt (sha256 does not match {sidecar.name})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError, zipfile errors for bad files
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{str(path)!r} is not a byolfast training checkpoint (no 'model'/'step')")
+    return state
+
+
+def latest_valid_checkpoint(run_dir: str | Path, map_location: Any = "cpu") -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; a corrupt or partial newer one is skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            log.warning("%s; falling back to the previous checkpoint", err)
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict, allowed: Iterable[str] = ()) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and the current one, minus run-control and
+    explicitly allowed keys (a key also matches every key below it: `data.augment` covers `data.augment.view1.*`)."""
+    skip = tuple(RUN_CONTROL_KEYS) + tuple(allowed)
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: checkpoint {a.get(key)!r} -> now {b.get(key)!r}")
+    return diffs

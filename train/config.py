@@ -1,0 +1,340 @@
+"""One typed config tree: dataclasses loaded from a YAML preset, overridden by `section.key=value` arguments.
+
+Each section is the constructor config of the part it drives: `data` -> `pipeline`, `model` -> `model`, the rest ->
+`train`. Unknown keys and wrong types are rejected with the list of valid keys; out-of-range values with the range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ModelConfig
+from pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config key, type or value a user must fix; the message names the key and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run.
+
+    Args:
+        batch_size: the GLOBAL batch (all ranks together); each rank takes `batch_size / world_size`.
+        epochs: length of the schedules in epochs.
+        max_steps: stop after this many steps (0: run all epochs); the schedules still span `epochs`.
+        base_lr: learning rate per 256 images: lr = base_lr * batch_size / 256 (the paper: 0.2).
+        weight_decay: LARS/SGD weight decay (not applied to parameters with ndim <= 1).
+        warmup_epochs: linear warm-up of the learning rate, then cosine decay to 0.
+        optimizer: `lars` (the paper) or `sgd` (momentum SGD with the same exclusions).
+        momentum: the optimizer's momentum.
+        lars_eta: LARS trust coefficient.
+        base_tau: the target EMA's initial decay; tau rises to 1 by a cosine over the run.
+        precision: `bf16` (autocast), `fp16` (autocast + gradient scaler) or `fp32`.
+        compile: wrap the model in `torch.compile`.
+        device: `auto` (cuda when present), `cpu`, `cuda` or `cuda:N`.
+        seed: base seed; each rank uses seed + rank for its augmentation and dropout-free model init is shared.
+        out_dir: the run folder (config, checkpoints, TensorBoard, summary).
+        log_every: steps between logged scalars (the only host-device syncs of the loop).
+        ckpt_every: steps between checkpoints (0: only at the end and on preemption).
+        keep_last: checkpoints kept in the run folder.
+        resume: `` (start fresh), `auto` (the newest valid checkpoint in out_dir) or a checkpoint path.
+        allow_changed: config keys allowed to differ from the checkpoint's on resume (e.g. `train.base_lr`).
+        on_nonfinite: `stop` (keep the last good checkpoint and stop naming the step) or `skip` the step.
+        max_skipped_steps: with `skip`, stop anyway after this many skipped steps.
+        preempt_signals: signals that make the run checkpoint and exit for requeue.
+        num_threads: CPU threads for torch (0: torch's default).
+    """
+
+    batch_size: int = 4096
+    epochs: int = 300
+    max_steps: int = 0
+    base_lr: float = 0.2
+    weight_decay: float = 1.5e-6
+    warmup_epochs: float = 10.0
+    optimizer: str = "lars"
+    momentum: float = 0.9
+    lars_eta: float = 1e-3
+    base_tau: float = 0.996
+    precision: str = "bf16"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/byol"
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    resume: str = ""
+    allow_changed: list[str] = field(default_factory=list)
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 100
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    num_threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the frozen encoder (kNN and linear probe), also usable as a monitor during training.
+
+    Args:
+        data: a labelled ImageFolder tree; with `train/` and `val/` subfolders those are used, else a fixed
+            stratified split holds out `val_fraction` of each class.
+        every: run the kNN monitor every this many training steps (0: off).
+        k: neighbour counts of the weighted kNN.
+        temperature: kNN weight temperature (weights exp(cos / T)).
+        image_size: evaluation crop; images are resized to image_size * 8/7 then centre-cropped.
+        batch_size: feature-extraction batch.
+        linear_epochs: epochs of the linear probe (0: no probe).
+        val_fraction: held-out share of each class when `data` has no `val/`.
+    """
+
+    data: str = ""
+    every: int = 0
+    k: list[int] = field(default_factory=lambda: [20, 200])
+    temperature: float = 0.07
+    image_size: int = 224
+    batch_size: int = 256
+    linear_epochs: int = 0
+    val_fraction: float = 0.2
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed settings (read only when launched by torchrun).
+
+    Args:
+        backend: `auto` (nccl on GPUs, gloo on CPUs), `nccl` or `gloo`.
+        timeout_s: a collective that waits longer (e.g. on a dead rank) ends the job with an error.
+        check_every: every this many steps, check by hash that weights agree across ranks (0: off).
+    """
+
+    backend: str = "auto"
+    timeout_s: int = 600
+    check_every: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# --- building dataclasses from plain data ----------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (converting lists to tuples and ints to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"section {prefix!r}" if prefix else "the top level"
+        raise ConfigError(f"unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)} "
+                          f"in {where}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    base = cls()
+    for k, v in kwargs.items():
+        setattr(base, k, v)
+    return base
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (tuples as lists), for YAML, JSON and checkpoints."""
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.batch_size=256)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({err.problem})") from None
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The defaults, merged with the YAML file at `path`, then with `section.key=value` overrides; validated."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found (presets are in configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        data = loaded or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for p in reversed(parts):
+            nested = {p: nested}
+        data = _merge(data, nested)
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+def _check_prob(key: str, v: float) -> None:
+    _check(0.0 <= v <= 1.0, key, "a probability in [0, 1]", v)
+
+
+def _check_range(key: str, lo_hi: tuple, lo: float, hi: float | None = None) -> None:
+    a, b = lo_hi
+    ok = lo <= a <= b and (hi is None or b <= hi)
+    _check(ok, key, f"[low, high] with {lo} <= low <= high" + (f" <= {hi}" if hi is not None else ""), list(lo_hi))
+
+
+def validate(cfg: Config) -> None:
+    """Reject values out of range, naming the key and the allowed range."""
+    from model.resnet import RESNETS
+    from pipeline import LOADERS
+
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    _check(d.backend in LOADERS, "data.backend", f"one of {', '.join(LOADERS)}", d.backend)
+    _check(d.image_size >= 8, "data.image_size", ">= 8 pixels", d.image_size)
+    _check(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    _check(d.synthetic_size >= 1, "data.synthetic_size", ">= 1", d.synthetic_size)
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a fraction in [0, 1]", d.max_bad_fraction)
+    _check(d.dali.decoder in ("mixed", "cpu"), "data.dali.decoder", "mixed or cpu", d.dali.decoder)
+    _check(d.dali.num_threads >= 1, "data.dali.num_threads", ">= 1", d.dali.num_threads)
+    _check(0.0 <= d.dali.hw_decoder_load <= 1.0, "data.dali.hw_decoder_load", "[0, 1]", d.dali.hw_decoder_load)
+    _check(d.ffcv.order in ("random", "quasi_random", "sequential"), "data.ffcv.order",
+           "random, quasi_random or sequential", d.ffcv.order)
+    for name in ("view1", "view2"):
+        v = getattr(d.augment, name)
+        k = f"data.augment.{name}"
+        _check_range(f"{k}.crop_scale", v.crop_scale, 0.0, 1.0)
+        _check(v.crop_scale[1] > 0, f"{k}.crop_scale", "high > 0", list(v.crop_scale))
+        _check_range(f"{k}.crop_ratio", v.crop_ratio, 1e-3)
+        _check_range(f"{k}.blur_sigma", v.blur_sigma, 1e-3)
+        for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
+            _check_prob(f"{k}.{p}", getattr(v, p))
+        for s in ("brightness", "contrast", "saturation"):
+            _check(getattr(v, s) >= 0, f"{k}.{s}", ">= 0", getattr(v, s))
+        _check(0 <= v.hue <= 0.5, f"{k}.hue", "[0, 0.5]", v.hue)
+        _check(0 < v.blur_kernel_frac <= 1, f"{k}.blur_kernel_frac", "(0, 1]", v.blur_kernel_frac)
+    _check(all(s > 0 for s in d.augment.std), "data.augment.std", "positive values", list(d.augment.std))
+    _check(m.arch in RESNETS, "model.arch", f"one of {', '.join(RESNETS)}", m.arch)
+    _check(m.bn in ("sync", "local"), "model.bn", "sync or local", m.bn)
+    for k in ("projector_hidden", "projector_out", "predictor_hidden"):
+        _check(getattr(m, k) >= 1, f"model.{k}", ">= 1", getattr(m, k))
+    _check(t.batch_size >= 2, "train.batch_size", ">= 2 (BatchNorm needs two samples)", t.batch_size)
+    _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    _check(t.max_steps >= 0, "train.max_steps", ">= 0 (0: no limit)", t.max_steps)
+    _check(t.base_lr > 0, "train.base_lr", "> 0", t.base_lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    _check(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", f"[0, train.epochs={t.epochs}]", t.warmup_epochs)
+    _check(t.optimizer in ("lars", "sgd"), "train.optimizer", "lars or sgd", t.optimizer)
+    _check(0 <= t.momentum < 1, "train.momentum", "[0, 1)", t.momentum)
+    _check(t.lars_eta > 0, "train.lars_eta", "> 0", t.lars_eta)
+    _check(0 <= t.base_tau <= 1, "train.base_tau", "[0, 1]", t.base_tau)
+    _check(t.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32", t.precision)
+    _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
+    _check(t.ckpt_every >= 0, "train.ckpt_every", ">= 0 (0: only at the end)", t.ckpt_every)
+    _check(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
+    _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "stop or skip", t.on_nonfinite)
+    _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", ">= 0", t.max_skipped_steps)
+    _check(t.num_threads >= 0, "train.num_threads", ">= 0", t.num_threads)
+    _check(bool(t.out_dir), "train.out_dir", "a folder path", t.out_dir)
+    import signal
+    for s in t.preempt_signals:
+        _check(isinstance(getattr(signal, s, None), signal.Signals), "train.preempt_signals",
+               "signal names such as SIGTERM, SIGINT, SIGUSR1", s)
+    _check(all(k >= 1 for k in e.k) and len(e.k) >= 1, "eval.k", "positive integers", e.k)
+    _check(e.temperature > 0, "eval.temperature", "> 0", e.temperature)
+    _check(e.every >= 0, "eval.every", ">= 0 (0: off)", e.every)
+    _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
+    _check(e.image_size >= 8, "eval.image_size", ">= 8", e.image_size)
+    _check(e.linear_epochs >= 0, "eval.linear_epochs", ">= 0", e.linear_epochs)
+    _check(0 < e.val_fraction < 1, "eval.val_fraction", "(0, 1)", e.val_fraction)
+    _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto, nccl or gloo", cfg.dist.backend)
+    _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", cfg.dist.timeout_s)
+    _check(cfg.dist.check_every >= 0, "dist.check_every", ">= 0", cfg.dist.check_every)
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """The per-rank batch; the global batch must split evenly over the ranks."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world_size}: "
+                          f"use a multiple of {world_size}")
+    return cfg.train.batch_size // world_size
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

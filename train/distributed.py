@@ -1,0 +1,118 @@
+"""Process-group set-up under torchrun, resolved once at start-up, and small typed helpers."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> cuda:<local_rank> when CUDA is present, else cpu; `cuda` -> cuda:<local_rank>."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
+
+    The timeout bounds every collective, so a rank that dies makes the others fail with an error instead of waiting
+    forever (with NCCL, async error handling turns the timeout into an exception).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+        log.info("process group: backend=%s rank=%d/%d local_rank=%d", backend, rank, world, local_rank)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= get_world_size()
+    return t
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every tensor in the state_dict (host sync: call on check steps only)."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_weights_agree(module: torch.nn.Module, step: int) -> None:
+    """Raise when ranks hold different weights (they must: DDP syncs gradients, the EMA is deterministic)."""
+    if get_world_size() == 1:
+        return
+    digest = weights_digest(module)
+    digests: list = [None] * get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"step {step}: weights differ across ranks (digests {digests}); "
+                           "this is a bug or a hardware fault, the run cannot continue")
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

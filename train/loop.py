@@ -1,0 +1,357 @@
+"""The BYOL training loop: one process or many under torchrun, with atomic checkpoints and exact resume.
+
+Per step: two views from the loader -> online (both views) and target (both views) forward under autocast -> the
+symmetrised loss in float32 -> backward (DDP all-reduces gradients) -> LARS step with the scheduled LR -> fused EMA of
+the target with the scheduled tau. Host-device syncs happen only on logging, checkpoint, evaluation and
+preemption-check steps (and every step with `train.on_nonfinite=skip`, which must decide before updating).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import Byol, build_byol, collapse_std
+from pipeline import LoaderContext, TwoViewLoader, build_two_view_loader
+from train import checkpoint as ckpt
+from train.config import Config, ConfigError, check_world, to_dict
+from train.distributed import DistInfo, check_weights_agree, cleanup, init_distributed
+from train.optim import build_optimizer
+from train.runtime import DTYPES, autocast, configure_torch, setup_logging, write_run_info
+from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again" — cluster scripts requeue on it
+PREEMPT_CHECK_EVERY = 10     # steps between the ranks' agreement on a pending preemption (a collective)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/inf; the message names the step."""
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exits with `EXIT_PREEMPTED`."""
+
+    def __init__(self, step: int, path: Optional[Path]):
+        super().__init__(EXIT_PREEMPTED)
+        self.step, self.path = step, path
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int           # the length of the schedules (all epochs)
+    stop_step: int             # where this run stops (max_steps, or total_steps)
+    warmup_steps: int
+    peak_lr: float
+
+
+@dataclass
+class RunState:
+    """Everything that is checkpointed besides the model and optimizer."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)   # logged metrics, for the learning-curve plot
+
+
+class _PreemptFlag:
+    """Signal handlers that only set a flag; the loop checkpoints at the next step boundary."""
+
+    def __init__(self, names: list[str]):
+        self.signum: Optional[int] = None
+        self._previous = {}
+        for name in names:
+            sig = getattr(signal, name)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread (e.g. inside a test runner's worker thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def build_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
+    if steps_per_epoch < 1:
+        raise ConfigError(f"the dataset gives no full batch per rank: train.batch_size={cfg.train.batch_size} is "
+                          "larger than the dataset; lower it")
+    total = cfg.train.epochs * steps_per_epoch
+    stop = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=total, stop_step=stop,
+                    warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
+                    peak_lr=scaled_lr(cfg.train.base_lr, cfg.train.batch_size))
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class Trainer:
+    """Builds the run from a `Config` and trains it; `run()` returns the summary dict (on every rank)."""
+
+    def __init__(self, cfg: Config, loader: Optional[TwoViewLoader] = None, dist_info: Optional[DistInfo] = None):
+        self.cfg = cfg
+        t = cfg.train
+        self.dist = dist_info or init_distributed(t.device, cfg.dist.backend, cfg.dist.timeout_s)
+        setup_logging(self.dist.is_main)
+        self.device = self.dist.device
+        configure_torch(self.device, t.num_threads)
+        per_rank_batch = check_world(cfg, self.dist.world_size)
+        self.run_dir = Path(t.out_dir)
+        self.dtype = DTYPES[t.precision]
+
+        ctx = LoaderContext(device=self.device, dtype=self.dtype, batch_size=per_rank_batch, rank=self.dist.rank,
+                            world_size=self.dist.world_size, seed=t.seed, channels_last=cfg.model.channels_last)
+        self.loader = loader or build_two_view_loader(cfg.data, ctx)
+        self.schedule = build_schedule(cfg, len(self.loader))
+
+        torch.manual_seed(t.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.model: Byol = build_byol(cfg.model, distributed=self.dist.distributed).to(self.device)
+        self.optimizer = build_optimizer(self.model, t.optimizer, t.momentum, t.weight_decay, t.lars_eta)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.forward = self.model
+        if self.dist.distributed:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)   # SyncBN keeps BN statistics identical; no per-step buffer broadcast
+        if t.compile:
+            self.forward = torch.compile(self.forward)
+        self.state = RunState()
+        self.writer = None
+        self.eval_monitor = None
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.state.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device), "config": to_dict(self.cfg),
+                "skipped_steps": self.state.skipped_steps, "history": self.state.history,
+                "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem}
+
+    def save(self) -> Optional[Path]:
+        """Rank 0 writes; every rank waits so that no rank runs ahead of a checkpoint it may resume from."""
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.state_dict(), self.run_dir, self.state.step, self.cfg.train.keep_last)
+            log.info("checkpoint %s", path)
+        if self.dist.distributed:
+            torch.distributed.barrier()
+        return path
+
+    def resume(self, where: str) -> None:
+        """Load `where` (`auto`: the newest valid checkpoint in the run folder, if any) on every rank."""
+        if where == "auto":
+            found = ckpt.latest_valid_checkpoint(self.run_dir)
+            if found is None:
+                log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+                return
+            path, state = found
+        else:
+            path, state = Path(where), ckpt.load_checkpoint(where)
+        diffs = ckpt.config_differences(state.get("config", {}), to_dict(self.cfg), self.cfg.train.allow_changed)
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was trained with a different config:\n  " + "\n  ".join(diffs) +
+                "\nuse the checkpoint's values, or allow an intentional change with "
+                "train.allow_changed=[key,...] (e.g. train.allow_changed=[train.base_lr])")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], self.device)
+        self.state = RunState(step=state["step"], skipped_steps=state.get("skipped_steps", 0),
+                              history=list(state.get("history", [])))
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def _log(self, metrics: dict) -> None:
+        self.state.history.append(metrics)
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, metrics["step"])
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        first = int(bad_step.item())   # host sync: only on logging/checkpoint steps
+        if first >= 0:
+            raise NonFiniteError(
+                f"the loss or a gradient became non-finite at step {first}; stopping. The last good checkpoint in "
+                f"{self.run_dir} is kept. Lower train.base_lr, use train.precision=bf16/fp32, or set "
+                "train.on_nonfinite=skip to skip such steps")
+
+    def _preempt_pending(self, flag: _PreemptFlag) -> bool:
+        if not self.dist.distributed:
+            return flag.signum is not None
+        if self.state.step % PREEMPT_CHECK_EVERY:
+            return False
+        pending = torch.tensor([1 if flag.signum is not None else 0], device=self.device)
+        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)   # all ranks stop at one step
+        return bool(pending.item())
+
+    def run(self) -> dict:
+        cfg, t, sched = self.cfg, self.cfg.train, self.schedule
+        if self.dist.is_main:
+            write_run_info(self.run_dir, to_dict(cfg), {"world_size": self.dist.world_size,
+                                                        "steps_per_epoch": sched.steps_per_epoch})
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        if t.resume:
+            self.resume(t.resume)
+        if cfg.eval.every and cfg.eval.data and self.dist.is_main:
+            from train.evaluate import KnnMonitor
+            self.eval_monitor = KnnMonitor(cfg.eval, self.device, cfg.model.channels_last)
+        flag = _PreemptFlag(t.preempt_signals)
+        try:
+            summary = self._train(flag)
+        finally:
+            flag.restore()
+            self.loader.close()
+            if self.writer is not None:
+                self.writer.close()
+        return summary
+
+    def _train(self, flag: _PreemptFlag) -> dict:
+        cfg, t, sched = self.cfg, self.cfg.train, self.schedule
+        global_batch = t.batch_size
+        bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+        last_loss, last_collapse, total_images, total_time = math.nan, math.nan, 0, 0.0
+        self.model.train()
+        from tqdm import tqdm
+        bar = tqdm(total=sched.stop_step, initial=self.state.step, disable=not self.dist.is_main,
+                   desc="byol", unit="step", dynamic_ncols=True)
+        while self.state.step < sched.stop_step:
+            epoch, start_batch = divmod(self.state.step, sched.steps_per_epoch)
+            self.loader.set_epoch(epoch, start_batch)
+            it = iter(self.loader)
+            epoch_start_step = self.state.step
+            while self.state.step < sched.stop_step:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                data_wait += time.perf_counter() - t0
+                if batch is None:
+                    break
+                step = self.state.step
+                lr = warmup_cosine_lr(step, sched.peak_lr, sched.warmup_steps, sched.total_steps)
+                tau = target_tau(step, t.base_tau, sched.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+
+                with autocast(self.device, t.precision):
+                    out = self.forward(batch.view1, batch.view2)
+                self.scaler.scale(out.loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = _grad_norm(self.params)
+                finite = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
+                if t.on_nonfinite == "skip" and t.precision != "fp16" and not bool(finite):   # host sync (skip mode)
+                    self.state.skipped_steps += 1
+                    log.warning("step %d: non-finite loss/gradient, step skipped (%d so far)", step,
+                                self.state.skipped_steps)
+                    if self.state.skipped_steps > t.max_skipped_steps:
+                        raise NonFiniteError(f"more than train.max_skipped_steps={t.max_skipped_steps} steps "
+                                             f"were non-finite (the last at step {step})")
+                else:
+                    if t.on_nonfinite == "stop" and t.precision != "fp16":
+                        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.model.update_target(tau)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += out.loss.detach().float()
+                self.state.step += 1
+                window_steps += 1
+                bar.update(1)
+
+                end = self.state.step == sched.stop_step
+                if self.state.step % t.log_every == 0 or end:
+                    self._check_finite(bad_step)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - window_start
+                    last_loss = float(loss_sum.item()) / window_steps
+                    last_collapse = float(collapse_std(out.projection).item())
+                    metrics = {"step": self.state.step, "epoch": self.state.step / sched.steps_per_epoch,
+                               "loss": last_loss, "lr": lr, "tau": tau, "collapse_std": last_collapse,
+                               "grad_norm": float(grad_norm.item()),
+                               "images_per_sec": window_steps * global_batch / elapsed,
+                               "data_wait_frac": min(1.0, data_wait / elapsed)}
+                    metrics.update({f"loader/{k}": v for k, v in self.loader.stats().items()
+                                    if isinstance(v, (int, float))})
+                    total_images += window_steps * global_batch
+                    total_time += elapsed
+                    bar.set_postfix(loss=f"{last_loss:.4f}", ips=f"{metrics['images_per_sec']:.0f}")
+                    self._log(metrics)
+                    loss_sum.zero_()
+                    window_steps, data_wait = 0, 0.0
+                    window_start = time.perf_counter()
+                if cfg.dist.check_every and self.state.step % cfg.dist.check_every == 0:
+                    check_weights_agree(self.model, self.state.step)
+                if self.eval_monitor is not None and (self.state.step % cfg.eval.every == 0 or end):
+                    acc = self.eval_monitor(self.model.encoder)
+                    self._log({"step": self.state.step, **acc})
+                    window_start = time.perf_counter()
+                if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not end:
+                    self._check_finite(bad_step)
+                    self.save()
+                if self._preempt_pending(flag):
+                    self._check_finite(bad_step)
+                    path = self.save()
+                    bar.close()
+                    log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue",
+                                self.state.step, EXIT_PREEMPTED)
+                    raise Preempted(self.state.step, path)
+            if self.state.step == epoch_start_step:
+                raise RuntimeError(f"the {self.cfg.data.backend} loader yielded no batch in epoch {epoch} although "
+                                   f"it reports {sched.steps_per_epoch} per epoch")
+        bar.close()
+        self._check_finite(bad_step)
+        final = self.save()
+        return {"steps": self.state.step, "final_loss": last_loss, "collapse_std": last_collapse,
+                "images_per_sec": total_images / total_time if total_time else math.nan,
+                "skipped_steps": self.state.skipped_steps, "loader": self.loader.stats(),
+                "checkpoint": str(final) if final else None, "run_dir": str(self.run_dir)}
+
+
+def train(cfg: Config) -> dict:
+    """Train BYOL as configured; the summary dict on every rank."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        cleanup()

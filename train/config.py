@@ -5,6 +5,7 @@ Each section is the constructor config of the part it drives: `data` -> `pipelin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -133,13 +134,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (converting lists to tuples and ints to floats)."""
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
+    """Check `value` against the annotation `tp` (converting lists to tuples and ints to floats).
+
+    A section (dataclass) is merged over `default`, the parent's default for it, so a partial section keeps the
+    parent's defaults for the keys it does not name (e.g. view2's blur_p of 0.1).
+    """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-        return _from_dict(tp, value, key)
+        return _from_dict(tp, value, key, default)
     if origin in (tuple, list):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -172,7 +177,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+def _from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -180,8 +185,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         where = f"section {prefix!r}" if prefix else "the top level"
         raise ConfigError(f"unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)} "
                           f"in {where}; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    base = cls()
+    base = copy.deepcopy(base) if base is not None else cls()
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, getattr(base, k)) for k, v in data.items()}
     for k, v in kwargs.items():
         setattr(base, k, v)
     return base

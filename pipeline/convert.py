@@ -1,0 +1,467 @@
+"""`byol convert`: an ImageFolder tree (or a file list) -> DALI webdataset shards and an FFCV `.beton`.
+
+Three steps, each in parallel worker processes:
+  1. check + normalise (chunks of samples per task): every image is decoded with PIL. What cannot be decoded is
+     skipped and reported with its reason (missing, empty, not an image, corrupt/truncated, smaller than
+     `MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`, ~179 MP by
+     default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
+     downscaled. A baseline or progressive 8-bit RGB JPEG with no EXIF rotation and no side over `max_side` is kept
+     byte for byte; anything else (PNG and other formats, CMYK, grayscale, palette, 16-bit, alpha (dropped, as
+     torchvision's loader does), arithmetic/lossless/12-bit JPEG, EXIF-rotated, larger than `max_side`) is
+     converted to RGB, rotated upright, resized so its longer side is `max_side` (antialiased bicubic; 0 keeps the
+     size) and re-encoded as a baseline JPEG at `jpeg_quality`. `max_side=256` suits training at 224 px: a full-image
+     crop needs no upsampling, and the stored dataset is several times smaller (and faster to decode) than full-size
+     ImageNet. Re-encoded bytes go to a work folder (`out/.convert-work/`, removed at the end); kept images are read
+     from the source.
+  2. DALI shards (`pipeline.dali_format`): one shard per task, resumable.
+  3. FFCV beton (`pipeline.ffcv_format`): FFCV's own writer processes.
+Sample i is the i-th image that survived step 1, in the sorted listing (class, then path): its global index.
+Every output appears under its final name only once complete; a second run reports it complete or resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline import dali_format, ffcv_format
+from pipeline.contract import DataError
+from pipeline.dali_format import SampleRef, write_json_atomic
+from pipeline.folder import scan_image_folder
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("ffcv", "dali")
+MIN_SIDE = 8  # smaller images cannot give a meaningful random resized crop
+REPORT = "convert_report.json"
+WORK = ".convert-work"
+_PASS_SOF = (0xC0, 0xC2)  # baseline and progressive Huffman JPEG: what nvJPEG and every CPU decoder read
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did. `skipped` paths are relative to `src`; `outputs` is per format."""
+
+    src: str
+    out: str
+    num_candidates: int
+    num_samples: int
+    classes: list[str]
+    empty_classes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    reencoded: dict[str, int] = field(default_factory=dict)
+    passthrough: int = 0
+    outputs: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_sec: float = 0.0
+
+    def summary(self) -> str:
+        """One paragraph for the log."""
+        skip_reasons = Counter(r.split(":", 1)[0] for _, r in self.skipped)
+        skips = ", ".join(f"{n} {r}" for r, n in skip_reasons.items()) or "-"
+        reencoded = ", ".join(f"{n} {r}" for r, n in self.reencoded.items()) or "-"
+        outs = "; ".join(f"{fmt} {o['status']} ({o['num_samples']} samples, {o['bytes'] / 1e6:.1f} MB, {o['path']})"
+                         for fmt, o in self.outputs.items())
+        return (f"Converted {self.num_samples} of {self.num_candidates} images in {len(self.classes)} classes from "
+                f"{self.src}: {len(self.skipped)} skipped ({skips}), {sum(self.reencoded.values())} re-encoded "
+                f"({reencoded}), {self.passthrough} kept byte for byte; empty classes: "
+                f"{', '.join(self.empty_classes) or 'none'}. Outputs: {outs}. {self.seconds:.1f} s, "
+                f"{self.images_per_sec:.0f} images/s.")
+
+
+def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, file_list: str | None = None,
+                    workers: int = os.cpu_count() or 1, max_side: int = 256, jpeg_quality: int = 90,
+                    ffcv_write_mode: str = "jpg", shard_size: int = 1000, progress: bool = True,
+                    overwrite: bool = False) -> ConvertReport:
+    """Convert an ImageFolder tree (or the images of `file_list`) under `src` into `out/dali/` and `out/ffcv/`.
+
+    Args:
+        src: `src/<class>/<image>` or `src/train/<class>/<image>`; with `file_list`, the root its paths are under.
+        out: output folder (outside `src`); gets `dali/`, `ffcv/` and `convert_report.json`.
+        formats: any of "ffcv", "dali".
+        file_list: text file of `relative/path<TAB or space>label` lines (`#` comments allowed); labels are all ints
+            (class i is named "i") or else all class names (indexed in sorted order).
+        workers: worker processes.
+        max_side: longer side of stored images in pixels (0 keeps the size).
+        jpeg_quality: quality of re-encoded JPEGs (and of FFCV's `jpg` write mode).
+        ffcv_write_mode: FFCV's RGBImageField write mode (`jpg`, `raw` or `smart`).
+        shard_size: samples per DALI shard.
+        progress: show tqdm progress bars.
+        overwrite: delete earlier output of the requested formats first.
+
+    Raises:
+        DataError: bad arguments, an unreadable source, no usable image, or an output made with other settings.
+    """
+    t0 = time.perf_counter()
+    formats = list(dict.fromkeys(formats))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise DataError(f"formats {formats}: choose from {', '.join(FORMATS)}")
+    if max_side < 0 or not 1 <= jpeg_quality <= 100 or shard_size < 1 or workers < 1:
+        raise DataError(f"need max_side >= 0, 1 <= jpeg_quality <= 100, shard_size >= 1, workers >= 1; got "
+                        f"{max_side}, {jpeg_quality}, {shard_size}, {workers}")
+    if "ffcv" in formats and ffcv_write_mode not in ffcv_format.WRITE_MODES:
+        raise DataError(f"ffcv_write_mode {ffcv_write_mode!r}: choose one of {', '.join(ffcv_format.WRITE_MODES)}")
+    src_path, out_path = Path(src).resolve(), Path(out).resolve()
+    if out_path == src_path or src_path in out_path.parents:
+        raise DataError(f"output folder {out} is inside the source {src}: choose a folder outside it")
+    samples, classes = list_samples(src_path, file_list)
+    used = {label for _, label in samples}
+    empty = [c for i, c in enumerate(classes) if i not in used]
+    if empty:
+        logger.warning("%d class(es) have no images: %s", len(empty), ", ".join(empty[:20]))
+    listing = hashlib.sha256("\n".join([*classes, *(f"{os.path.relpath(p, src_path)}\t{y}" for p, y in samples)])
+                             .encode("utf-8")).hexdigest()
+    base = {"source": listing, "num_candidates": len(samples), "max_side": max_side, "jpeg_quality": jpeg_quality}
+    settings = {"dali": {**base, "shard_size": shard_size}, "ffcv": {**base, "write_mode": ffcv_write_mode}}
+    if overwrite:
+        for fmt in formats:
+            shutil.rmtree(out_path / fmt, ignore_errors=True)
+        shutil.rmtree(out_path / WORK, ignore_errors=True)
+    outputs = {fmt: _complete_output(out_path, fmt, settings[fmt]) for fmt in formats}
+    todo = [fmt for fmt in formats if outputs[fmt] is None]
+    if not todo:
+        logger.info("%s: output complete (%s); nothing to do (overwrite=True rebuilds it)", out, ", ".join(formats))
+        report = _previous_report(out_path, src_path, len(samples), classes, empty)
+        report.outputs = outputs
+        report.num_samples = report.num_samples or next(iter(outputs.values()))["num_samples"]
+    else:
+        out_path.mkdir(parents=True, exist_ok=True)
+        report = _convert(samples, classes, src_path, out_path, todo, base, settings, workers=workers,
+                          progress=progress)
+        report.empty_classes = empty
+        report.outputs = {**{f: o for f, o in outputs.items() if o is not None}, **report.outputs}
+    report.seconds = time.perf_counter() - t0
+    report.images_per_sec = report.num_candidates / max(report.seconds, 1e-9) if todo else 0.0
+    write_json_atomic(out_path / REPORT, asdict(report))
+    logger.info("%s", report.summary())
+    return report
+
+
+def list_samples(src: Path, file_list: str | None) -> tuple[list[tuple[str, int]], list[str]]:
+    """`(absolute path, class index)` sorted by class then path, and the class names."""
+    if file_list is None:
+        return scan_image_folder(src, allow_empty_class=True)
+    if not src.is_dir():
+        raise DataError(f"source folder {str(src)!r} does not exist: the paths of {file_list} are relative to it")
+    try:
+        with open(file_list, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read file list {file_list!r}: {e}") from e
+    entries: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.rsplit("\t", 1) if "\t" in text else text.rsplit(None, 1)
+        if len(parts) != 2 or not parts[0].strip():
+            raise DataError(f"{file_list}:{n}: expected 'relative/path<TAB or space>label', got {line!r}")
+        rel, label = parts[0].strip(), parts[1].strip()
+        if rel in entries:
+            raise DataError(f"{file_list}:{n}: {rel!r} is listed twice; keep one line per image")
+        entries[rel] = label
+    if not entries:
+        raise DataError(f"file list {file_list!r} lists no images")
+    if all(v.isdigit() for v in entries.values()):
+        classes = [str(i) for i in range(max(int(v) for v in entries.values()) + 1)]
+    else:
+        classes = sorted(set(entries.values()))
+    to_index = {c: i for i, c in enumerate(classes)}
+    samples = sorted((to_index[str(int(v))] if v.isdigit() else to_index[v], rel) for rel, v in entries.items())
+    return [(str(src / rel), y) for y, rel in samples], classes
+
+
+def _complete_output(out: Path, fmt: str, settings: dict) -> dict | None:
+    """The output record of a finished `fmt` made with `settings`; None if unfinished; DataError if made otherwise."""
+    if fmt == "dali":
+        try:
+            with open(out / "dali" / dali_format.MANIFEST, encoding="utf-8") as f:
+                old = json.load(f).get("settings")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+        if old != settings:
+            raise DataError(f"{out / 'dali'} was made from another source or with other settings ({old} vs "
+                            f"{settings}): pass overwrite=True (`--overwrite`) or choose another output folder")
+        try:
+            manifest = dali_format.load_manifest(out / "dali")
+        except DataError as e:
+            logger.warning("%s; rewriting what is damaged", e)
+            return None
+        return {"status": "complete", "path": manifest["dir"], "num_samples": manifest["num_samples"],
+                "num_shards": len(manifest["shards"]), "bytes": sum(s["bytes"] for s in manifest["shards"])}
+    if not ffcv_format.beton_is_complete(out / "ffcv", settings):
+        return None
+    meta = ffcv_format.load_beton_meta(out / "ffcv" / ffcv_format.BETON)
+    return {"status": "complete", "path": meta["path"], "num_samples": meta["num_samples"], "bytes": meta["bytes"]}
+
+
+def _previous_report(out: Path, src: Path, n: int, classes: list[str], empty: list[str]) -> ConvertReport:
+    report = ConvertReport(src=str(src), out=str(out), num_candidates=n, num_samples=0, classes=classes,
+                           empty_classes=empty)
+    try:
+        with open(out / REPORT, encoding="utf-8") as f:
+            old = json.load(f)
+        report.num_samples, report.passthrough = old["num_samples"], old["passthrough"]
+        report.skipped = [tuple(s) for s in old["skipped"]]
+        report.reencoded = old["reencoded"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        logger.info("%s: no readable earlier %s; skipped files are not listed", out, REPORT)
+    return report
+
+
+def _convert(samples: list[tuple[str, int]], classes: list[str], src: Path, out: Path, todo: list[str], base: dict,
+             settings: dict, *, workers: int, progress: bool) -> ConvertReport:
+    """Steps 1-3 for the formats in `todo`; `base` holds the settings of step 1, `settings` those of each format."""
+    max_side, quality = base["max_side"], base["jpeg_quality"]
+    work = out / WORK
+    # fork: workers inherit the listing instead of unpickling it; they run PIL and numpy only.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    outputs: dict[str, dict] = {}
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        records = _normalise_all(samples, work, base, pool, progress)
+        refs: list[SampleRef] = []
+        skipped, reencoded, passthrough, max_bytes, total_bytes = [], Counter(), 0, 0, 0
+        for (path, label), (kind, reason, ref_path, offset, length, w, h) in zip(samples, records):
+            if kind == "skip":
+                skipped.append((os.path.relpath(path, src), reason))
+                continue
+            refs.append((ref_path or path, offset, length, label))
+            max_bytes = max(max_bytes, w * h * 3)
+            total_bytes += w * h * 3
+            if kind == "pass":
+                passthrough += 1
+            else:
+                reencoded[reason] += 1
+        for path, reason in skipped:
+            logger.warning("skipped %s: %s", path, reason)
+        if not refs:
+            shutil.rmtree(work, ignore_errors=True)
+            raise DataError(f"none of the {len(samples)} images under {src} could be used: "
+                            + "; ".join(f"{p}: {r}" for p, r in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+        if "dali" in todo:
+            with tqdm(total=len(refs), desc="dali", unit="img", disable=not progress) as bar:
+                manifest, resumed = dali_format.write_shards(
+                    out / "dali", refs, classes, settings["dali"]["shard_size"], settings["dali"],
+                    pool.imap_unordered, bar.update)
+            outputs["dali"] = {"status": "resumed" if resumed else "written", "path": str(out / "dali"),
+                               "num_samples": len(refs), "num_shards": len(manifest["shards"]),
+                               "bytes": sum(s["bytes"] for s in manifest["shards"])}
+    if "ffcv" in todo:
+        meta = ffcv_format.write_beton(out / "ffcv", refs, classes, max_side=max_side, jpeg_quality=quality,
+                                       write_mode=settings["ffcv"]["write_mode"], workers=workers,
+                                       max_image_bytes=max_bytes, total_bytes=total_bytes, settings=settings["ffcv"],
+                                       progress=progress)
+        outputs["ffcv"] = {"status": "written", "path": meta["path"], "num_samples": meta["num_samples"],
+                           "bytes": meta["bytes"]}
+    shutil.rmtree(work, ignore_errors=True)
+    return ConvertReport(src=str(src), out=str(out), num_candidates=len(samples), num_samples=len(refs),
+                         classes=classes, skipped=skipped, reencoded=dict(reencoded), passthrough=passthrough,
+                         outputs=outputs)
+
+
+def _init_worker() -> None:
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image must fail here, not be padded with grey
+
+
+def _normalise_all(samples: list[tuple[str, int]], work: Path, base: dict, pool, progress: bool) -> list[tuple]:
+    """Run `normalise_file` over every sample in chunks, reusing chunks a previous run finished with `base`.
+
+    Returns, per sample: (kind "pass" | "staged" | "skip", reason, bytes path or None (the source), offset, length,
+    width, height).
+    """
+    chunk = min(512, max(8, -(-len(samples) // 64)))  # a function of the listing only: chunks stay valid on resume
+    plan = {"settings": base, "chunk": chunk}
+    plan_path = work / "plan.json"
+    if work.exists():
+        try:
+            with open(plan_path, encoding="utf-8") as f:
+                same = json.load(f) == plan
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_path, plan)
+    results: dict[int, list] = {}
+    tasks = []
+    for cid, start in enumerate(range(0, len(samples), chunk)):
+        paths = [p for p, _ in samples[start:start + chunk]]
+        done = _load_chunk(work, cid, len(paths))
+        if done is None:
+            tasks.append((str(work), cid, paths, base["max_side"], base["jpeg_quality"]))
+        else:
+            results[cid] = done
+    with tqdm(total=len(samples), desc="check", unit="img", disable=not progress) as bar:
+        bar.update(sum(len(r) for r in results.values()))
+        for cid, recs in pool.imap_unordered(_normalise_chunk, tasks):
+            results[cid] = recs
+            bar.update(len(recs))
+    out = []
+    for cid in range(len(results)):
+        bin_path = str(work / f"chunk-{cid:06d}.bin")
+        out.extend((kind, reason, bin_path if kind == "staged" else None, off, n, w, h)
+                   for kind, reason, off, n, w, h in results[cid])
+    return out
+
+
+def _load_chunk(work: Path, cid: int, count: int) -> list | None:
+    try:
+        with open(work / f"chunk-{cid:06d}.json", encoding="utf-8") as f:
+            rec = json.load(f)
+        if rec["count"] == count and (work / f"chunk-{cid:06d}.bin").stat().st_size == rec["bin_bytes"]:
+            return rec["records"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass  # no finished chunk: it is redone
+    return None
+
+
+def _normalise_chunk(task: tuple[str, int, list[str], int, int]) -> tuple[int, list]:
+    """Worker: normalise a chunk of images; re-encoded bytes go to `chunk-XXXXXX.bin`, records to its `.json`."""
+    work, cid, paths, max_side, quality = task
+    records, blobs, offset = [], [], 0
+    for path in paths:
+        try:
+            data, reason, size, (w, h) = normalise_file(path, max_side, quality)
+        except SkipImage as e:
+            records.append(("skip", str(e), 0, 0, 0, 0))
+            continue
+        if data is None:
+            records.append(("pass", None, 0, size, w, h))
+        else:
+            records.append(("staged", reason, offset, len(data), w, h))
+            blobs.append(data)
+            offset += len(data)
+    base = Path(work) / f"chunk-{cid:06d}"
+    dali_format.write_bytes_atomic(base.with_suffix(".bin"), b"".join(blobs))
+    write_json_atomic(base.with_suffix(".json"), {"count": len(paths), "bin_bytes": offset, "records": records})
+    return cid, records
+
+
+class SkipImage(Exception):
+    """An image that cannot be used; the message is the reason reported for it."""
+
+
+def normalise_file(path: str, max_side: int, quality: int) -> tuple[bytes | None, str | None, int, tuple[int, int]]:
+    """Check one image and bring it to what every loader can decode.
+
+    Returns:
+        (new JPEG bytes, or None when the file is kept as it is; the reason it was re-encoded; the file's size;
+        the stored (width, height)).
+
+    Raises:
+        SkipImage: the image cannot be used (the message says why).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise SkipImage("missing: no such file") from None
+    except OSError as e:
+        raise SkipImage(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise SkipImage("empty file: 0 bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF, palette and between-limits size warnings: the decision is ours
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise SkipImage("not an image: no decoder recognises it") from None
+        except Image.DecompressionBombError as e:
+            raise SkipImage(f"huge: {e}") from None
+        except Exception as e:  # decoders raise many types on malformed headers; any of them means unusable
+            raise SkipImage(f"corrupt: {type(e).__name__}: {e}") from None
+        with img:
+            return _normalise(img, data, max_side, quality)
+
+
+def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise SkipImage(f"too small: {w}x{h} px (min side {MIN_SIDE})")
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in ("JPEG", "MPO") else 1
+        bad_exif = False
+    except Exception:  # malformed EXIF raises assorted errors; re-encoding drops it, so every decoder agrees
+        orientation, bad_exif = 1, True
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    scale = max_side / max(w, h) if max_side and max(w, h) > max_side else 1.0
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    if min(tw, th) < MIN_SIDE:
+        raise SkipImage(f"too small: {w}x{h} px is {tw}x{th} at max_side {max_side} (min side {MIN_SIDE})")
+    if img.format == "JPEG" and scale <= 0.5:
+        img.draft(None, (2 * th, 2 * tw) if orientation in (5, 6, 7, 8) else (2 * tw, 2 * th))  # DCT-domain 1/2..1/8
+    try:
+        img.load()
+    except Exception as e:  # truncated or corrupt data: PIL raises OSError, ValueError, SyntaxError, struct.error...
+        raise SkipImage(f"corrupt: {e}") from None
+    sof = _jpeg_sof(data) if img.format == "JPEG" else None
+    if img.format != "JPEG":
+        reason = f"format {img.format}"
+    elif img.mode != "RGB":
+        reason = f"mode {img.mode}"
+    elif sof is None or sof[0] not in _PASS_SOF or sof[1] != 8 or not data.endswith(b"\xff\xd9"):
+        reason = "jpeg coding"
+    elif orientation not in (0, 1):
+        reason = "exif orientation"
+    elif bad_exif:
+        reason = "corrupt exif"
+    elif scale < 1.0:
+        reason = "resize"
+    else:
+        return None, None, len(data), (w, h)
+    rgb = ImageOps.exif_transpose(_to_rgb(img)) if orientation not in (0, 1) else _to_rgb(img)
+    if rgb.size != (tw, th):
+        rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)  # antialiased in PIL; ~Lanczos quality, faster
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), reason, len(data), (tw, th)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit grayscale is scaled (PIL would clip it), transparency is dropped like torchvision does."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)
+        img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
+    """(SOF marker, sample precision) of a JPEG stream, read from its headers; None if malformed."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (marker, data[i + 4]) if i + 4 < len(data) else None
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None

@@ -1,0 +1,287 @@
+"""BYOL's colour augmentation of one view as batched tensor ops on the device, every random choice drawn per sample.
+
+Backends that crop (and possibly flip) elsewhere, e.g. FFCV, hand this module uint8 crops; it draws the per-sample
+parameters of colour jitter (in a random order per sample), grayscale, gaussian blur and solarisation, applies them in
+float32 with no per-sample Python loop, and normalises. The maths follows `torchvision.transforms.v2.functional`
+(adjust_brightness/contrast/saturation/hue, rgb_to_grayscale, gaussian_blur, solarize, normalize) op for op, so the
+torchvision backend and this one sample the same distribution. Measured against torchvision on photographs (float32,
+[0, 1] pixels): brightness, saturation, grayscale, solarize and hue bit-identical (hue uses torchvision's
+`_rgb_to_hsv` / `_hsv_to_rgb` maths with a per-sample shift); contrast within 4e-7 (one fused blend per slot and the
+batched mean's reduction order); blur within 3e-7 (two separable 1-D passes with per-sample kernels instead of
+torchvision's 2-D kernel, the same reflect padding and kernel); whole jitter chains in random order within 1e-6.
+The tests hold each op to atol 1e-6 and chains to 2e-6.
+
+Host-device syncs: none in `forward`/`sample_params`/`apply`. Every probability is a mask applied with `torch.where`
+or folded into a factor, never a Python branch on a tensor value; a sample that is not blurred still goes through the
+convolution (a data-dependent subset would need a sync to size it). Give `forward` a generator on the same device as
+the images, and move the module there, or each call copies the draws / constants across.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ViewSpec
+
+# torchvision's luma weights (ITU-R 601-2, as in PIL's "L" conversion).
+_LUMA = (0.2989, 0.587, 0.114)
+# Jitter op ids, the numbering of torchvision's ColorJitter (`fn_idx`).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+# Columns of the single uniform draw per sample (one RNG call per batch, a fixed layout so a seed means one thing).
+_FLIP, _JITTER, _B, _C, _S, _H, _PERM, _GRAY, _BLUR, _SIGMA, _SOLAR = 0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13
+_NUM_DRAWS = 14
+
+
+def blur_kernel_size(image_size: int, kernel_frac: float) -> int:
+    """Taps of the blur kernel: `kernel_frac` of the output size, rounded down, made odd (23 at 224 px, as SimCLR)."""
+    k = max(1, int(image_size * kernel_frac))
+    return k if k % 2 == 1 else k + 1
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma of float (N, 3, H, W) images as (N, 1, H, W), torchvision's weights and order of operations."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    # torchvision's _blend with a per-sample ratio; ratio 1 returns x exactly (x * 1 + other * 0).
+    ratio = _per_sample(ratio)
+    return (x * ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Per-sample `F.adjust_brightness` of float [0, 1] images; factor (N,). Factor 1 is the identity."""
+    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Per-sample `F.adjust_contrast`: blend with the mean of each image's grayscale. Factor 1 is the identity."""
+    mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Per-sample `F.adjust_saturation`: blend with each image's grayscale. Factor 1 is the identity."""
+    return _blend(x, rgb_to_grayscale(x), factor)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    # torchvision.transforms.v2.functional._color._rgb_to_hsv on (N, 3, H, W).
+    r, g, _ = x.unbind(dim=1)
+    minc, maxc = torch.aminmax(x, dim=1)
+    eqc = maxc == minc
+    channels_range = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = channels_range / torch.where(eqc, ones, maxc)
+    divisor = torch.where(eqc, ones, channels_range).unsqueeze(1)
+    rc, gc, bc = ((maxc.unsqueeze(1) - x) / divisor).unbind(dim=1)
+    maxc_neq_r = maxc != r
+    maxc_eq_g = maxc == g
+    hg = rc.add(2.0).sub_(bc).mul_(maxc_eq_g & maxc_neq_r)
+    hr = bc.sub(gc).mul_(~maxc_neq_r)
+    hb = gc.add(4.0).sub_(rc).mul_(maxc_neq_r & ~maxc_eq_g)
+    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    # torchvision's _hsv_to_rgb; `select` is its (3, 6) table mapping the hue sextant to (v, p, q, t) per channel.
+    h, s, v = hsv.unbind(dim=1)
+    h6 = h.mul(6)
+    i = torch.floor(h6)
+    f = h6.sub_(i)
+    i = i.to(torch.int64).remainder_(6)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
+    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=1)
+    index = select[:, i].movedim(0, 1)  # (3, N, H, W) -> (N, 3, H, W)
+    return vpqt.gather(1, index)
+
+
+_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample `F.adjust_hue`: rotate the HSV hue by `shift` (N,) turns, in float32."""
+    if select is None:
+        select = torch.tensor(_HSV_SELECT, dtype=torch.int64, device=x.device)
+    hsv = _rgb_to_hsv(x)
+    h = hsv[:, 0].add(shift.view(-1, 1, 1)).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1), select)
+
+
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(N, K) normalised 1-D gaussian kernels, torchvision's construction (`_get_gaussian_kernel1d`) per sigma."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    xs = torch.linspace(-lim, lim, steps=kernel_size, dtype=sigma.dtype, device=sigma.device)
+    return torch.softmax(xs.unsqueeze(0).div(sigma.unsqueeze(1)).pow(2).neg(), dim=1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Per-sample separable gaussian blur of (N, C, H, W) with reflect padding, as `F.gaussian_blur`.
+
+    One grouped convolution per axis over the N*C channels, each channel with its sample's kernel.
+    """
+    n, c, hgt, wid = x.shape
+    pad = kernel_size // 2
+    kern = gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # (N*C, K)
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, hgt + 2 * pad, wid + 2 * pad)
+    y = F.conv2d(y, kern.view(n * c, 1, kernel_size, 1), groups=n * c)
+    y = F.conv2d(y, kern.view(n * c, 1, 1, kernel_size), groups=n * c)
+    return y.view(n, c, hgt, wid)
+
+
+def solarize(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`F.solarize` (x >= threshold -> 1 - x) on the samples where `mask` (N,) is set."""
+    return torch.where(_per_sample(mask) & (x >= threshold), 1.0 - x, x)
+
+
+class BatchedViewAugment(torch.nn.Module):
+    """One BYOL view's colour augmentation (and optional flip) of a batch of crops, per-sample draws, on x's device.
+
+    Args:
+        spec: the view's distribution; its crop fields are not used here (the crop is done upstream).
+        mean, std: normalisation applied last, per channel, on [0, 1] pixels.
+        image_size: side of the square crops; sets the blur kernel (`blur_kernel_size`).
+        apply_flip: also draw and apply the horizontal flip (when the upstream crop did not flip).
+    """
+
+    def __init__(self, spec: ViewSpec, mean: Sequence[float], std: Sequence[float], image_size: int,
+                 apply_flip: bool = False):
+        super().__init__()
+        if not 0.0 <= spec.hue <= 0.5:
+            raise ValueError(f"hue jitter {spec.hue} must lie in [0, 0.5] (a fraction of the hue circle)")
+        if spec.blur_sigma[0] <= 0 or spec.blur_sigma[1] < spec.blur_sigma[0]:
+            raise ValueError(f"blur_sigma {spec.blur_sigma} must be an increasing pair of positive numbers")
+        self.spec = spec
+        self.image_size = image_size
+        self.apply_flip = apply_flip
+        self.kernel_size = blur_kernel_size(image_size, spec.blur_kernel_frac)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("hsv_select", torch.tensor(_HSV_SELECT, dtype=torch.int64), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, kernel_size={self.kernel_size}, apply_flip={self.apply_flip}"
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x: uint8 images already cropped to image_size, (N,H,W,3) NHWC or (N,3,H,W), on any device.
+
+        Returns float32 normalised (N,3,H,W) in channels_last memory format on x's device.
+        """
+        x01 = self.to_float01(x)
+        return self.apply(x01, self.sample_params(x01.shape[0], x01.device, generator))
+
+    def to_float01(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC or NCHW crops -> float32 (N, 3, S, S) on [0, 1] (a view of NHWC input stays channels_last)."""
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 crops, got {x.dtype}")
+        s = self.image_size
+        if x.ndim == 4 and tuple(x.shape[1:]) == (s, s, 3):
+            x = x.permute(0, 3, 1, 2)
+        elif x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected (N, {s}, {s}, 3) or (N, 3, {s}, {s}) crops, got {tuple(x.shape)}")
+        # torchvision's ToDtype(float32, scale=True): convert, then multiply by 1/255.
+        return x.to(torch.float32).mul_(1.0 / 255.0)
+
+    def sample_params(self, n: int, device, generator) -> dict[str, torch.Tensor]:
+        """Draw every random choice of `n` samples from `generator` (one uniform (n, 14) draw), placed on `device`.
+
+        Returns:
+            flip, jitter, grayscale, blur, solarize: bool (n,) masks (flip all False unless `apply_flip`);
+            brightness, contrast, saturation: float (n,) factors, uniform in [max(0, 1 - s), 1 + s];
+            hue: float (n,) shift in turns, uniform in [-hue, hue];
+            order: int64 (n, 4), order[i, k] the jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue) that
+                sample i runs k-th, a uniform random permutation per sample;
+            sigma: float (n,) blur sigma, uniform in spec.blur_sigma.
+        """
+        sp = self.spec
+        draw_device = generator.device if generator is not None else torch.device(device)
+        u = torch.rand(n, _NUM_DRAWS, generator=generator, device=draw_device, dtype=torch.float32)
+        # A no-op when the generator lives on `device`; a CPU generator with CUDA images costs a small copy here
+        # (from pageable memory: the host waits for it), the one place a mismatched call can stall.
+        u = u.to(device, non_blocking=True)
+
+        def uniform(col: int, lo: float, hi: float) -> torch.Tensor:
+            return u[:, col].mul(hi - lo).add_(lo)
+
+        flip = u[:, _FLIP] < sp.flip_p
+        return {
+            "flip": flip if self.apply_flip else torch.zeros_like(flip),
+            "jitter": u[:, _JITTER] < sp.jitter_p,
+            "brightness": uniform(_B, max(0.0, 1.0 - sp.brightness), 1.0 + sp.brightness),
+            "contrast": uniform(_C, max(0.0, 1.0 - sp.contrast), 1.0 + sp.contrast),
+            "saturation": uniform(_S, max(0.0, 1.0 - sp.saturation), 1.0 + sp.saturation),
+            "hue": uniform(_H, -sp.hue, sp.hue),
+            "order": torch.argsort(u[:, _PERM:_PERM + 4], dim=1),
+            "grayscale": u[:, _GRAY] < sp.grayscale_p,
+            "blur": u[:, _BLUR] < sp.blur_p,
+            "sigma": uniform(_SIGMA, sp.blur_sigma[0], sp.blur_sigma[1]),
+            "solarize": u[:, _SOLAR] < sp.solarize_p,
+        }
+
+    def apply(self, x_float01_nchw: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment float [0, 1] (N, 3, S, S) images with `params` (see `sample_params`) and normalise.
+
+        Order: flip, colour jitter (each sample's own op order), grayscale, blur, solarize, normalise.
+        Deterministic given `params`. Returns float32 channels_last.
+        """
+        x = x_float01_nchw
+        if self.apply_flip:  # a Python flag, not a tensor value: no sync
+            x = torch.where(_per_sample(params["flip"]), x.flip(-1), x)
+        x = self._jitter(x, params)
+        gray = rgb_to_grayscale(x)
+        x = torch.where(_per_sample(params["grayscale"]), gray.expand_as(x), x)
+        if self.kernel_size > 1:
+            x = torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], self.kernel_size), x)
+        x = solarize(x, params["solarize"], self.spec.solarize_threshold)
+        mean = self.mean.to(x.device, non_blocking=True)
+        std = self.std.to(x.device, non_blocking=True)
+        return (x - mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+    def _jitter(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Each sample runs its 4 ops in its own order. Hue (an HSV round trip, the costly op) runs once for the whole
+        # batch; the three linear ops are split around it: up to 3 slots before it, up to 3 after, each slot a single
+        # fused pass (`_linear_slot`) whose factors are exact identities for samples with nothing to do there.
+        # Samples without jitter get identities everywhere and are kept out of the hue pass by a mask.
+        on = params["jitter"]
+        order = params["order"]
+        is_hue = order == HUE
+        hue_pos = is_hue.to(torch.int64).argmax(dim=1)
+        # The linear ops in the sample's order, hue removed: a stable sort of the positions, hue's pushed last.
+        positions = torch.arange(4, device=order.device).expand_as(order)
+        linear = order.gather(1, torch.argsort(positions + 4 * is_hue.to(torch.int64), dim=1)[:, :3])
+        none = torch.full_like(hue_pos, -1)
+        for j in range(3):
+            x = self._linear_slot(x, torch.where(on & (j < hue_pos), linear[:, j], none), params)
+        if self.spec.hue > 0:  # a config value, not a tensor: no sync
+            select = self.hsv_select.to(x.device, non_blocking=True)
+            x = torch.where(_per_sample(on), adjust_hue(x, params["hue"], select), x)
+        for j in range(3):
+            x = self._linear_slot(x, torch.where(on & (j >= hue_pos), linear[:, j], none), params)
+        return x
+
+    @staticmethod
+    def _linear_slot(x: torch.Tensor, op: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Brightness, contrast or saturation per sample (op -1: none) as one blend:
+        #   clamp(x * f + (1 - c) * mean(gray) + (1 - s) * gray, 0, 1), f = the selected op's factor,
+        # torchvision's formulas with the two unselected terms' weights exactly 0 (x * 1 + 0 + 0 is x, bit for bit).
+        one = torch.ones_like(params["brightness"])
+        b = torch.where(op == BRIGHTNESS, params["brightness"], one)
+        c = torch.where(op == CONTRAST, params["contrast"], one)
+        s = torch.where(op == SATURATION, params["saturation"], one)
+        gray = rgb_to_grayscale(x)
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+        y = torch.addcmul(mean * _per_sample(1.0 - c), x, _per_sample(b * c * s))
+        return y.addcmul_(gray, _per_sample(1.0 - s)).clamp_(0.0, 1.0)

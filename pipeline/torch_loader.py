@@ -1,0 +1,262 @@
+"""The baseline two-view loader: an ImageFolder tree, PIL decoding, torchvision `transforms.v2` per sample on the CPU.
+
+Each image is decoded once and both views are drawn from it in a `DataLoader` worker. Every random choice comes from
+torch's CPU generator seeded per sample with `sample_seed(seed + rank, epoch, index)`, so a batch depends only on the
+seed, the epoch and its position in the epoch: not on the worker count, and a mid-epoch resume reproduces the rest of
+the epoch without decoding the batches it skips.
+
+Unlike the reference order (ToDtype last), the views turn float right after the crop and flip: the colour ops then run
+on [0, 1] floats, as the on-device backends do, and solarisation's threshold keeps its meaning (0.5 of the range).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+
+from pipeline.config import DataConfig, ViewSpec
+from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from pipeline.device_augment import blur_kernel_size
+from pipeline.folder import scan_image_folder
+from pipeline.sharding import num_batches, rank_indices, sample_seed
+
+logger = logging.getLogger(__name__)
+
+# Above this many pixels a JPEG is decoded at a reduced DCT scale (PIL's draft mode), anything else is refused; PIL
+# itself refuses images over 2 * Image.MAX_IMAGE_PIXELS (decompression bombs) when opening them.
+MAX_DECODE_PIXELS = 1 << 26
+# How many other samples to try in place of an undecodable one before giving up on the batch.
+SUBSTITUTE_TRIES = 8
+# What PIL raises on broken files: unidentified/truncated (OSError), broken headers (SyntaxError, struct.error,
+# ValueError, IndexError), broken compressed streams (zlib.error, EOFError), bombs (DecompressionBombError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+
+def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float],
+                         std: Sequence[float]) -> v2.Compose:
+    """One view's BYOL augmentation as a torchvision `transforms.v2` pipeline on a uint8 (3, H, W) image."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
+                             interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(spec.flip_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
+        v2.RandomGrayscale(spec.grayscale_p),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size, spec.blur_kernel_frac), sigma=spec.blur_sigma)],
+                       p=spec.blur_p),
+        v2.RandomSolarize(spec.solarize_threshold, p=spec.solarize_p),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    # 16/32-bit integer grayscale: keep the top 8 of 16 bits (PIL's convert would clip everything above 255 to white).
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    if img.mode in ("P", "PA"):  # palette, maybe with transparency: expand through RGBA
+        return img.convert("RGBA").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # CMYK, L, LA, RGBA, YCbCr, 1, F ...
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, H, W) RGB tensor, whatever its mode (CMYK, gray, palette, 16-bit).
+
+    Raises:
+        OSError, ValueError, ...: the file cannot be decoded (see `_DECODE_ERRORS`).
+    """
+    with Image.open(path) as img:
+        w, h = img.size
+        if w * h > MAX_DECODE_PIXELS:
+            if img.format != "JPEG":
+                raise ValueError(f"{w}x{h} image is larger than {MAX_DECODE_PIXELS} pixels")
+            scale = int(np.ceil(np.sqrt(w * h / MAX_DECODE_PIXELS)))
+            img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+        rgb = _to_rgb(img)
+        arr = np.array(rgb, dtype=np.uint8)  # forces the decode inside the `with`
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"decoded to an unexpected shape {arr.shape}")
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class _Sample(NamedTuple):
+    view1: torch.Tensor
+    view2: torch.Tensor
+    label: int
+    index: int  # the sample actually shown (a substitute's index when the requested one was undecodable)
+    bad: tuple[tuple[str, str], ...]  # (path, reason) of each file that failed on the way
+
+
+class TwoViewFolderDataset(Dataset):
+    """Two augmented views of each image of a list of `(path, label)`; indexed by `(epoch, index)`.
+
+    Args:
+        samples: `(path, class_index)` pairs, as from `scan_image_folder`.
+        transforms: the two views' pipelines (`build_view_transform`).
+        seed: the augmentation seed of this rank (`seed + rank`).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transforms: tuple[v2.Compose, v2.Compose], seed: int):
+        self.samples = samples
+        self.transforms = transforms
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> _Sample:
+        epoch, index = key
+        seed = sample_seed(self.seed, epoch, index)
+        image, src, bad = self._decode(index, seed)
+        # The global CPU generator is what transforms.v2 draws from; fork_rng restores it afterwards, so the
+        # per-sample seeding does not touch the caller's stream when there are no workers. CPU only: the CUDA
+        # generators are never reseeded. One intra-op thread, as in a DataLoader worker: the contrast's mean is a
+        # reduction whose float rounding depends on the thread count, and batches must not depend on num_workers.
+        threads = torch.get_num_threads()
+        if threads != 1:
+            torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                view1 = self.transforms[0](image)
+                view2 = self.transforms[1](image)
+        finally:
+            if threads != 1:
+                torch.set_num_threads(threads)
+        return _Sample(view1, view2, self.samples[src][1], src, tuple(bad))
+
+    def _decode(self, index: int, seed: int) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
+        n = len(self.samples)
+        bad: list[tuple[str, str]] = []
+        src = index
+        for attempt in range(SUBSTITUTE_TRIES + 1):
+            path = self.samples[src][0]
+            try:
+                return load_rgb(path), src, bad
+            except _DECODE_ERRORS as e:
+                bad.append((path, f"{type(e).__name__}: {e}"))
+            if n < 2:
+                break
+            # A deterministic other sample: depends on (seed, epoch, index, attempt) only, never on the worker.
+            src = (index + 1 + sample_seed(seed, attempt, 1) % (n - 1)) % n
+        raise DataError(f"cannot decode {', '.join(p for p, _ in bad)} nor {SUBSTITUTE_TRIES} substitutes "
+                        f"({bad[-1][1]}): check the images under the data path (e.g. with PIL's Image.open)")
+
+
+class EpochBatchSampler(Sampler):
+    """This rank's batches of `(epoch, index)` keys for the epoch and start batch last set (read at each `iter`)."""
+
+    def __init__(self, num_samples: int, ctx: LoaderContext):
+        self.num_samples = num_samples
+        self.ctx = ctx
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return max(0, num_batches(self.num_samples, self.ctx.batch_size, self.ctx.world_size) - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        c = self.ctx
+        idx = rank_indices(self.num_samples, c.batch_size, c.rank, c.world_size, c.seed, self.epoch, c.shuffle)
+        for b in range(self.start_batch, len(idx) // c.batch_size):
+            yield [(self.epoch, int(i)) for i in idx[b * c.batch_size:(b + 1) * c.batch_size]]
+
+
+def _collate(samples: list[_Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    return (torch.stack([s.view1 for s in samples]), torch.stack([s.view2 for s in samples]),
+            torch.tensor([s.label for s in samples], dtype=torch.int64),
+            torch.tensor([s.index for s in samples], dtype=torch.int64),
+            [b for s in samples for b in s.bad])
+
+
+class TorchTwoViewLoader(TwoViewLoader):
+    """torchvision `ImageFolder`-style tree + `DataLoader` workers + `transforms.v2`: the baseline backend.
+
+    An undecodable file is replaced by a deterministic other sample (logged once, counted in `stats()`); the batch's
+    `index` and `labels` are then the substitute's, i.e. those of the image actually shown.
+
+    Args:
+        cfg: the data config (`path`, `image_size`, `num_workers`, `augment`, `max_bad_fraction`).
+        ctx: the run's loader context.
+
+    Raises:
+        DataError: the tree is missing/empty (see `scan_image_folder`), smaller than one global batch, or more than
+            `cfg.max_bad_fraction` of an epoch fails to decode.
+    """
+
+    def __init__(self, cfg: DataConfig, ctx: LoaderContext):
+        super().__init__(ctx)
+        self.cfg = cfg
+        self.samples, self.classes = scan_image_folder(cfg.path)
+        if num_batches(len(self.samples), ctx.batch_size, ctx.world_size) == 0:
+            raise DataError(f"{cfg.path!r} has {len(self.samples)} images, fewer than one global batch "
+                            f"({ctx.batch_size} x {ctx.world_size} ranks): lower the batch size or add images")
+        aug = cfg.augment
+        transforms = (build_view_transform(aug.view1, cfg.image_size, aug.mean, aug.std),
+                      build_view_transform(aug.view2, cfg.image_size, aug.mean, aug.std))
+        self.dataset = TwoViewFolderDataset(self.samples, transforms, seed=ctx.seed + ctx.rank)
+        self._sampler = EpochBatchSampler(len(self.samples), ctx)
+        workers = cfg.num_workers
+        self._loader = DataLoader(self.dataset, batch_sampler=self._sampler, num_workers=workers,
+                                  collate_fn=_collate, pin_memory=ctx.device.type == "cuda",
+                                  persistent_workers=workers > 0)
+        self._bad: dict[str, str] = {}  # path -> reason, each logged once
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.samples), self.ctx.batch_size, self.ctx.world_size)
+
+    def _iter_epoch(self) -> Iterator[Batch]:
+        # Read epoch/start now: the base class resets start_batch as soon as this returns.
+        return self._batches(self.epoch, self.start_batch)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        ctx = self.ctx
+        self._sampler.set_epoch(epoch, start_batch)
+        allowed = self.cfg.max_bad_fraction * len(self) * ctx.batch_size
+        epoch_bad: list[str] = []
+        for view1, view2, labels, index, bad in self._loader:
+            if bad:
+                self._record_bad(bad)
+                epoch_bad.extend(p for p, _ in bad)
+                if len(epoch_bad) > allowed:
+                    files = sorted(set(epoch_bad))
+                    raise DataError(
+                        f"{len(epoch_bad)} images of epoch {epoch} failed to decode, more than data.max_bad_fraction"
+                        f"={self.cfg.max_bad_fraction} of {len(self) * ctx.batch_size}: {', '.join(files[:20])}"
+                        f"{' ...' if len(files) > 20 else ''} (fix or remove them, or raise data.max_bad_fraction)")
+            yield Batch(to_contract(view1, ctx), to_contract(view2, ctx),
+                        labels.to(ctx.device, non_blocking=True), index)
+
+    def _record_bad(self, bad: list[tuple[str, str]]) -> None:
+        for path, reason in bad:
+            if path not in self._bad:
+                self._bad[path] = reason
+                logger.warning("cannot decode %s (%s): substituting another image", path, reason)
+
+    def stats(self) -> dict:
+        """`bad_images`: distinct undecodable files met so far; `bad_paths`: their paths."""
+        return {"bad_images": len(self._bad), "bad_paths": sorted(self._bad)}
+
+    def close(self) -> None:
+        """Stop the persistent workers (the DataLoader keeps its iterator, and so its workers, between epochs)."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader._iterator = None

@@ -1,0 +1,251 @@
+"""BatchedViewAugment: parity with torchvision's functional ops, per-sample jitter order, per-sample draw statistics.
+
+Tolerances on [0, 1] float32 pixels: atol 1e-6 for each op alone, 2e-6 for whole jitter chains (4 ops in a random
+order). Measured on these photographs: brightness, saturation, grayscale, solarize and hue bit-identical to
+torchvision alone; contrast <= 3.6e-7 (a fused blend and the batched mean's reduction order), blur <= 2.4e-7 (two
+separable 1-D passes instead of torchvision's 2-D kernel); chains <= 8e-7. Rates of the per-sample draws are checked
+within 4 sigma of a binomial over 4000 draws.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from skimage import data
+
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewSpec
+from pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchedViewAugment, blur_kernel_size)
+
+SIZE = 48
+ATOL = 1e-6
+ATOL_CHAIN = 2e-6
+N_DRAWS = 4000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches: one intra-op thread is faster, and immune to oversubscription on busy 2-core machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _photo(arr: np.ndarray) -> torch.Tensor:
+    img = Image.fromarray(arr).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def photos_u8() -> torch.Tensor:
+    """Four real photographs, uint8 (4, 3, SIZE, SIZE)."""
+    return torch.stack([_photo(a) for a in (data.astronaut(), data.chelsea(), data.coffee(), data.rocket())])
+
+
+@pytest.fixture(scope="module")
+def photos(photos_u8: torch.Tensor) -> torch.Tensor:
+    return photos_u8.float().mul_(1.0 / 255.0)
+
+
+def _plain(spec: ViewSpec | None = None, apply_flip: bool = False) -> BatchedViewAugment:
+    """An augment that does not normalise (mean 0, std 1), so outputs compare with torchvision on [0, 1]."""
+    return BatchedViewAugment(spec or ViewSpec(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), SIZE, apply_flip=apply_flip)
+
+
+def _params_off(n: int) -> dict[str, torch.Tensor]:
+    """Every op off; identity factors; the identity jitter order."""
+    off = torch.zeros(n, dtype=torch.bool)
+    one = torch.ones(n)
+    return {"flip": off.clone(), "jitter": off.clone(), "brightness": one.clone(), "contrast": one.clone(),
+            "saturation": one.clone(), "hue": torch.zeros(n), "order": torch.arange(4).repeat(n, 1),
+            "grayscale": off.clone(), "blur": off.clone(), "sigma": one.clone(), "solarize": off.clone()}
+
+
+_TV_OPS = {BRIGHTNESS: ("brightness", TF.adjust_brightness), CONTRAST: ("contrast", TF.adjust_contrast),
+           SATURATION: ("saturation", TF.adjust_saturation), HUE: ("hue", TF.adjust_hue)}
+
+
+def _tv_jitter(img: torch.Tensor, params: dict[str, torch.Tensor], i: int, order) -> torch.Tensor:
+    for op in order:
+        name, fn = _TV_OPS[int(op)]
+        img = fn(img, float(params[name][i]))
+    return img
+
+
+def test_blur_kernel_size_is_ten_percent_and_odd():
+    assert blur_kernel_size(224, 0.1) == 23
+    assert blur_kernel_size(64, 0.1) == 7
+    assert blur_kernel_size(32, 0.1) == 3
+    assert blur_kernel_size(96, 0.1) == 9
+    assert _plain().kernel_size == 5
+
+
+@pytest.mark.parametrize("op, factors", [
+    (BRIGHTNESS, [0.6, 0.9, 1.2, 1.4]),
+    (CONTRAST, [0.6, 0.85, 1.15, 1.4]),
+    (SATURATION, [0.8, 0.9, 1.1, 1.2]),
+    (HUE, [-0.1, -0.03, 0.04, 0.1]),
+])
+def test_jitter_op_matches_torchvision(photos, op, factors):
+    n = photos.shape[0]
+    name, tv_op = _TV_OPS[op]
+    params = _params_off(n)
+    params["jitter"][:] = True
+    params[name] = torch.tensor(factors)
+    params["order"] = torch.tensor([op] + [o for o in range(4) if o != op]).repeat(n, 1)
+    out = _plain().apply(photos, params)
+    for i in range(n):
+        # The other three slots run with identity factors (hue 0 is an HSV round trip, as in torchvision).
+        torch.testing.assert_close(out[i], _tv_jitter(photos[i], params, i, params["order"][i]), atol=ATOL_CHAIN,
+                                   rtol=0)
+        torch.testing.assert_close(out[i], tv_op(photos[i], factors[i]), atol=ATOL, rtol=0)
+    assert (out[0] - photos[0]).abs().max() > 0.01, "the op had no visible effect"
+
+
+def test_jitter_off_is_exact_identity(photos):
+    params = _params_off(4)
+    params.update({"brightness": torch.full((4,), 1.3), "hue": torch.full((4,), 0.05)})
+    torch.testing.assert_close(_plain().apply(photos, params), photos, atol=0, rtol=0)
+
+
+def test_grayscale_matches_torchvision(photos):
+    params = _params_off(4)
+    params["grayscale"] = torch.tensor([True, False, True, False])
+    out = _plain().apply(photos, params)
+    for i in range(4):
+        expected = TF.rgb_to_grayscale(photos[i], num_output_channels=3) if params["grayscale"][i] else photos[i]
+        torch.testing.assert_close(out[i], expected, atol=ATOL, rtol=0)
+
+
+def test_blur_matches_torchvision_per_sample_sigma(photos):
+    params = _params_off(4)
+    params["blur"] = torch.tensor([True, True, True, False])
+    params["sigma"] = torch.tensor([0.1, 0.7, 2.0, 1.5])
+    aug = _plain()
+    out = aug.apply(photos, params)
+    k = aug.kernel_size
+    for i in range(4):
+        s = float(params["sigma"][i])
+        expected = TF.gaussian_blur(photos[i], [k, k], [s, s]) if params["blur"][i] else photos[i]
+        torch.testing.assert_close(out[i], expected, atol=ATOL, rtol=0)
+    assert (out[2] - photos[2]).abs().max() > 0.05
+
+
+def test_solarize_and_flip_match_torchvision(photos):
+    params = _params_off(4)
+    params["solarize"] = torch.tensor([True, False, True, False])
+    params["flip"] = torch.tensor([True, True, False, False])
+    out = _plain(apply_flip=True).apply(photos, params)
+    for i in range(4):
+        img = TF.horizontal_flip(photos[i]) if params["flip"][i] else photos[i]
+        expected = TF.solarize(img, 0.5) if params["solarize"][i] else img
+        torch.testing.assert_close(out[i], expected, atol=ATOL, rtol=0)
+    # Without apply_flip, the flip mask is ignored.
+    torch.testing.assert_close(_plain().apply(photos, params)[0], TF.solarize(photos[0], 0.5), atol=0, rtol=0)
+
+
+def test_normalisation_and_layout(photos):
+    aug = BatchedViewAugment(ViewSpec(), IMAGENET_MEAN, IMAGENET_STD, SIZE)
+    out = aug.apply(photos, _params_off(4))
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, TF.normalize(photos, list(IMAGENET_MEAN), list(IMAGENET_STD)),
+                               atol=ATOL, rtol=0)
+
+
+def test_jitter_order_varies_per_sample_and_is_applied_in_that_order(photos):
+    n = 32
+    x = photos.repeat(n // 4, 1, 1, 1)
+    aug = _plain()
+    params = aug.sample_params(n, "cpu", torch.Generator().manual_seed(3))
+    params.update({"jitter": torch.ones(n, dtype=torch.bool), "grayscale": torch.zeros(n, dtype=torch.bool),
+                   "blur": torch.zeros(n, dtype=torch.bool), "solarize": torch.zeros(n, dtype=torch.bool)})
+    orders = {tuple(o.tolist()) for o in params["order"]}
+    assert len(orders) >= 10, f"only {len(orders)} distinct jitter orders in {n} samples"
+    assert {o.index(HUE) for o in orders} == {0, 1, 2, 3}, "hue met in every slot"
+    out = aug.apply(x, params)
+    differs = 0
+    for i in range(n):
+        expected = _tv_jitter(x[i], params, i, params["order"][i])
+        torch.testing.assert_close(out[i], expected, atol=ATOL_CHAIN, rtol=0)
+        reversed_order = _tv_jitter(x[i], params, i, params["order"][i].flip(0))
+        differs += bool((reversed_order - expected).abs().max() > 1e-3)
+    assert differs > n // 2, "the order of the ops should matter for most samples"
+
+
+def _within_binomial(count: int, n: int, p: float, what: str) -> None:
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(count - n * p) <= 4 * sd + 1e-9, f"{what}: {count}/{n}, expected p={p}"
+
+
+@pytest.mark.parametrize("view", ["view1", "view2"])
+def test_per_sample_draw_rates(view):
+    spec: ViewSpec = getattr(AugmentConfig(), view)
+    aug = BatchedViewAugment(spec, IMAGENET_MEAN, IMAGENET_STD, 224, apply_flip=True)
+    p = aug.sample_params(N_DRAWS, "cpu", torch.Generator().manual_seed(7))
+    for key, prob in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("grayscale", spec.grayscale_p),
+                      ("blur", spec.blur_p), ("solarize", spec.solarize_p)):
+        assert p[key].shape == (N_DRAWS,) and p[key].dtype == torch.bool
+        _within_binomial(int(p[key].sum()), N_DRAWS, prob, f"{view}.{key}")
+    sigma = p["sigma"]
+    assert sigma.min() >= 0.1 and sigma.max() <= 2.0
+    assert sigma.min() < 0.11 and sigma.max() > 1.99
+    assert abs(sigma.mean().item() - 1.05) < 4 * (1.9 / math.sqrt(12)) / math.sqrt(N_DRAWS)
+    for key, lo, hi in (("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
+                        ("hue", -0.1, 0.1)):
+        v = p[key]
+        assert v.min() >= lo and v.max() <= hi, key
+        assert abs(v.mean().item() - (lo + hi) / 2) < 4 * ((hi - lo) / math.sqrt(12)) / math.sqrt(N_DRAWS), key
+    order = p["order"]
+    assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(N_DRAWS, 4)), "each row is a permutation"
+    assert len({tuple(o) for o in order.tolist()}) == 24
+    for op in range(4):
+        _within_binomial(int((order[:, 0] == op).sum()), N_DRAWS, 0.25, f"op {op} first")
+    # Masks drawn independently per sample: grayscale and jitter co-occur at the product rate.
+    _within_binomial(int((p["grayscale"] & p["jitter"]).sum()), N_DRAWS, spec.grayscale_p * spec.jitter_p, "gray&jit")
+
+
+def test_flip_not_drawn_without_apply_flip():
+    p = _plain().sample_params(256, "cpu", torch.Generator().manual_seed(0))
+    assert not p["flip"].any()
+
+
+def test_forward_accepts_nhwc_and_nchw_and_is_seeded(photos_u8, photos):
+    aug = BatchedViewAugment(ViewSpec(), IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True)
+    x = photos_u8.repeat(4, 1, 1, 1)
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x.permute(0, 2, 3, 1).contiguous(), torch.Generator().manual_seed(1))
+    c = aug(x, torch.Generator().manual_seed(2))
+    assert a.shape == (16, 3, SIZE, SIZE) and a.dtype == torch.float32
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert not torch.allclose(a, c)
+    params = aug.sample_params(16, "cpu", torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, aug.apply(aug.to_float01(x), params), atol=ATOL, rtol=0)
+    assert torch.isfinite(a).all()
+    with pytest.raises(TypeError):
+        aug(x.float())
+    with pytest.raises(ValueError):
+        aug(x[:, :, :SIZE - 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forward_on_cuda_has_no_host_sync_and_matches_cpu(photos_u8):
+    aug = BatchedViewAugment(AugmentConfig().view2, IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True).cuda()
+    x = photos_u8.repeat(16, 1, 1, 1).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    aug(x, gen)  # warm-up: lazy initialisation may sync
+    gen.manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = aug(x, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    gen.manual_seed(0)
+    params = {k: v.cpu() for k, v in aug.sample_params(x.shape[0], "cuda", gen).items()}
+    ref = aug.cpu().apply(aug.to_float01(x.cpu()), params)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=0)

@@ -1,13 +1,12 @@
 """Shared fixtures: tiny real-image datasets in temporary folders and a tiny config."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Two cores: one torch thread per test process keeps the runs predictable next to loader workers.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per test process: next to loader workers and subprocesses on two cores, OpenMP barriers with a
+# descheduled thread make multi-threaded steps orders of magnitude slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +23,5 @@ def tiny_overrides(out_dir, data_path="", backend="synthetic", steps=6, batch=8)
         "data.synthetic_size=64", "model.arch=resnet18", "model.small_stem=true", "model.projector_hidden=64",
         "model.predictor_hidden=64", "model.projector_out=32", f"train.batch_size={batch}", "train.epochs=4",
         "train.warmup_epochs=1", f"train.max_steps={steps}", f"train.out_dir={out_dir}", "train.log_every=1",
-        "train.ckpt_every=0", "train.precision=fp32", "train.base_lr=0.5", "train.num_threads=0",
+        "train.ckpt_every=0", "train.precision=fp32", "train.base_lr=0.5", "train.num_threads=1",
     ]

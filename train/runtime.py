@@ -17,8 +17,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def setup_logging(is_main: bool = True, level: int = logging.INFO) -> None:
     """Plain `logging` to stderr; non-main ranks only report warnings."""
-    logging.basicConfig(level=level if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level if is_main else logging.WARNING)
 
 
 def configure_torch(device: torch.device, num_threads: int = 0) -> None:

@@ -1,0 +1,501 @@
+"""The FFCV backend: a `.beton` file, FFCV's fused decode + random resized crop on CPU threads, colour on the device.
+
+Per view, read top to bottom:
+    decode + RandomResizedCrop + flip (CPU, numba threads)  ->  ToTensor  ->  ToDevice  ->  ToTorchImage
+    ->  `BatchedViewAugment` (jitter in a random order per sample, grayscale, blur, solarize, normalise; device)
+    ->  `to_contract` (dtype, memory format).
+Both views come from one stored image: the second view is a second `PipelineSpec` over the same `image` field.
+
+Where this departs from stock FFCV 1.0.2, and why:
+  - Seeding. FFCV's `Loader(seed=...)` seeds only the sample order. Its crop (`get_random_crop`) and flip
+    (`RandomHorizontalFlip`) draw from numba's `np.random`, whose per-thread state numba seeds from OS entropy, so
+    stock FFCV crops differ from run to run and a resumed run cannot replay them. Here one decoder does the crop and
+    the flip, and re-seeds numba's generator per sample from `(seed + rank, epoch, view, index)` right before its
+    draws: the crops are reproducible, independent of the thread count and of the resume point, and new each epoch.
+    The epoch enters through a small per-epoch buffer of the decoder (compiled code cannot see a Python attribute
+    change without a 13-31 s recompilation). The device augmentation re-seeds its generator per batch from
+    `(seed + rank, epoch, batch)`, so `set_epoch(e, start_batch)` replays exactly the batches of an uninterrupted run.
+  - Sharding. FFCV's `distributed=True` builds a `DistributedSampler` (it needs an initialised process group at
+    construction, pads the epoch by repeating samples, and ignores the other backends' permutation) and is refused
+    for quasi-random order. Instead every epoch's order comes from `pipeline.sharding.rank_indices` (the permutation
+    all backends share, dealt round-robin to the ranks, cut to whole global batches) and is handed to FFCV's
+    `EpochIterator` directly; a mid-epoch resume simply starts that order at `start_batch * batch_size`.
+    `order=quasi_random` (page-wise reads, for datasets larger than RAM with `os_cache=False`) instead gives each rank
+    a fixed round-robin shard and lets FFCV's `QuasiRandom` order it per epoch (seeded by `seed`).
+  - Interpolation. FFCV 1.0.2 resizes every crop with OpenCV's `INTER_AREA` (hard-coded in its C library), not
+    torchvision's bicubic. Downscaling, INTER_AREA is box averaging, within about 1-1.5 grey levels (mean abs) of
+    PIL's antialiased bicubic on photographs. Upscaling, INTER_AREA is nearest-neighbour-like (exactly nearest at
+    integer factors): blockier than bicubic. Upscaling is common: at 224 px from a beton stored at 256 px max side,
+    ~96 % of BYOL's crops of a 4:3 image are upscaled in both axes (median factor 1.56); stored at 512 px, ~21 %.
+    Store at a max side of about twice `image_size` for views close to the reference. JPEGs are decoded with
+    libjpeg-turbo's fast DCT (about 1 grey level from the exact DCT).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numba
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    # FFCV sets torch's intra-op thread count to its worker count (`Compiler.set_num_threads`, which also runs when
+    # ffcv is first imported: torch then drops to 1 thread); the trainer's setting is put back afterwards.
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+with _keep_torch_threads():
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.state import State
+    from ffcv.reader import Reader
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, \
+        get_handlers, get_metadata_type
+
+from pipeline.config import DataConfig, ViewSpec
+from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from pipeline.sharding import _mix, num_batches, rank_indices
+
+logger = logging.getLogger(__name__)
+
+BETON_IN_FOLDER = ("ffcv/train.beton", "train.beton")
+CLASSES_FILE = "classes.json"
+ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+          "sequential": OrderOption.SEQUENTIAL}
+_CONVERT_HINT = "write one with `byol convert` (an ImageFolder tree -> FFCV .beton)"
+# What FFCV's reader and loader raise on a file that passed `check_beton` but is still malformed.
+_READ_ERRORS = (ValueError, AssertionError, KeyError, IndexError, OSError, TypeError)
+_U64 = np.uint64
+
+
+# ---------------------------------------------------------------------------------------------------------- draws
+
+# FFCV's own crop sampler, torchvision's algorithm (10 tries of area x log-aspect, then a central crop).
+_random_crop = numba.njit(fastmath=True)(get_random_crop)
+
+
+@numba.njit(inline="always")
+def _sample_seed32(view_seed: int, index: int) -> np.uint32:
+    # splitmix64 of (view_seed, index), top 32 bits: numba's np.random.seed takes a 32-bit seed.
+    z = _U64(view_seed) ^ (_U64(index) * _U64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    z = z ^ (z >> _U64(31))
+    return np.uint32(z >> _U64(32))
+
+
+@numba.njit
+def crop_flip_params(view_seed: int, index: int, height: int, width: int, scale: np.ndarray, ratio: np.ndarray,
+                     flip_p: float) -> tuple[int, int, int, int, bool]:
+    """The crop `(top, left, h, w)` and flip of sample `index` under `view_seed` (see `view_seed`), as the loader draws.
+
+    Seeds numba's generator of the calling thread, then draws the crop with FFCV's `get_random_crop` and the flip.
+    Callable from Python: the tests replay the loader's draws with it.
+    """
+    np.random.seed(_sample_seed32(view_seed, index))
+    i, j, h, w = _random_crop(height, width, scale, ratio)
+    flip = np.random.random() < flip_p
+    return i, j, h, w, flip
+
+
+@numba.njit(inline="always")
+def _flip_columns(img: np.ndarray) -> None:
+    # In-place horizontal flip of one (H, W, 3) uint8 image.
+    width = img.shape[1]
+    for r in range(img.shape[0]):
+        for c in range(width // 2):
+            for ch in range(3):
+                t = img[r, c, ch]
+                img[r, c, ch] = img[r, width - 1 - c, ch]
+                img[r, width - 1 - c, ch] = t
+
+
+def view_seed(seed: int, rank: int, epoch: int, view: int) -> int:
+    """The 63-bit seed of one view's crops and flips in one epoch on one rank (each sample mixes in its index)."""
+    return _mix(seed + rank, epoch, view)
+
+
+class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
+    """FFCV's decode + random resized crop, plus the horizontal flip, every draw seeded per sample.
+
+    Args:
+        output_size: (height, width) of the crops.
+        scale, ratio: the crop's area fraction and aspect-ratio ranges (as `RandomResizedCropRGBImageDecoder`).
+        flip_p: probability of a horizontal flip.
+
+    The seed of an epoch is written into the decoder's third buffer before the epoch starts (`_SeededEpochIterator`).
+    """
+
+    def __init__(self, output_size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], flip_p: float):
+        super().__init__(output_size, scale=tuple(scale), ratio=tuple(ratio))
+        self.flip_p = float(flip_p)
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        state, (out, temp) = super().declare_state_and_memory(previous_state)
+        return state, (out, temp, AllocationQuery((1,), np.dtype("<i8")))
+
+    def generate_code(self):
+        # FFCV's ResizedCropRGBImageDecoder.generate_code, with the seeded draws and the flip.
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        draw = crop_flip_params
+        flip_columns = _flip_columns
+        scale = np.array(self.scale, dtype=np.float64)
+        ratio = np.array(self.ratio, dtype=np.float64)
+        flip_p = self.flip_p
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, seeds = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                i, j, h, w, flip = draw(seeds[dst_ix, 0], source_ix, height, width, scale, ratio, flip_p)
+                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                if flip:
+                    flip_columns(destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _SeededEpochIterator(EpochIterator):
+    # FFCV's epoch thread, with each seeded decoder's seed buffer filled after allocation and before the thread starts
+    # (EpochIterator.__init__ allocates the epoch's buffers, then calls start()).
+
+    def __init__(self, loader: Loader, order: np.ndarray, seeds: dict[int, int]):
+        self._seeds = seeds
+        super().__init__(loader, order)
+
+    def start(self) -> None:
+        for node_id, value in self._seeds.items():
+            self.memory_allocations["operation"][node_id][2][...] = value
+        super().start()
+
+
+# ------------------------------------------------------------------------------------------------------ the file
+
+def resolve_beton(path: str) -> Path:
+    """The `.beton` file named by `data.path`: the file itself, or `<folder>/ffcv/train.beton` (`<folder>/train.beton`).
+
+    Raises:
+        DataError: the path is empty or missing, or a folder without a beton.
+    """
+    if not path:
+        raise DataError(f"data.path is empty: the ffcv backend needs a .beton file; {_CONVERT_HINT}")
+    p = Path(path)
+    if p.is_dir():
+        for rel in BETON_IN_FOLDER:
+            if (p / rel).is_file():
+                return p / rel
+        raise DataError(f"folder {str(p)!r} has no {' or '.join(BETON_IN_FOLDER)}: point data.path at a .beton "
+                        f"file or {_CONVERT_HINT}")
+    if not p.is_file():
+        raise DataError(f"data path {str(p)!r} does not exist: {_CONVERT_HINT}")
+    return p
+
+
+def check_beton(path: Path) -> Reader:
+    """Open a beton after checking that its header, field table, metadata and allocation table fit in the file.
+
+    FFCV's own reader trusts the file: a truncated or foreign file gives an IndexError, garbage or a crash in compiled
+    code. A file whose writer did not finish has an allocation-table pointer of 0 (the header is rewritten last).
+
+    Raises:
+        DataError: not a beton, another format version, truncated or unfinished, or image data outside the file.
+    """
+    size = path.stat().st_size
+    redo = "delete it and run `byol convert` again"
+    if size < HeaderType.itemsize:
+        raise DataError(f"{str(path)!r} is {size} bytes, too short for an FFCV .beton header: {redo}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise DataError(f"{str(path)!r} is not an FFCV .beton of format version {CURRENT_VERSION} (found "
+                        f"{int(header['version'])}): {_CONVERT_HINT}")
+    num_fields = int(header["num_fields"])
+    fields_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize
+    if num_fields == 0 or fields_end > size:
+        raise DataError(f"{str(path)!r} is truncated or not a beton (field table of {num_fields} fields): {redo}")
+    descs = np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
+    unknown = sorted({int(t) for t in descs["type_id"] if TYPE_ID_HANDLER.get(int(t)) is None})
+    if unknown:
+        raise DataError(f"{str(path)!r} has fields of unknown type {unknown}: not a beton this FFCV reads; {redo}")
+    item = get_metadata_type(get_handlers(descs)).itemsize
+    metadata_end = fields_end + int(header["num_samples"]) * item
+    table = int(header["alloc_table_ptr"])
+    if table == 0:
+        raise DataError(f"{str(path)!r} is unfinished (its writer stopped before the end): {redo}")
+    if metadata_end > size or not metadata_end <= table <= size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise DataError(f"{str(path)!r} is truncated ({size} bytes; the allocation table starts at {table}): {redo}")
+    try:
+        reader = Reader(str(path))
+    except _READ_ERRORS as e:
+        raise DataError(f"{str(path)!r} cannot be read as an FFCV .beton ({e}): {redo}") from e
+    return reader
+
+
+def _check_fields(reader: Reader, path: Path) -> None:
+    handlers = reader.handlers
+    if not isinstance(handlers.get("image"), RGBImageField) or not isinstance(handlers.get("label"), IntField):
+        found = ", ".join(f"{k}: {type(v).__name__}" for k, v in handlers.items())
+        raise DataError(f"{str(path)!r} must have an `image` RGBImageField and a `label` IntField (found {found}): "
+                        f"{_CONVERT_HINT}")
+    if "index" in handlers and not isinstance(handlers["index"], IntField):
+        raise DataError(f"{str(path)!r}: field `index` must be an IntField: {_CONVERT_HINT}")
+    if reader.num_samples == 0:
+        raise DataError(f"{str(path)!r} holds no images: {_CONVERT_HINT}")
+    images = _field_metadata(reader, "image")
+    table = reader.alloc_table
+    data_end = int(reader.header["alloc_table_ptr"])
+    inside = (table["ptr"] + table["size"] <= data_end).all()
+    if not inside or not np.isin(images["data_ptr"], table["ptr"]).all():
+        raise DataError(f"{str(path)!r} is damaged (image data missing from its allocation table): delete it and run "
+                        "`byol convert` again")
+
+
+def _field_metadata(reader: Reader, name: str) -> np.ndarray:
+    return reader.metadata[f"f{list(reader.handlers).index(name)}"]
+
+
+def read_classes(beton: Path, labels: np.ndarray) -> list[str]:
+    """Class names from `classes.json` (a JSON list) next to the beton, else `"0", "1", ...` up to the largest label.
+
+    Raises:
+        DataError: the file is not a list of strings, or a label lies outside it (or is negative).
+    """
+    labels = np.asarray(labels)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise DataError(f"{str(beton)!r} has negative labels (min {lo}): {_CONVERT_HINT}")
+    path = beton.parent / CLASSES_FILE
+    if not path.is_file():
+        return [str(i) for i in range(hi + 1)]
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{str(path)!r} is not valid JSON ({e}): it should be a list of class names") from e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{str(path)!r} should be a JSON list of class names")
+    if hi >= len(names):
+        raise DataError(f"{str(beton)!r} has label {hi} but {str(path)!r} lists {len(names)} classes: the two files "
+                        "come from different conversions; run `byol convert` again")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- the loader
+
+class FfcvTwoViewLoader(TwoViewLoader):
+    """Two BYOL views per image from an FFCV `.beton`, keeping the batch contract of `pipeline.contract`.
+
+    Args:
+        cfg: the data config; reads `path`, `image_size`, `num_workers` (FFCV's numba threads), `augment` and `ffcv`.
+        ctx: the run context (device, dtype, batch size, rank / world size, seed).
+        device_augment: run the colour augmentation on the device (BYOL); False delivers only crop + flip +
+            normalise (to measure the CPU stage alone, or to look at the crops). Also an attribute, read per batch.
+
+    `ctx.rank`, `ctx.world_size` and `ctx.seed` are read at the start of each epoch (the ranks' shares can thus be
+    checked from one process); the batch size, the device and a quasi-random shard are fixed at construction.
+
+    Raises:
+        DataError: the beton is missing, damaged or lacks the fields, or holds fewer images than one global batch.
+    """
+
+    def __init__(self, cfg: DataConfig, ctx: LoaderContext, *, device_augment: bool = True):
+        super().__init__(ctx)
+        if cfg.ffcv.order not in ORDERS:
+            raise DataError(f"unknown data.ffcv.order {cfg.ffcv.order!r}: choose one of {', '.join(ORDERS)}")
+        self.cfg = cfg
+        self.path = resolve_beton(cfg.path)
+        reader = check_beton(self.path)
+        _check_fields(reader, self.path)
+        self._num_samples = int(reader.num_samples)
+        self.classes = read_classes(self.path, _field_metadata(reader, "label"))
+        images = _field_metadata(reader, "image")
+        self._stored_max_side = int(max(images["width"].max(), images["height"].max()))
+        self._jpeg_fraction = float((images["mode"] == IMAGE_MODES["jpg"]).mean())
+        self._warn_if_upsampling(images, cfg.image_size)
+        self._has_index = "index" in reader.handlers
+
+        self._quasi = cfg.ffcv.order == "quasi_random"
+        self._shuffle = ctx.shuffle and cfg.ffcv.order != "sequential"
+        if num_batches(self._num_samples, ctx.batch_size, ctx.world_size) == 0:
+            raise DataError(f"{str(self.path)!r} holds {self._num_samples} images, fewer than one global batch "
+                            f"({ctx.batch_size} x {ctx.world_size} ranks): lower the batch size or add images")
+
+        aug = cfg.augment
+        size = cfg.image_size
+        self._decoders = (self._decoder(aug.view1, size), self._decoder(aug.view2, size))
+        pipelines: dict[str, Any] = {name: None for name in reader.handlers}  # fields we do not use stay closed
+        pipelines["image"] = [self._decoders[0], *self._image_ops(ctx.device)]
+        pipelines["label"] = [IntDecoder(), ToTensor()]
+        if self._has_index:
+            pipelines["index"] = [IntDecoder(), ToTensor()]
+        pipelines["image2"] = PipelineSpec("image", decoder=self._decoders[1], transforms=self._image_ops(ctx.device))
+
+        shard = None
+        if self._quasi:  # a fixed round-robin shard per rank, ordered page-wise by FFCV per epoch
+            shard = np.arange(self._num_samples, dtype=np.int64)[ctx.rank::ctx.world_size]
+        workers = max(1, cfg.num_workers)
+        if workers > numba.config.NUMBA_NUM_THREADS:  # numba refuses more threads than it started with
+            logger.warning("data.num_workers=%d exceeds the %d threads numba may use (CPU count or NUMBA_NUM_THREADS):"
+                           " using %d", workers, numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+            workers = numba.config.NUMBA_NUM_THREADS
+        try:
+            with _keep_torch_threads():
+                self._loader = Loader(
+                    str(self.path),
+                    batch_size=ctx.batch_size,
+                    num_workers=workers,
+                    order=ORDERS["quasi_random"] if self._quasi else OrderOption.SEQUENTIAL,  # else: our orders
+                    distributed=False,  # sharding by explicit orders, see the module docstring
+                    seed=ctx.seed + ctx.rank if self._quasi else ctx.seed,  # quasi: each rank orders its own shard
+                    indices=shard,
+                    pipelines=pipelines,
+                    drop_last=True,
+                    os_cache=cfg.ffcv.os_cache,
+                    batches_ahead=cfg.ffcv.batches_ahead,
+                )
+        except _READ_ERRORS as e:
+            raise DataError(f"FFCV cannot read {str(self.path)!r} ({e}): delete it and run `byol convert` again") from e
+        graph = self._loader.graph
+        self._decoder_nodes = [graph.operation_to_node[d][0].id for d in self._decoders]
+        self._outputs = list(self._loader.pipeline_specs)  # FFCV returns one tensor per pipeline, in this order
+
+        from pipeline.device_augment import BatchedViewAugment
+        self.device_augment = device_augment
+        self._augment = [BatchedViewAugment(spec, aug.mean, aug.std, size).to(ctx.device)
+                         for spec in (aug.view1, aug.view2)]
+        self._mean = torch.tensor(aug.mean, dtype=torch.float32, device=ctx.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(aug.std, dtype=torch.float32, device=ctx.device).view(1, 3, 1, 1)
+        self._generator = torch.Generator(device=ctx.device)
+        self._iterator: EpochIterator | None = None
+
+    @staticmethod
+    def _decoder(spec: ViewSpec, size: int) -> SeededCropFlipDecoder:
+        return SeededCropFlipDecoder((size, size), spec.crop_scale, spec.crop_ratio, spec.flip_p)
+
+    @staticmethod
+    def _image_ops(device: torch.device) -> list:
+        # uint8 NHWC crops -> tensor -> the device -> an NCHW view in channels_last (no copy)
+        return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+
+    def _warn_if_upsampling(self, images: np.ndarray, size: int) -> None:
+        # FFCV upscales with INTER_AREA, which is nearest-neighbour-like (see the module docstring).
+        longer = np.maximum(images["width"], images["height"])
+        shorter = np.minimum(images["width"], images["height"])
+        small = int((longer < size).sum())
+        if small:
+            logger.warning("%s: %d of %d stored images have a longer side under image_size=%d px (largest stored side "
+                           "%d px): every crop of them is upsampled; convert at a larger max side for sharper views",
+                           self.path, small, len(images), size, self._stored_max_side)
+        elif (shorter < size).mean() > 0.5:
+            logger.info("%s: most stored images have a shorter side under image_size=%d px, so most crops are upscaled "
+                        "(INTER_AREA, blockier than bicubic); a max side of ~%d px would avoid most of it",
+                        self.path, size, 2 * size)
+
+    # ------------------------------------------------------------------------------------------ contract methods
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def __len__(self) -> int:
+        return num_batches(self._num_samples, self.ctx.batch_size, self.ctx.world_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices this rank visits in `epoch`, in order, `len(self) * batch_size` of them."""
+        ctx = self.ctx
+        if self._quasi:
+            return np.asarray(self._loader.traversal_order.sample_order(epoch),
+                              dtype=np.int64)[:len(self) * ctx.batch_size]
+        return rank_indices(self._num_samples, ctx.batch_size, ctx.rank, ctx.world_size, ctx.seed, epoch,
+                            self._shuffle)
+
+    def _iter_epoch(self) -> Iterator[Batch]:
+        # Runs eagerly (the base class resets start_batch once this returns); the generator below does the work.
+        epoch, first = self.epoch, self.start_batch
+        # contiguous int64 always: another dtype or memory layout would make numba compile the pipeline again
+        order = np.ascontiguousarray(self.epoch_order(epoch)[first * self.ctx.batch_size:], dtype=np.int64)
+        return self._batches_of(epoch, first, order)
+
+    def _batches_of(self, epoch: int, first: int, order: np.ndarray) -> Iterator[Batch]:
+        if len(order) == 0:
+            return
+        ctx = self.ctx
+        seeds = {node: view_seed(ctx.seed, ctx.rank, epoch, v) for v, node in enumerate(self._decoder_nodes)}
+        self.close()  # one epoch thread at a time: numba's workqueue threading layer is not thread-safe
+        with _keep_torch_threads():
+            it = self._iterator = _SeededEpochIterator(self._loader, order, seeds)
+        try:
+            for b, out in enumerate(it, start=first):
+                yield self._to_batch(dict(zip(self._outputs, out)), epoch, b)
+        finally:
+            if self._iterator is it:  # a superseded generator, finalised late, must not stop the newer epoch
+                self.close()
+
+    def _to_batch(self, out: dict[str, torch.Tensor], epoch: int, batch: int) -> Batch:
+        # FFCV's buffers are reused a few batches later: everything handed out is a fresh tensor.
+        ctx = self.ctx
+        if self.device_augment:
+            self._generator.manual_seed(_mix(ctx.seed + ctx.rank, epoch, batch, 2))  # a host-side call, no sync
+            view1 = self._augment[0](out["image"], self._generator)
+            view2 = self._augment[1](out["image2"], self._generator)
+        else:
+            view1, view2 = self._normalise(out["image"]), self._normalise(out["image2"])
+        labels = out["label"].view(-1).clone().to(ctx.device, non_blocking=True)
+        index = out["index"].view(-1).clone() if self._has_index else None
+        return Batch(to_contract(view1, ctx), to_contract(view2, ctx), labels, index)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255.0).sub_(self._mean).div_(self._std)
+
+    def stats(self) -> dict:
+        return {"samples": self._num_samples, "batches_per_epoch": len(self),
+                "stored_max_side": self._stored_max_side, "jpeg_fraction": self._jpeg_fraction}
+
+    def close(self) -> None:
+        """Stop the epoch in flight, if any, and wait for its thread (it finishes the batches it is decoding)."""
+        it, self._iterator = self._iterator, None
+        if it is None:
+            return
+        it.terminate_event.set()
+        it.join()
+        it.close()
+        # An abandoned generator of that epoch, if resumed, would wait forever on the queue: end it instead.
+        while True:
+            try:
+                it.output_queue.get_nowait()
+            except queue.Empty:
+                break
+        it.output_queue.put_nowait(None)

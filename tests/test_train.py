@@ -1,0 +1,167 @@
+"""The trainer end to end on the CPU: a short run, exact resume, preemption, bad checkpoints, NaN, export/eval."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from conftest import tiny_overrides
+from train.checkpoint import CheckpointError, list_checkpoints
+from train.cli import main as byol
+from train.config import load_config
+from train.loop import NonFiniteError, Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _train(overrides) -> tuple[dict, Trainer]:
+    trainer = Trainer(load_config(None, overrides))
+    return trainer.run(), trainer
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in trainer.state.history if "loss" in m}
+
+
+def test_short_run_writes_everything(tmp_path):
+    summary, trainer = _train(tiny_overrides(tmp_path / "run", steps=4) + ["train.ckpt_every=2"])
+    run = tmp_path / "run"
+    assert summary["steps"] == 4 and math.isfinite(summary["final_loss"]) and summary["collapse_std"] > 0
+    assert (run / "config.yaml").is_file() and json.loads((run / "run_info.json").read_text())["git"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    assert list(run.glob("tb/events.out.tfevents.*"))
+    # the target moved toward the online network but is not equal to it
+    online = dict(trainer.model.online.named_parameters())
+    diffs = [(online[k] - v).abs().max().item() for k, v in trainer.model.target.named_parameters()]
+    assert max(diffs) > 0
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, digits16):
+    data = str(digits16 / "train")
+    full, ref = _train(tiny_overrides(tmp_path / "a", data, "torch", steps=6))
+    _train(tiny_overrides(tmp_path / "b", data, "torch", steps=3))
+    resumed, res = _train(tiny_overrides(tmp_path / "b", data, "torch", steps=6) + ["train.resume=auto"])
+    a, b = _losses(ref), _losses(res)
+    assert set(b) == set(range(1, 7))
+    assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]   # exact, not approximate
+    for (k, v), w in zip(ref.model.state_dict().items(), res.model.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path, caplog):
+    run = tmp_path / "run"
+    _train(tiny_overrides(run, steps=4) + ["train.ckpt_every=2"])
+    newest = list_checkpoints(run)[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    _, trainer = _train(tiny_overrides(run, steps=5) + ["train.resume=auto"])
+    assert "falling back" in caplog.text and "corrupt" in caplog.text
+    steps = [m["step"] for m in trainer.state.history if "loss" in m]
+    assert steps[-3:] == [3, 4, 5]    # resumed from step 2
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run = tmp_path / "run"
+    _train(tiny_overrides(run, steps=2))
+    with pytest.raises(CheckpointError, match=r"train.base_lr: checkpoint 0.5 -> now 0.1"):
+        _train(tiny_overrides(run, steps=3) + ["train.resume=auto", "train.base_lr=0.1"])
+    summary, _ = _train(tiny_overrides(run, steps=3) + ["train.resume=auto", "train.base_lr=0.1",
+                                                        "train.allow_changed=[train.base_lr]"])
+    assert summary["steps"] == 3
+
+
+def test_nan_loss_stops_cleanly_naming_the_step(tmp_path, monkeypatch):
+    import model.byol as byol_module
+    real = byol_module.regression_loss
+    calls = {"n": 0}
+
+    def poisoned(p, t):
+        calls["n"] += 1
+        out = real(p, t)
+        return out * float("nan") if calls["n"] > 4 else out   # two calls per step: step 3 is the first bad one
+
+    monkeypatch.setattr(byol_module, "regression_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="non-finite at step 2"):
+        _train(tiny_overrides(run, steps=6) + ["train.ckpt_every=2", "train.log_every=3"])
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt"]   # the last good one is kept
+
+
+def test_nan_loss_skip_mode_counts(tmp_path, monkeypatch):
+    import model.byol as byol_module
+    real = byol_module.regression_loss
+    calls = {"n": 0}
+
+    def poisoned(p, t):
+        calls["n"] += 1
+        out = real(p, t)
+        return out * float("nan") if calls["n"] in (3, 4) else out
+
+    monkeypatch.setattr(byol_module, "regression_loss", poisoned)
+    summary, _ = _train(tiny_overrides(tmp_path / "run", steps=4) + ["train.on_nonfinite=skip"])
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+
+
+def _run_cli(args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, digits16):
+    data = str(digits16 / "train")
+    run = tmp_path / "run"
+    proc = _run_cli(tiny_overrides(run, data, "torch", steps=200))
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    stopped = int(list_checkpoints(run)[-1].name[5:13])
+    assert 2 <= stopped < 200
+    _, res = _train(tiny_overrides(run, data, "torch", steps=stopped + 2) + ["train.resume=auto"])
+    _, ref = _train(tiny_overrides(tmp_path / "ref", data, "torch", steps=stopped + 2))
+    a, b = _losses(ref), _losses(res)
+    assert [a[s] for s in range(1, stopped + 3)] == [b[s] for s in range(1, stopped + 3)]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert byol(["train", "train.batch_sise=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key" in err and "Traceback" not in err
+    assert byol(["train", *tiny_overrides(tmp_path / "r", str(tmp_path / "missing"), "torch")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert byol(["eval", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, capsys):
+    run = tmp_path / "run"
+    _train(tiny_overrides(run, str(digits16 / "train"), "torch", steps=2))
+    ckpt = list_checkpoints(run)[-1]
+    out = tmp_path / "encoder.pt"
+    assert byol(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    sd = torch.load(out, weights_only=True)
+    tv = torchvision.models.resnet18()
+    tv.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)   # the small stem, as the README explains
+    tv.maxpool = torch.nn.Identity()
+    tv.fc = torch.nn.Identity()
+    tv.load_state_dict(sd, strict=True)
+    state = torch.load(ckpt, weights_only=True)
+    assert torch.equal(sd["conv1.weight"], state["model"]["online.encoder.conv1.weight"])
+    capsys.readouterr()
+    res_file = tmp_path / "eval.json"
+    assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(digits16), "--k", "5", "20", "--workers", "0",
+                 "--linear", "--linear-epochs", "20", "--out", str(res_file)]) == 0
+    res = json.loads(res_file.read_text())
+    assert 0.0 <= res["knn_top1"] <= 1.0 and res["knn_top1"] > 0.2   # 10 classes: well above chance
+    assert 0.0 <= res["linear_top1"] <= 1.0 and res["num_val"] == 360

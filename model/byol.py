@@ -99,13 +99,20 @@ def collapse_std(projections: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean() * (z.shape[-1] ** 0.5)
 
 
-def build_byol(cfg: ModelConfig, distributed: bool = False) -> Byol:
-    """The BYOL model, in channels_last when asked, with SyncBatchNorm when `distributed` and `cfg.bn == 'sync'`."""
+def build_byol(cfg: ModelConfig, distributed: bool = False, device_type: str = "cuda") -> Byol:
+    """The BYOL model, in channels_last when asked, with global-batch BatchNorm when `distributed` and
+    `cfg.bn == 'sync'`: `torch.nn.SyncBatchNorm` on GPUs, `GlobalBatchNorm` (an all-reduce of the moments) elsewhere.
+    The target network's BN is converted too, so it also normalises with the global batch of its view."""
     if cfg.bn not in ("sync", "local"):
         raise ValueError(f"model.bn must be 'sync' or 'local', got {cfg.bn!r}")
     model = Byol(cfg)
     if distributed and cfg.bn == "sync":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device_type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            from model.syncbn import convert_global_batchnorm
+            model = convert_global_batchnorm(model)
+        model.target.requires_grad_(False)   # the converted BN layers' parameters are new
         model._ema_pairs = None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

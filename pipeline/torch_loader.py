@@ -1,9 +1,10 @@
 """The baseline two-view loader: an ImageFolder tree, PIL decoding, torchvision `transforms.v2` per sample on the CPU.
 
 Each image is decoded once and both views are drawn from it in a `DataLoader` worker. Every random choice comes from
-torch's CPU generator seeded per sample with `sample_seed(seed + rank, epoch, index)`, so a batch depends only on the
+torch's CPU generator seeded per sample with `sample_seed(seed, epoch, index)`, so a batch depends only on the
 seed, the epoch and its position in the epoch: not on the worker count, and a mid-epoch resume reproduces the rest of
-the epoch without decoding the batches it skips.
+the epoch without decoding the batches it skips. The dataset index is global, so ranks draw distinct randomness without
+mixing the rank in, and N ranks with batch B see exactly the views one process with batch N*B sees.
 
 Unlike the reference order (ToDtype last), the views turn float right after the crop and flip: the colour ops then run
 on [0, 1] floats, as the on-device backends do, and solarisation's threshold keeps its meaning (0.5 of the range).
@@ -207,7 +208,7 @@ class TorchTwoViewLoader(TwoViewLoader):
         aug = cfg.augment
         transforms = (build_view_transform(aug.view1, cfg.image_size, aug.mean, aug.std),
                       build_view_transform(aug.view2, cfg.image_size, aug.mean, aug.std))
-        self.dataset = TwoViewFolderDataset(self.samples, transforms, seed=ctx.seed + ctx.rank)
+        self.dataset = TwoViewFolderDataset(self.samples, transforms, seed=ctx.seed)
         self._sampler = EpochBatchSampler(len(self.samples), ctx)
         workers = cfg.num_workers
         self._loader = DataLoader(self.dataset, batch_sampler=self._sampler, num_workers=workers,

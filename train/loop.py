@@ -138,7 +138,8 @@ class Trainer:
         self.schedule = build_schedule(cfg, len(self.loader))
 
         torch.manual_seed(t.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.model: Byol = build_byol(cfg.model, distributed=self.dist.distributed).to(self.device)
+        self.model: Byol = build_byol(cfg.model, distributed=self.dist.distributed,
+                                      device_type=self.device.type).to(self.device)
         self.optimizer = build_optimizer(self.model, t.optimizer, t.momentum, t.weight_decay, t.lars_eta)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -304,6 +305,9 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     elapsed = time.perf_counter() - window_start
+                    if self.dist.distributed:   # the loss of the global batch, not of rank 0's share
+                        torch.distributed.all_reduce(loss_sum)
+                        loss_sum /= self.dist.world_size
                     last_loss = float(loss_sum.item()) / window_steps
                     last_collapse = float(collapse_std(out.projection).item())
                     metrics = {"step": self.state.step, "epoch": self.state.step / sched.steps_per_epoch,

@@ -1,0 +1,260 @@
+"""BYOL's view augmentation as a DALI graph: one function, called once per view with that view's `ViewSpec`.
+
+Call these only inside a `@pipeline_def(enable_conditionals=True)` function: the per-sample probabilities are `if`
+statements on per-sample coins, so an expensive op (blur) runs only on the samples whose coin says so.
+
+Semantics against torchvision's functional ops on [0, 1] floats (measured on photographs; the DALI ops work on uint8
+and round after each op, so results agree within 1.5 grey levels, most pixels exactly):
+  - brightness, saturation, grayscale: `fn.brightness_contrast`, `fn.hsv(saturation=...)` (a linear blend with the
+    luma, which is torchvision's blend with the grayscale image), `fn.color_space_conversion` to GRAY and back.
+  - contrast: a blend with the mean of the image's grayscale passed per sample as `contrast_center`. DALI's default
+    centre is the fixed mid-grey (128), which is NOT torchvision's. DALI's luma weighs red 0.299, torchvision 0.2989.
+  - hue: torchvision shifts H in HSV; `adjust_hue` does exactly that with DALI arithmetic (about 3.5x the cost of
+    `fn.hsv(hue=...)`). The cheaper `fn.hsv` hue (`exact_hue=False`) rotates the chroma about the grey axis (a linear
+    map in YIQ): on photographs, at torchvision's largest shift (0.1 of the circle = 36 degrees), its output is
+    farther from torchvision's (mean absolute difference 14-28 grey levels) than the unshifted image is (9-21): it is
+    a different augmentation, not an approximation.
+  - blur: a separable gaussian with a per-sample sigma; torchvision's window (`blur_kernel_frac` of the size, made
+    odd: 23 taps at 224 px) is cut to 2 ceil(4 sigma) + 1 taps when that is shorter (the cut taps weigh < 1e-4).
+  - solarize: exact (`x >= ceil(255 t) -> 255 - x` on uint8).
+  - crop: `random_crop_generator` draws the window as `RandomResizedCrop` does (area, log-uniform aspect, ten tries,
+    then a centre crop); the window is resized with antialiased bicubic interpolation.
+The flip is applied last, inside the normalising op: it commutes with every op in between.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Union
+
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+from nvidia.dali.data_node import DataNode
+from nvidia.dali.pipeline import do_not_convert
+
+from pipeline.config import ViewSpec
+from pipeline.device_augment import blur_kernel_size
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+# The 24 orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue); a sample draws one index.
+JITTER_ORDERS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))
+
+# The helpers marked `do_not_convert` hold no `if` on per-sample data: keeping them out of DALI's conditional
+# (AutoGraph) rewriting builds the pipeline about twice as fast; inside a branch their ops still see only its samples.
+
+@do_not_convert
+def crop_window(shapes: DataNode, spec: ViewSpec) -> tuple[DataNode, DataNode]:
+    """Draw a random-resized-crop window per sample from the images' (H, W, C) shapes: (anchor, shape), both (y, x)."""
+    return fn.random_crop_generator(shapes, random_area=list(spec.crop_scale),
+                                    random_aspect_ratio=list(spec.crop_ratio))
+
+
+@do_not_convert
+def resize_window(images: DataNode, anchor: DataNode, shape: DataNode, size: int) -> DataNode:
+    """Cut the window out of decoded images and resize it to `size` x `size` in one antialiased bicubic pass."""
+    start = fn.cast(anchor, dtype=types.FLOAT)
+    end = start + fn.cast(shape, dtype=types.FLOAT)
+    return fn.resize(images, roi_start=start, roi_end=end, size=[size, size], interp_type=types.INTERP_CUBIC,
+                     antialias=True)
+
+
+@do_not_convert
+def decode_window(jpegs: DataNode, anchor: DataNode, shape: DataNode, size: int, device: str,
+                  hw_decoder_load: float) -> DataNode:
+    """Decode only the window of each encoded image, then resize it to `size` x `size` (bicubic)."""
+    kwargs = {"hw_decoder_load": hw_decoder_load} if device == "mixed" else {}
+    crop = fn.decoders.image_slice(jpegs, anchor, shape, axes=[0, 1], device=device, output_type=types.RGB,
+                                   **kwargs)
+    return fn.resize(crop, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+
+
+@do_not_convert
+def _uniform(lo: float, hi: float) -> Union[DataNode, float]:
+    """A per-sample uniform draw, or the plain number when the range is a single point."""
+    return float(lo) if hi <= lo else fn.random.uniform(range=[lo, hi], dtype=types.FLOAT)
+
+
+@do_not_convert
+def gaussian_blur(images: DataNode, sigma: Union[DataNode, float], max_window: int) -> DataNode:
+    """Gaussian blur with a per-sample window of 2 ceil(4 sigma) + 1 taps, at most `max_window`.
+
+    torchvision always convolves with `max_window` taps; the taps beyond 4 sigma weigh under 1e-4 of the kernel,
+    so the shorter window gives the same uint8 result (measured: within 1 grey level, mean difference 0.001) at
+    under half the cost of 23 taps for BYOL's sigma in [0.1, 2].
+    """
+    if isinstance(sigma, DataNode):
+        window = dmath.min(fn.cast(2 * dmath.ceil(4 * sigma) + 1, dtype=types.INT32), max_window)
+    else:
+        window = min(2 * math.ceil(4 * sigma) + 1, max_window)
+    return fn.gaussian_blur(images, window_size=window, sigma=sigma)
+
+
+@do_not_convert
+def _coin(p: float) -> DataNode:
+    return fn.random.coin_flip(probability=float(p), dtype=types.BOOL)
+
+
+@do_not_convert
+def _on_cpu(x: DataNode) -> DataNode:
+    # Argument inputs (per-sample scalars) live on the CPU; DALI's default executor allows this small copy back.
+    return x.cpu() if x.device == "gpu" else x
+
+
+@do_not_convert
+def adjust_contrast(images: DataNode, factor: Union[DataNode, float]) -> DataNode:
+    """torchvision's adjust_contrast: blend with the mean of the image's grayscale (per sample)."""
+    gray = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    gray_mean = fn.reductions.mean(gray, dtype=types.FLOAT)
+    return fn.brightness_contrast(images, contrast=factor, contrast_center=_on_cpu(gray_mean))
+
+
+@do_not_convert
+def grayscale(images: DataNode) -> DataNode:
+    """Luma replicated to three channels (torchvision's rgb_to_grayscale(num_output_channels=3))."""
+    gray = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    return fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
+
+
+@do_not_convert
+def solarize(images: DataNode, threshold: float) -> DataNode:
+    """torchvision's solarize on uint8 pixels: x >= ceil(255 t) -> 255 - x (bit-exact)."""
+    x = fn.cast(images, dtype=types.INT16)
+    above = x >= math.ceil(255 * threshold)
+    return fn.cast(x + above * (255 - 2 * x), dtype=types.UINT8)
+
+
+@do_not_convert
+def adjust_hue(images: DataNode, shift: Union[DataNode, float]) -> DataNode:
+    """torchvision's adjust_hue: shift H in HSV by `shift` (a fraction of the circle), keeping S and V.
+
+    Per pixel, with M = max, m = min of (r, g, b) and H in sextants: out_c = M - (M - m) * clamp(min(k, 4 - k), 0, 1)
+    with k = (n_c + H + 6 shift) mod 6, n = (5, 3, 1) for (r, g, b): the closed form of hsv_to_rgb(h + shift, s, v).
+    """
+    x = fn.cast(images, dtype=types.FLOAT)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    hi = dmath.max(dmath.max(r, g), b)
+    lo = dmath.min(dmath.min(r, g), b)
+    chroma = hi - lo
+    inv = 1.0 / dmath.max(chroma, 1.0)  # pixels are integers: chroma is 0 (grey, any hue) or >= 1
+    r_max = hi == r
+    g_max = (hi == g) & (hi != r)
+    b_max = (hi != g) & (hi != r)
+    sextant = (r_max * (g - b) + g_max * (b - r + 2.0 * chroma) + b_max * (r - g + 4.0 * chroma)) * inv + 6.0 * shift
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = sextant + n
+        k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
+        channels.append(hi - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return fn.cast(fn.stack(*channels, axis=2, axis_name="C"), dtype=types.UINT8)
+
+
+@do_not_convert
+def _jitter_op(images: DataNode, op: int, factors: dict[str, DataNode], exact_hue: bool = True) -> DataNode:
+    """One jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue); an op of strength 0 is absent from `factors`."""
+    name = JITTER_OPS[op]
+    if name not in factors:
+        return images
+    if op == 0:
+        return fn.brightness_contrast(images, brightness=factors[name])
+    if op == 1:
+        return adjust_contrast(images, factors[name])
+    if op == 2:
+        return fn.hsv(images, saturation=factors[name])
+    if exact_hue:
+        return adjust_hue(images, factors[name])
+    return fn.hsv(images, hue=360.0 * factors[name])  # DALI's hue is in degrees
+
+
+def _orders_around_hue() -> tuple[list[list[int]], list[list[int]]]:
+    """Per order index and slot j < 3: the j-th non-hue op if it runs before the hue (else -1), and if after."""
+    before, after = [], []
+    for order in JITTER_ORDERS:
+        k = order.index(3)
+        rest = [op for op in order if op != 3]
+        before.append([rest[j] if j < k else -1 for j in range(3)])
+        after.append([rest[j] if j >= k else -1 for j in range(3)])
+    return before, after
+
+
+_BEFORE_HUE, _AFTER_HUE = _orders_around_hue()
+
+
+def _jitter_slot(images: DataNode, op: DataNode, factors: dict[str, DataNode]) -> DataNode:
+    """Brightness, contrast or saturation as the per-sample `op` says (-1: nothing)."""
+    if op == 0:
+        images = _jitter_op(images, 0, factors)
+    elif op == 1:
+        images = _jitter_op(images, 1, factors)
+    elif op == 2:
+        images = _jitter_op(images, 2, factors)
+    return images
+
+
+def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode], exact_hue: bool = True) -> DataNode:
+    """Brightness, contrast, saturation and hue, in the per-sample order `JITTER_ORDERS[order]`.
+
+    The hue (the costly op) has one instance: the other three run in up to three slots before it and three after,
+    each slot's op looked up from the sample's order (a static graph of 4 slots x 4 ops would hold four hues).
+    """
+    keys = list(range(len(JITTER_ORDERS)))
+    for table in (_BEFORE_HUE, _AFTER_HUE):
+        if table is _AFTER_HUE:
+            images = _jitter_op(images, 3, factors, exact_hue)
+        for j in range(3):
+            op = fn.lookup_table(order, keys=keys, values=[row[j] for row in table], dtype=types.INT32)
+            images = _jitter_slot(images, op, factors)
+    return images
+
+
+def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], dtype: types.DALIDataType = types.FLOAT,
+                 draws: Optional[dict[str, DataNode]] = None, exact_hue: bool = True) -> DataNode:
+    """Flip, colour jitter, grayscale, blur, solarise and normalise cropped uint8 HWC images (one view).
+
+    Args:
+        images: uint8 HWC images already cropped and resized to `image_size`.
+        spec: the view's distribution.
+        image_size: side of the images (sets the blur window).
+        mean, std: normalisation on [0, 1] pixels.
+        dtype: output dtype (FLOAT or FLOAT16).
+        draws: if given, filled with every per-sample random draw (for tests and debugging).
+        exact_hue: torchvision's HSV hue shift (True) or DALI's faster chroma rotation (`fn.hsv`, False).
+
+    Returns:
+        Normalised float HWC images (a channels-last NCHW view on the torch side without a copy).
+    """
+    flip = fn.random.coin_flip(probability=float(spec.flip_p), dtype=types.INT32)
+    jitter = _coin(spec.jitter_p)
+    order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
+    strengths = dict(zip(JITTER_OPS, (spec.brightness, spec.contrast, spec.saturation, spec.hue)))
+    factors = {name: _uniform(max(0.0, 1.0 - s), 1.0 + s) for name, s in strengths.items()
+               if name != "hue" and s > 0}
+    if spec.hue > 0:  # a fraction of the hue circle, as torchvision
+        factors["hue"] = _uniform(-spec.hue, spec.hue)
+    gray = _coin(spec.grayscale_p)
+    blur = _coin(spec.blur_p)
+    sigma = _uniform(*spec.blur_sigma)
+    sol = _coin(spec.solarize_p)
+
+    if spec.jitter_p > 0:
+        if jitter:
+            images = color_jitter(images, order, factors, exact_hue)
+    if spec.grayscale_p > 0:
+        if gray:
+            images = grayscale(images)
+    window = blur_kernel_size(image_size, spec.blur_kernel_frac)
+    if spec.blur_p >= 1:  # no split/merge when every sample is blurred (view 1)
+        images = gaussian_blur(images, sigma, window)
+    elif spec.blur_p > 0:
+        if blur:
+            images = gaussian_blur(images, sigma, window)
+    if spec.solarize_p > 0:
+        if sol:
+            images = solarize(images, spec.solarize_threshold)
+
+    out = fn.crop_mirror_normalize(images, mirror=flip, dtype=dtype, output_layout="HWC",
+                                   mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+    if draws is not None:
+        drawn = dict(flip=flip, jitter=jitter, order=order, gray=gray, blur=blur, sigma=sigma, solarize=sol, **factors)
+        draws.update((k, v) for k, v in drawn.items() if isinstance(v, DataNode))
+    return out

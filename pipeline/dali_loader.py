@@ -1,0 +1,312 @@
+"""The DALI two-view loader: read, decode once, draw BYOL's two views with per-sample randomness, hand them to torch.
+
+Sources:
+  - a shard folder (`manifest.json`, see `pipeline.dali_format`): `fn.readers.webdataset`, each rank reading its own
+    contiguous share of the samples (DALI's `shard_id` / `num_shards`) through a shuffle buffer; the order of the
+    tars is permuted per epoch with the same seed on every rank, so the shares stay disjoint and change every epoch;
+  - an ImageFolder tree: `fn.readers.file` over this rank's list of the epoch (`pipeline.sharding.rank_indices`, the
+    same order as the torch backend). The reader's label is the sample's index; the class comes from a table on the
+    torch side, so `Batch.index` is exact.
+
+The graph decodes each image once (`mixed` = nvJPEG on the GPU, else the CPU) and cuts both views out of it, or, with
+`dali.random_crop_decoder`, decodes only each view's window (two partial decodes). Each view then runs through
+`pipeline.dali_augment.augment_view` with its own `ViewSpec` and ends as normalised float HWC, which torch sees as a
+channels-last NCHW tensor without a copy.
+
+Epochs and resume: DALI's readers cannot be re-seeded, so the pipeline is rebuilt every epoch with a seed derived from
+(seed, rank, epoch). A build costs 0.6-1.7 s on the CPU (2-3 s for the first in a process, which converts the graph's
+conditionals), 1.9-3.2 s with the GPU decoder: noise next to an ImageNet epoch. `set_epoch(e, start_batch)` then resumes
+exactly: the folder source drops the first `start_batch` batches from its list (same order; the augmentation draws of
+the rest are fresh, from a seed that also takes `start_batch`); the shard source runs and discards them, which
+reproduces the order and the augmentation draws of an uninterrupted epoch at the cost of processing those batches.
+
+Measured, loader only, two views at 224 px with the exact hue: on the CPU (2 threads, batch 32, 320x240 JPEGs)
+23.5 ms of CPU time per image whether decoding once or with the crop decoder; on an H200 (nvJPEG, 8-12 threads, batch
+256, 500x375 JPEGs, bfloat16 out) 5.6-5.9k img/s decoding once vs 5.3-5.6k with the crop decoder: decode once.
+
+Bad data: shards were validated by `byol convert`. A folder is checked at start for empty files, unknown signatures
+and JPEG/PNG files without their end marker (cut short); those are left out and counted (`stats()["bad_images"]`),
+and above `data.max_bad_fraction` the loader refuses to start. A file that passes the check but whose compressed
+data is corrupt still stops DALI mid-epoch: that surfaces as a DataError carrying DALI's message (which names the
+file when the decoder knows it); convert the folder with `byol convert` to validate every image by decoding it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
+from pipeline.dali_format import MANIFEST, load_manifest
+from pipeline.folder import scan_image_folder
+from pipeline.sharding import num_batches, rank_indices
+
+logger = logging.getLogger(__name__)
+
+# Leading bytes of the formats DALI decodes (JPEG, PNG, BMP, TIFF, WebP at offset 8, PNM, JPEG 2000).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4",
+               b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
+_TAIL = 1024  # a complete JPEG / PNG ends with its end marker within this many bytes
+_DECODE_FAILURES = ("Failed to decode", "nvImageCodec failure", "decoders.image", "peek_image_shape")
+SHUFFLE_BUFFER = 2048  # samples in the webdataset reader's shuffle buffer (per rank)
+DEBUG_DRAWS = ("flip", "jitter", "order", "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma",
+               "solarize", "crop_anchor", "crop_shape")
+
+
+def image_file_ok(path: str) -> bool:
+    """Cheap check of one image file: not empty, a known signature, and JPEG/PNG not cut short (end marker present)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if not head:
+                return False
+            if head[8:12] == b"WEBP" and head[:4] == b"RIFF":
+                return True
+            if not head.startswith(_SIGNATURES):
+                return False
+            if head.startswith((b"\xff\xd8\xff", b"\x89PNG")):
+                size = f.seek(0, 2)
+                f.seek(max(0, size - _TAIL))
+                marker = b"\xff\xd9" if head[0] == 0xFF else b"IEND"
+                return marker in f.read(_TAIL)
+            return True
+    except OSError:
+        return False
+
+
+def check_image_files(paths: list[str], threads: int = 16) -> np.ndarray:
+    """`image_file_ok` for every path (threaded: the cost is file opens, not CPU). Returns a bool mask."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return np.fromiter(pool.map(image_file_ok, paths, chunksize=256), dtype=bool, count=len(paths))
+
+
+def epoch_seed(*keys: int) -> int:
+    """A non-negative 31-bit DALI seed from (seed, rank, epoch, ...)."""
+    return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def is_shard_folder(path: str) -> bool:
+    p = Path(path)
+    return (p.is_file() and p.name == MANIFEST) or (p / MANIFEST).is_file() or (p / "dali" / MANIFEST).is_file()
+
+
+@pipeline_def(enable_conditionals=True)
+def two_view_pipeline(source: dict, aug: AugmentConfig, image_size: int, decoder: str, random_crop_decoder: bool,
+                      hw_decoder_load: float, out_dtype: types.DALIDataType, debug: bool, exact_hue: bool):
+    """Read, decode, and draw two augmented views; outputs view1, view2, index, [label], [per-view draws]."""
+    if source["kind"] == "shards":
+        jpegs, label, index = fn.readers.webdataset(
+            paths=source["tars"], index_paths=source["indices"], ext=["jpg", "label", "index"],
+            dtypes=[types.UINT8, types.INT64, types.INT64], shard_id=source["shard_id"],
+            num_shards=source["num_shards"], random_shuffle=source["shuffle"], initial_fill=source["initial_fill"],
+            pad_last_batch=True, name="Reader")
+        extra = [label]
+    else:
+        jpegs, index = fn.readers.file(files=source["files"], labels=source["indices"], random_shuffle=False,
+                                       name="Reader")
+        extra = []
+    shapes = fn.peek_image_shape(jpegs)
+    if not random_crop_decoder:
+        kwargs = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **kwargs)
+    views, draws = [], []
+    for spec in (aug.view1, aug.view2):
+        anchor, shape = crop_window(shapes, spec)
+        if random_crop_decoder:
+            cropped = decode_window(jpegs, anchor, shape, image_size, decoder, hw_decoder_load)
+        else:
+            cropped = resize_window(images, anchor, shape, image_size)
+        drawn = {} if debug else None
+        views.append(augment_view(cropped, spec, image_size, aug.mean, aug.std, out_dtype, drawn, exact_hue))
+        if debug:
+            drawn.update(crop_anchor=anchor, crop_shape=shape)
+            draws.extend(drawn.get(k, fn.cast(index, dtype=types.FLOAT) * 0 - 1) for k in DEBUG_DRAWS)
+    if debug:
+        draws.append(shapes)
+    return tuple(views) + (index,) + tuple(extra) + tuple(draws)
+
+
+class DaliTwoViewLoader(TwoViewLoader):
+    """BYOL's two views from a shard folder or an ImageFolder tree through a DALI pipeline.
+
+    Args:
+        cfg: the data config (`cfg.dali` for the backend's settings).
+        ctx: the run's context.
+        debug_params: also deliver every per-sample random draw (see `iter_with_params`), for tests.
+        exact_hue: torchvision's HSV hue shift (True), or DALI's cheaper chroma rotation, a different augmentation
+            (see `pipeline.dali_augment`).
+    """
+
+    def __init__(self, cfg: DataConfig, ctx: LoaderContext, debug_params: bool = False, exact_hue: bool = True):
+        super().__init__(ctx)
+        self.cfg = cfg
+        self.debug_params = debug_params
+        self.exact_hue = exact_hue
+        if cfg.dali.decoder not in ("mixed", "cpu"):
+            raise DataError(f"data.dali.decoder is {cfg.dali.decoder!r}: choose 'mixed' or 'cpu'")
+        on_gpu = ctx.device.type == "cuda" and torch.cuda.is_available()
+        self.decoder = "mixed" if cfg.dali.decoder == "mixed" and on_gpu else "cpu"
+        if cfg.dali.decoder == "mixed" and not on_gpu:
+            logger.warning("DALI: no CUDA device for the 'mixed' (nvJPEG) decoder; decoding and augmenting on the CPU")
+        self.device_id: Optional[int] = None
+        if self.decoder == "mixed":
+            self.device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+        self._bad: list[str] = []
+        self._build_s: list[float] = []
+        self._reader_meta: dict = {}
+        self._pipe = None
+        if is_shard_folder(cfg.path):
+            self._init_shards()
+        else:
+            self._init_folder()
+        if len(self) == 0:
+            raise DataError(f"{cfg.path!r}: {self.num_samples} images give no full batch of {ctx.batch_size} on "
+                            f"each of {ctx.world_size} rank(s); lower the batch size or add images")
+
+    # ----------------------------------------------------------------------------------------------- sources
+    def _init_shards(self) -> None:
+        m = load_manifest(self.cfg.path)
+        self.kind = "shards"
+        self.classes: list[str] = list(m["classes"])
+        self._num_samples = int(m["num_samples"])
+        self._tars, self._indices = list(m["tar_paths"]), list(m["index_paths"])
+
+    def _init_folder(self) -> None:
+        samples, self.classes = scan_image_folder(self.cfg.path)
+        self.kind = "folder"
+        self._paths = [p for p, _ in samples]
+        self._class_of = torch.tensor([c for _, c in samples], dtype=torch.int64)
+        ok = check_image_files(self._paths)
+        self._bad = [p for p, good in zip(self._paths, ok) if not good]
+        self._valid = np.flatnonzero(ok).astype(np.int64)  # positions in the scan that the loader uses
+        if self._bad:
+            frac = len(self._bad) / len(self._paths)
+            listing = ", ".join(self._bad[:10]) + (" ..." if len(self._bad) > 10 else "")
+            if frac > self.cfg.max_bad_fraction:
+                raise DataError(f"{len(self._bad)} of {len(self._paths)} files under {self.cfg.path!r} are empty, "
+                                f"not images or cut short ({frac:.1%} > data.max_bad_fraction="
+                                f"{self.cfg.max_bad_fraction}): {listing}; repair or remove them")
+            logger.warning("DALI: leaving out %d unreadable image file(s): %s", len(self._bad), listing)
+        self._num_samples = int(len(self._valid))
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def __len__(self) -> int:
+        return num_batches(self._num_samples, self.ctx.batch_size, self.ctx.world_size)
+
+    # ----------------------------------------------------------------------------------------------- pipeline
+    def _source(self, epoch: int, start_batch: int) -> tuple[dict, int, int]:
+        """The reader's arguments for one epoch, the pipeline seed, and how many leading batches to discard."""
+        c = self.ctx
+        if self.kind == "shards":
+            order = np.arange(len(self._tars))
+            if c.shuffle:  # the same permutation on every rank: the ranks' shares stay disjoint
+                order = np.random.default_rng([c.seed, epoch]).permutation(len(self._tars))
+            per_rank = self._num_samples // c.world_size
+            source = {"kind": "shards", "tars": [self._tars[i] for i in order],
+                      "indices": [self._indices[i] for i in order], "shard_id": c.rank, "num_shards": c.world_size,
+                      "shuffle": c.shuffle, "initial_fill": max(1, min(SHUFFLE_BUFFER, per_rank))}
+            return source, epoch_seed(c.seed, c.rank, epoch), start_batch
+        pos = rank_indices(self._num_samples, c.batch_size, c.rank, c.world_size, c.seed, epoch, c.shuffle)
+        scan = self._valid[pos[start_batch * c.batch_size:]]
+        source = {"kind": "folder", "files": [self._paths[i] for i in scan], "indices": scan.tolist()}
+        return source, epoch_seed(c.seed, c.rank, epoch, start_batch), 0
+
+    def _build(self, source: dict, seed: int) -> Pipeline:
+        c, d = self.ctx, self.cfg.dali
+        out_dtype = types.FLOAT16 if c.dtype == torch.float16 else types.FLOAT
+        t0 = time.perf_counter()
+        pipe = two_view_pipeline(
+            source=source, aug=self.cfg.augment, image_size=self.cfg.image_size, decoder=self.decoder,
+            random_crop_decoder=d.random_crop_decoder, hw_decoder_load=d.hw_decoder_load, out_dtype=out_dtype,
+            debug=self.debug_params, exact_hue=self.exact_hue, batch_size=c.batch_size, num_threads=d.num_threads,
+            device_id=self.device_id, seed=seed, prefetch_queue_depth=d.prefetch_queue_depth, exec_dynamic=True)
+        pipe.build()
+        self._build_s.append(time.perf_counter() - t0)
+        return pipe
+
+    def _output_names(self) -> list[str]:
+        names = ["view1", "view2", "index"] + (["label"] if self.kind == "shards" else [])
+        if self.debug_params:
+            names += [f"view{v}/{k}" for v in (1, 2) for k in DEBUG_DRAWS] + ["image_shape"]
+        return names
+
+    def _convert(self, out: dict[str, torch.Tensor]) -> tuple[Batch, dict[str, torch.Tensor]]:
+        c = self.ctx
+        index = out["index"].reshape(-1).to(torch.int64).cpu()
+        if self.kind == "shards":
+            labels = out["label"].reshape(-1).to(torch.int64)
+        else:
+            labels = self._class_of[index]
+        # HWC from DALI: permuting to NCHW is a channels-last view, so `to_contract` copies only to change dtype/device.
+        views = [to_contract(out[k].permute(0, 3, 1, 2), c) for k in ("view1", "view2")]
+        batch = Batch(views[0], views[1], labels.to(c.device, non_blocking=True), index)
+        params = {k: v.cpu() for k, v in out.items() if "/" in k or k == "image_shape"} if self.debug_params else {}
+        return batch, params
+
+    def iter_with_params(self) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        """Like iterating the loader, with each batch's per-sample draws (`view1/flip`, ..., `image_shape`) when
+        built with `debug_params=True` (else an empty dict)."""
+        epoch, start = self.epoch, self.start_batch
+        self.start_batch = 0
+        return self._generate(epoch, start)
+
+    def _generate(self, epoch: int, start: int) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        total = len(self)
+        if start >= total:
+            return
+        source, seed, discard = self._source(epoch, start)
+        self.close()
+        self._pipe = self._build(source, seed)
+        first = start - discard
+        with self._data_errors(epoch, first):  # the iterator runs the first batch when it is created
+            it = DALIGenericIterator(self._pipe, self._output_names(), reader_name="Reader",
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+        self._reader_meta = self._pipe.reader_meta("Reader")
+        for b in range(first, total):
+            with self._data_errors(epoch, b):
+                out = next(it, None)
+            if out is None:
+                break
+            if b >= start:
+                yield self._convert(out[0])
+
+    @contextlib.contextmanager
+    def _data_errors(self, epoch: int, batch: int) -> Iterator[None]:
+        """DALI stops the pipeline on an undecodable image: report it as the data problem it is."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not any(k in str(e) for k in _DECODE_FAILURES):
+                raise
+            raise DataError(f"DALI stopped reading {self.cfg.path!r} (epoch {epoch}, batch {batch}): {e}\nA file "
+                            "that passed the start-up check is corrupt; remove it, or run `byol convert` to validate "
+                            "every image and read the shards instead") from e
+
+    def _iter_epoch(self) -> Iterator[Batch]:
+        return (batch for batch, _ in self.iter_with_params())
+
+    def stats(self) -> dict:
+        """`bad_images` left out at start (and their paths), the decoder, the last pipeline build time, the reader's
+        meta. (DALI's executor statistics exist only for its legacy executor, not the dynamic one used here.)"""
+        return {"bad_images": len(self._bad), "bad_paths": list(self._bad), "decoder": self.decoder,
+                "random_crop_decoder": self.cfg.dali.random_crop_decoder,
+                "pipeline_build_s": round(self._build_s[-1], 3) if self._build_s else None,
+                "reader": dict(self._reader_meta)}
+
+    def close(self) -> None:
+        self._pipe = None  # DALI frees the pipeline's threads and buffers when it is collected

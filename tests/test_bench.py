@@ -1,0 +1,213 @@
+"""`byol bench` / `byol profile`: the bottleneck logic, the JSON the commands write, and the profiler trace.
+
+Model sizes are tiny (ResNet-18 at 16 px, batch 4, narrow heads, fp32, one torch thread) so the whole file runs in
+about a minute on two shared cores.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from benchmarks import common
+from benchmarks.report import RunFacts, build_report, classify, hidden_ratio, render_text, stage_shares
+
+TINY = ["model.arch=resnet18", "data.image_size=16", "train.batch_size=4", "model.projector_hidden=32",
+        "model.predictor_hidden=32", "model.projector_out=16", "train.precision=fp32", "train.num_threads=1",
+        "data.num_workers=0"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# --- the report's logic ------------------------------------------------------------------------------------------
+def _timed_steps(loader_s: float, model_s: float, steps: int = 3) -> dict[str, float]:
+    """Stage times of a loop whose loader sleeps `loader_s` and whose model sleeps `model_s` per step."""
+    from benchmarks.profile import StageTimer
+
+    timer = StageTimer(torch.device("cpu"))
+    for _ in range(steps):
+        with timer("data_wait"):
+            time.sleep(loader_s)
+        with timer("forward_online"):
+            time.sleep(model_s / 2)
+        with timer("backward"):
+            time.sleep(model_s / 2)
+    return dict(timer.seconds)
+
+
+def test_slow_loader_is_input_bound_with_loader_advice():
+    facts = RunFacts(backend="torch", num_workers=1, cpu_count=8, image_size=224, stored_max_side=500)
+    report = build_report(_timed_steps(0.03, 0.003), 3, facts, {"bad_images": 0})
+    assert report["bound"] == "input-bound"
+    assert report["data_wait_share"] > 0.5
+    advice = " ".join(report["advice"])
+    assert "data.backend=dali" in advice and "data.num_workers" in advice and "--max-side" in advice
+    text = render_text(report)
+    assert "input-bound" in text and "data_wait" in text and "bad_images=0" in text
+    assert report["summary"].startswith("input-bound")
+
+
+def test_slow_model_is_compute_bound_with_model_advice():
+    facts = RunFacts(device_type="cuda", backend="dali", precision="fp32", channels_last=False, compile=False,
+                     batch_size=128, peak_mem_mb=10_000, total_mem_mb=80_000)
+    report = build_report(_timed_steps(0.0005, 0.03), 3, facts)
+    assert report["bound"] == "compute-bound"
+    advice = " ".join(report["advice"])
+    for expected in ("train.precision=bf16", "model.channels_last=true", "train.compile=true",
+                     "train.batch_size=256"):
+        assert expected in advice
+    assert set(report["stage_shares"]) >= {"data_wait", "forward_online", "backward", "ema", "optimizer"}
+    assert sum(report["stage_shares"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("facts, expected", [
+    (RunFacts(device_type="cuda", backend="dali", dali_threads=2, cpu_count=16, dali_decoder="cpu"),
+     ["data.dali.decoder=mixed", "data.dali.num_threads"]),
+    (RunFacts(backend="ffcv", num_workers=2, cpu_count=16), ["data.num_workers"]),
+])
+def test_input_advice_per_backend(facts, expected):
+    advice = " ".join(build_report({"data_wait": 1.0, "backward": 1.0}, 1, facts)["advice"])
+    assert all(e in advice for e in expected)
+
+
+def test_fully_tuned_compute_bound_run_says_scale_out():
+    facts = RunFacts(precision="bf16", channels_last=True, compile=True)
+    report = build_report({"data_wait": 0.0, "forward_online": 1.0, "backward": 2.0}, 1, facts, mfu=0.42)
+    assert report["bound"] == "compute-bound" and "add devices" in report["advice"][0] and "42%" in report["advice"][0]
+
+
+def test_pure_helpers():
+    assert classify(stage_shares({"data_wait": 1.0, "backward": 9.0})) == "compute-bound"
+    assert classify(stage_shares({"data_wait": 2.0, "backward": 8.0})) == "input-bound"
+    assert stage_shares({"a": 0.0}) == {"a": 0.0}
+    assert hidden_ratio(90.0, 100.0) == pytest.approx(0.9) and hidden_ratio(1.0, 0.0) is None
+    ema_heavy = build_report({"forward_online": 1.0, "ema": 0.5}, 1, RunFacts(ema="loop", compile=True))
+    assert any("ema_update_" in tip for tip in ema_heavy["advice"])
+
+
+# --- timing and output helpers -----------------------------------------------------------------------------------
+class _ListLoader:
+    def __init__(self, n: int):
+        self.n, self.epochs = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return (i for i in range(self.n))
+
+
+def test_time_epochs_warms_up_and_times_each_repeat():
+    from benchmarks.bench import time_epochs
+    from pipeline.contract import DataError
+
+    seen = []
+    loader = _ListLoader(6)
+    secs, first = time_epochs(loader, seen.append, torch.device("cpu"), warmup=2, steps=3, repeats=2)
+    assert len(secs) == 2 and all(s >= 0 for s in secs) and first >= 0
+    assert seen == [0, 1, 2, 3, 4] * 2 and loader.epochs == [0, 1]
+    with pytest.raises(DataError, match="warm-up"):
+        time_epochs(_ListLoader(2), seen.append, torch.device("cpu"), warmup=2, steps=3, repeats=1)
+
+
+def test_bench_images_are_real_photo_crops_and_cached(tmp_path):
+    from PIL import Image
+
+    from benchmarks.common import PHOTO_SIZE, build_bench_images
+
+    folder = build_bench_images(tmp_path, 6)
+    files = sorted(folder.glob("*/*.jpg"))
+    assert len(files) == 6 and len({f.parent.name for f in files}) > 1
+    for f in files:
+        with Image.open(f) as img:
+            assert img.format == "JPEG" and sorted(img.size) == sorted(PHOTO_SIZE)
+    stamp = files[0].stat().st_mtime_ns
+    assert build_bench_images(tmp_path, 6) == folder and files[0].stat().st_mtime_ns == stamp
+
+
+def test_defaults_yield_to_the_config_file_and_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  arch: resnet34\n")
+    defaults = ["model.arch=resnet18", "data.image_size=64", "train.batch_size=32"]
+    cfg = common.load_bench_config(str(preset), ["train.batch_size=8"], defaults)
+    assert (cfg.model.arch, cfg.data.image_size, cfg.train.batch_size) == ("resnet34", 64, 8)
+
+
+def test_table_and_chart(tmp_path):
+    records = [{"what": "loader", "backend": "torch", "device": "cpu", "batch_size": 4, "resolution": 16,
+                "images_per_sec": 120.0, "peak_mem_mb": 10.0},
+               {"what": "loader", "backend": "dali", "device": "cpu", "error": "ImportError: no DALI"},
+               {"what": "ema", "variant": "fused", "device": "cpu", "ms_per_update": 2.5, "peak_mem_mb": None}]
+    table = common.format_table(records)
+    assert "torch" in table and "ImportError" in table and "ms/update" in table
+    png = common.write_bar_chart(tmp_path / "c.png", records, "t")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the commands --------------------------------------------------------------------------------------------------
+def test_bench_model_json_schema(tmp_path):
+    from benchmarks.bench import main
+
+    out = tmp_path / "model.json"
+    assert main(["--what", "model", "--out", str(out), "--repeats", "1", "--warmup", "1", "--steps", "2",
+                 "--matmul-size", "128", "--variants", "default,ema", *TINY]) == 0
+    data = json.loads(out.read_text())
+    env = data["env"]
+    for key in ("device_name", "cuda", "torch", "dali", "ffcv", "cpu_count", "arch", "dtype", "num_workers",
+                "matmul_tflops"):
+        assert key in env, key
+    recs = data["records"]
+    assert [r["variant"] for r in recs] == ["fp32+channels_last", "fp32+channels_last+ema_loop"]
+    for r in recs:
+        assert r["what"] == "model" and r["device"] == "cpu" and "error" not in r
+        assert (r["batch_size"], r["resolution"]) == (4, 16)
+        assert r["images_per_sec"] > 0 and r["peak_mem_mb"] > 0 and r["flops_per_image"] > 0
+        assert r["mfu_bf16"] > 0 and 0 < r["fraction_of_peak_matmul"]
+    assert recs[0]["default"] and recs[1]["ema"] == "loop"
+    assert out.with_suffix(".png").is_file()
+
+
+def test_bench_ema_json_schema(tmp_path):
+    from benchmarks.bench import main
+
+    out = tmp_path / "ema.json"
+    assert main(["--what", "ema", "--out", str(out), "--repeats", "1", "--ema-iters", "2", *TINY]) == 0
+    recs = {r["variant"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(recs) == {"fused", "loop", "bound"}
+    for r in recs.values():
+        assert r["what"] == "ema" and r["ms_per_update"] > 0 and r["num_values"] > 10_000_000   # ResNet-18 + head
+        assert "peak_mem_mb" in r and "batch_size" in r and "resolution" in r and "images_per_sec" in r
+    assert recs["loop"]["ratio_to_fused"] > 0 and recs["fused"]["ratio_to_bound"] > 0
+    assert recs["bound"]["bytes_moved"] == 3 * 4 * recs["bound"]["num_values"]
+
+
+def test_profile_writes_trace_and_report(tmp_path):
+    from benchmarks.profile import main
+
+    out = tmp_path / "prof"
+    assert main(["--steps", "1", "--wait", "0", "--warmup", "1", "--out", str(out), "data.backend=synthetic",
+                 "data.synthetic_size=16", *TINY]) == 0
+    assert list(out.glob("*.pt.trace.json"))
+    trace = json.loads(next(out.glob("*.pt.trace.json")).read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"data_wait", "forward_online", "forward_target", "loss", "backward", "optimizer", "ema"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["bound"] in ("input-bound", "compute-bound") and report["advice"]
+    assert report["stage_ms_per_step"]["backward"] > 0
+    assert "Verdict" in (out / "report.txt").read_text()
+
+
+def test_no_bf16_advice_on_a_cpu_without_bf16_units():
+    facts = RunFacts(device_type="cpu", precision="fp32", cpu_bf16=False)
+    advice = " ".join(build_report({"backward": 1.0}, 1, facts)["advice"])
+    assert "bf16" not in advice and "train.compile=true" in advice

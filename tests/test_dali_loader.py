@@ -1,0 +1,308 @@
+"""The DALI backend on the CPU: contract for both sources, sharding, determinism, resume, the per-sample draws'
+statistics, the augmentation ops against torchvision, bad files; and the `mixed` (nvJPEG) path where CUDA exists.
+
+Images are real photographs (skimage) cut into small JPEGs in temporary folders; views are 32 px (8 px for the
+statistics, which only need the draws). Every DALI pipeline here runs with 2 threads. Tests of ordering and sharding
+use the cheaper `fn.hsv` hue (`exact_hue=False`, a smaller graph that builds faster); the contract, the statistics
+and the op checks run the default exact hue.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from pipeline.config import DaliConfig, DataConfig
+from pipeline.contract import Batch, DataError, LoaderContext, check_batch
+from pipeline.dali_format import write_shards
+from pipeline.dali_loader import DaliTwoViewLoader, image_file_ok, is_shard_folder
+from pipeline.folder import scan_image_folder
+from pipeline.sharding import epoch_permutation
+
+SIZE = 32
+BATCH = 8
+PHOTOS = {"astronaut": data.astronaut, "cat": data.chelsea, "coffee": data.coffee}
+
+
+def _write_tree(root: Path, per_class: int, size: tuple[int, int] = (40, 65), seed: int = 0) -> Path:
+    """root/<class>/<n>.jpg: random crops of one photograph per class, sides drawn from `size`."""
+    rng = np.random.default_rng(seed)
+    for cname, load in PHOTOS.items():
+        photo = Image.fromarray(load())
+        photo.thumbnail((6 * size[1], 6 * size[1]))  # crops of >= 1/3 still downscale to the final size
+        (root / cname).mkdir(parents=True)
+        for n in range(per_class):
+            w, h = photo.size
+            cw, ch = int(rng.integers(w // 3, w)), int(rng.integers(h // 3, h))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            out = photo.crop((x0, y0, x0 + cw, y0 + ch)).resize((int(rng.integers(*size)), int(rng.integers(*size))))
+            out.save(root / cname / f"{n:04d}.jpg", quality=90)
+    return root
+
+
+def _write_shard_folder(tree: Path, out: Path, shard_size: int) -> Path:
+    samples, classes = scan_image_folder(tree)
+    refs = [(p, 0, os.path.getsize(p), c) for p, c in samples]
+    write_shards(out, refs, classes, shard_size, settings={"test": True})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return _write_tree(tmp_path_factory.mktemp("folder"), per_class=16)  # 48 images
+
+
+@pytest.fixture(scope="module")
+def shards(tree, tmp_path_factory) -> Path:
+    return _write_shard_folder(tree, tmp_path_factory.mktemp("shards") / "dali", shard_size=10)  # 5 tars
+
+
+@pytest.fixture(scope="module")
+def scan_classes(tree) -> torch.Tensor:
+    samples, _ = scan_image_folder(tree)
+    return torch.tensor([c for _, c in samples])
+
+
+def _cfg(path: Path, image_size: int = SIZE, **dali) -> DataConfig:
+    return DataConfig(backend="dali", path=str(path), image_size=image_size,
+                      dali=DaliConfig(**{"num_threads": 2, "decoder": "cpu", **dali}))
+
+
+def _epoch(loader: DaliTwoViewLoader, epoch: int, start: int = 0) -> list:
+    loader.set_epoch(epoch, start)
+    return [Batch(*(t.clone() for t in b)) for b in loader]
+
+
+@pytest.mark.parametrize("source,random_crop_decoder", [("folder", False), ("shards", True)])
+def test_contract(request, scan_classes, source, random_crop_decoder):
+    path = request.getfixturevalue("tree" if source == "folder" else "shards")
+    ctx = LoaderContext(batch_size=BATCH, seed=3)
+    loader = DaliTwoViewLoader(_cfg(path, random_crop_decoder=random_crop_decoder), ctx)
+    assert loader.num_samples == 48 and len(loader) == 6
+    batches = _epoch(loader, 0)
+    assert len(batches) == 6
+    mean, std = torch.tensor(loader.cfg.augment.mean), torch.tensor(loader.cfg.augment.std)
+    lo, hi = ((0 - mean) / std).min().item(), ((1 - mean) / std).max().item()
+    for b in batches:
+        check_batch(b, ctx, SIZE)
+        assert torch.isfinite(b.view1).all() and b.view1.min() >= lo - 1e-3 and b.view1.max() <= hi + 1e-3
+        assert (b.view1 - b.view2).abs().mean() > 0.05, "the two views should differ"
+        assert torch.equal(b.labels, scan_classes[b.index]), "labels must be the classes of the indices"
+    seen = torch.cat([b.index for b in batches])
+    assert len(set(seen.tolist())) == 48, "one epoch visits every sample once"
+    assert loader.stats()["decoder"] == "cpu" and loader.stats()["bad_images"] == 0
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_two_ranks_are_disjoint_and_cover_the_kept_samples(request, source):
+    path = request.getfixturevalue("tree" if source == "folder" else "shards")
+    batch = 5  # 48 samples, 2 ranks x 5: 4 steps, 8 samples left out
+    shares = []
+    for rank in range(2):
+        ctx = LoaderContext(batch_size=batch, rank=rank, world_size=2, seed=1)
+        loader = DaliTwoViewLoader(_cfg(path), ctx, exact_hue=False)
+        assert len(loader) == 4
+        shares.append(set(torch.cat([b.index for b in _epoch(loader, 2)]).tolist()))
+    assert all(len(s) == 20 for s in shares) and not shares[0] & shares[1]
+    assert shares[0] | shares[1] <= set(range(48))
+    if source == "folder":  # exactly the shared epoch permutation minus its drop_last tail
+        assert shares[0] | shares[1] == set(epoch_permutation(48, 1, 2)[:40].tolist())
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_determinism_epochs_and_resume(request, source):
+    path = request.getfixturevalue("tree" if source == "folder" else "shards")
+    ctx = LoaderContext(batch_size=BATCH, seed=7)
+    full = _epoch(DaliTwoViewLoader(_cfg(path), ctx, exact_hue=False), 0)
+    loader = DaliTwoViewLoader(_cfg(path), ctx, exact_hue=False)
+    again = _epoch(loader, 0)
+    for x, y in zip(full, again):  # same seed, same batches
+        assert all(torch.equal(s, t) for s, t in zip(x, y))
+    tail = _epoch(loader, 0, start=4)
+    assert len(tail) == 2 and loader.start_batch == 0, "start_batch applies to one iteration only"
+    for x, y in zip(full[4:], tail):
+        assert torch.equal(x.index, y.index)  # the order resumes exactly
+        if source == "shards":  # the shard source replays the skipped batches: the draws match too
+            assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2)
+    assert _epoch(loader, 0, start=6) == []
+    nxt = _epoch(loader, 1)
+    assert not torch.equal(torch.cat([x.index for x in full]), torch.cat([x.index for x in nxt])), "reshuffled"
+    other = _epoch(DaliTwoViewLoader(_cfg(path), LoaderContext(batch_size=BATCH, seed=8), exact_hue=False), 0)
+    assert not torch.equal(full[0].view1, other[0].view1)
+
+
+@pytest.fixture(scope="module")
+def many_tiny(tmp_path_factory) -> Path:
+    return _write_tree(tmp_path_factory.mktemp("tiny"), per_class=1024, size=(12, 29))  # 3072 images
+
+
+def test_draw_statistics_per_view(many_tiny):
+    """Rates of every per-sample coin over 3072 draws per view; tolerance 0.035 (>= 3.8 sigma for every rate)."""
+    ctx = LoaderContext(batch_size=512, seed=11)
+    loader = DaliTwoViewLoader(_cfg(many_tiny, image_size=8, random_crop_decoder=False), ctx, debug_params=True)
+    draws: dict[str, list] = {}
+    for batch, params in loader.iter_with_params():
+        for k, v in params.items():
+            draws.setdefault(k, []).append(v)
+        gray = params["view2/gray"].bool()
+        rgb = batch.view2.float() * torch.tensor(loader.cfg.augment.std).view(1, 3, 1, 1) \
+            + torch.tensor(loader.cfg.augment.mean).view(1, 3, 1, 1)
+        spread = (rgb.amax(1) - rgb.amin(1)).flatten(1).amax(1)
+        assert (spread[gray] < 2.5 / 255).all(), "a grayscale draw gives equal channels"
+        assert (spread[~gray] > 2.5 / 255).float().mean() > 0.9
+    d = {k: torch.cat(v).float() for k, v in draws.items()}
+    assert len(d["view1/flip"]) == 3072
+    aug = loader.cfg.augment
+    for v, spec in ((1, aug.view1), (2, aug.view2)):
+        for name, p in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("gray", spec.grayscale_p),
+                        ("blur", spec.blur_p), ("solarize", spec.solarize_p)):
+            rate = d[f"view{v}/{name}"].mean().item()
+            assert abs(rate - p) < 0.035, f"view{v} {name}: rate {rate:.3f}, expected {p}"
+        for name, s in (("brightness", spec.brightness), ("contrast", spec.contrast),
+                        ("saturation", spec.saturation)):
+            f = d[f"view{v}/{name}"]
+            assert f.min() >= 1 - s and f.max() <= 1 + s and abs(f.mean().item() - 1) < 0.02
+        hue = d[f"view{v}/hue"]
+        assert hue.abs().max() <= spec.hue and hue.std() > 0.8 * spec.hue / math.sqrt(3)
+        sigma = d[f"view{v}/sigma"]
+        assert sigma.min() >= spec.blur_sigma[0] and sigma.max() <= spec.blur_sigma[1]
+        orders = d[f"view{v}/order"][d[f"view{v}/jitter"].bool()].long()
+        counts = torch.bincount(orders, minlength=24)
+        assert len(counts) == 24 and (counts > 0).all(), "every one of the 24 jitter orders occurs"
+        assert counts.max() < 3 * counts.float().mean(), "orders are drawn uniformly"
+        # crop windows: area fraction and aspect ratio as RandomResizedCrop (integer windows: small rounding slack)
+        h, w = d[f"view{v}/crop_shape"][:, 0], d[f"view{v}/crop_shape"][:, 1]
+        img_area = d["image_shape"][:, 0] * d["image_shape"][:, 1]
+        area, aspect = h * w / img_area, w / h
+        inside = (area > spec.crop_scale[0] * 0.8) & (area <= 1) & (aspect > spec.crop_ratio[0] * 0.8) \
+            & (aspect < spec.crop_ratio[1] * 1.25)
+        assert inside.float().mean() > 0.97
+        assert area.mean() > 0.3 and area.std() > 0.15, "areas spread over [0.08, 1]"
+        assert (d[f"view{v}/crop_anchor"] >= 0).all()
+    assert not torch.equal(d["view1/flip"], d["view2/flip"]), "the views draw independently"
+
+
+def _run_ops(files: list[str], device: str) -> list[list[np.ndarray]]:
+    """The augmentation ops with fixed factors on `files`, on the CPU or the GPU: [op][sample] uint8 HWC arrays."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline import dali_augment as A
+
+    @pipeline_def
+    def ops():
+        jpegs, _ = fn.readers.file(files=files, name="Reader")
+        img = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        img = img.gpu() if device == "gpu" else img
+        return (img, fn.brightness_contrast(img, brightness=1.3), A.adjust_contrast(img, 0.6),
+                A.adjust_contrast(img, 1.4), fn.hsv(img, saturation=0.8), A.grayscale(img), A.solarize(img, 0.5),
+                A.gaussian_blur(img, 1.5, 23), A.adjust_hue(img, 0.1), A.adjust_hue(img, -0.07))
+
+    pipe = ops(batch_size=len(files), num_threads=2, device_id=0 if device == "gpu" else None, seed=0)
+    pipe.build()
+    out = [o.as_cpu() if device == "gpu" else o for o in pipe.run()]
+    return [[np.array(o[i]) for i in range(len(files))] for o in out]
+
+
+def test_augment_ops_match_torchvision(tree):
+    """The DALI ops against torchvision's functional ops on real photographs (fixed factors)."""
+    import torchvision.transforms.v2.functional as F
+
+    files = [p for p, _ in scan_image_folder(tree)[0]][::6]
+    out = _run_ops(files, "cpu")
+    refs = (lambda x: F.adjust_brightness(x, 1.3), lambda x: F.adjust_contrast(x, 0.6),
+            lambda x: F.adjust_contrast(x, 1.4), lambda x: F.adjust_saturation(x, 0.8),
+            lambda x: F.rgb_to_grayscale(x, 3), lambda x: F.solarize(x, 0.5),
+            lambda x: F.gaussian_blur(x, [23, 23], [1.5, 1.5]), lambda x: F.adjust_hue(x, 0.1),
+            lambda x: F.adjust_hue(x, -0.07))
+    for i in range(len(files)):
+        img = torch.from_numpy(out[0][i]).permute(2, 0, 1).float() / 255  # torchvision on [0, 1] floats
+        for k, ref in enumerate(refs):
+            got = torch.from_numpy(out[k + 1][i]).permute(2, 0, 1).float()
+            diff = (got - ref(img) * 255).abs()
+            if k == 5:
+                assert diff.max() < 1e-3, "solarize is exact"
+            else:  # uint8 rounding after each op
+                assert diff.max() <= 1.5 and diff.mean() < 0.5, f"op {k}: max {diff.max()}, mean {diff.mean()}"
+
+
+def test_bad_files_are_left_out_and_counted(tmp_path, tree):
+    root = tmp_path / "bad"
+    for cname in ("a", "b"):
+        (root / cname).mkdir(parents=True)
+        for n, src in enumerate(sorted((tree / "cat").iterdir())[:10]):
+            (root / cname / f"{n}.jpg").write_bytes(src.read_bytes())
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "text.jpg").write_bytes(b"not an image at all")
+    (root / "b" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    assert image_file_ok(str(root / "a" / "0.jpg")) and not image_file_ok(str(root / "b" / "cut.jpg"))
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        DaliTwoViewLoader(_cfg(root), LoaderContext(batch_size=4))
+    cfg = _cfg(root)
+    cfg.max_bad_fraction = 0.2
+    loader = DaliTwoViewLoader(cfg, LoaderContext(batch_size=4), exact_hue=False)
+    assert loader.stats()["bad_images"] == 3 and loader.num_samples == 20
+    assert sorted(Path(p).name for p in loader.stats()["bad_paths"]) == ["cut.jpg", "empty.jpg", "text.jpg"]
+    assert len(_epoch(loader, 0)) == 5
+
+
+def test_corrupt_image_data_raises_data_error(tmp_path, tree):
+    root = tmp_path / "corrupt" / "x"
+    root.mkdir(parents=True)
+    for n, src in enumerate(sorted((tree / "cat").iterdir())[:3]):
+        (root / f"{n}.jpg").write_bytes(src.read_bytes())
+    head = (root / "0.jpg").read_bytes()[:300]
+    (root / "9.jpg").write_bytes(head + np.random.default_rng(0).bytes(4000) + b"\xff\xd9")  # passes the cheap check
+    loader = DaliTwoViewLoader(_cfg(root.parent), LoaderContext(batch_size=4, shuffle=False), exact_hue=False)
+    with pytest.raises(DataError, match="corrupt"):
+        _epoch(loader, 0)
+
+
+def test_bad_settings_and_paths(tree, shards):
+    with pytest.raises(DataError, match="decoder"):
+        DaliTwoViewLoader(_cfg(tree, decoder="nvjpeg"), LoaderContext())
+    with pytest.raises(DataError, match="no full batch"):
+        DaliTwoViewLoader(_cfg(tree), LoaderContext(batch_size=64))
+    with pytest.raises(DataError):
+        DaliTwoViewLoader(_cfg(tree / "missing"), LoaderContext())
+    assert is_shard_folder(str(shards)) and is_shard_folder(str(shards.parent))
+    assert is_shard_folder(str(shards / "manifest.json")) and not is_shard_folder(str(tree))
+
+
+def test_mixed_falls_back_to_cpu_without_gpu(tree, caplog):
+    loader = DaliTwoViewLoader(_cfg(tree, decoder="mixed"), LoaderContext(batch_size=BATCH))
+    assert loader.decoder == "cpu" and loader.device_id is None
+    assert "on the CPU" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("random_crop_decoder", [False, True])
+def test_mixed_decoder_on_gpu(tree, shards, scan_classes, random_crop_decoder):
+    for path in (tree, shards):
+        ctx = LoaderContext(device=torch.device("cuda"), dtype=torch.bfloat16, batch_size=BATCH, seed=2)
+        loader = DaliTwoViewLoader(_cfg(path, decoder="mixed", random_crop_decoder=random_crop_decoder), ctx)
+        assert loader.decoder == "mixed"
+        batches = _epoch(loader, 0)
+        assert len(batches) == 6
+        for b in batches:
+            check_batch(b, ctx, SIZE)
+            assert b.view1.is_cuda and (b.view1 - b.view2).abs().float().mean() > 0.05
+            assert torch.equal(b.labels.cpu(), scan_classes[b.index.cpu()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augment_ops_on_gpu_match_cpu(tree):
+    files = [p for p, _ in scan_image_folder(tree)[0]][::6]
+    cpu, gpu = _run_ops(files, "cpu"), _run_ops(files, "gpu")
+    for k, (a, b) in enumerate(zip(cpu, gpu)):
+        for x, y in zip(a, b):
+            diff = np.abs(x.astype(np.int16) - y.astype(np.int16))
+            assert diff.max() <= 1 and diff.mean() < 0.05, f"op {k}: max {diff.max()}, mean {diff.mean()}"

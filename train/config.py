@@ -37,7 +37,8 @@ class TrainConfig:
         momentum: the optimizer's momentum.
         lars_eta: LARS trust coefficient.
         base_tau: the target EMA's initial decay; tau rises to 1 by a cosine over the run.
-        precision: `bf16` (autocast), `fp16` (autocast + gradient scaler) or `fp32`.
+        precision: `bf16` (autocast), `fp16` (autocast + gradient scaler), `fp32`, or `auto` (bf16 where the device
+            has native bf16 — GPUs from Ampere on, CPUs with AVX512-BF16/AMX —, fp16 on older GPUs, else fp32).
         compile: wrap the model in `torch.compile`.
         device: `auto` (cuda when present), `cpu`, `cuda` or `cuda:N`.
         seed: base seed; each rank uses seed + rank for its augmentation and dropout-free model init is shared.
@@ -63,7 +64,7 @@ class TrainConfig:
     momentum: float = 0.9
     lars_eta: float = 1e-3
     base_tau: float = 0.996
-    precision: str = "bf16"
+    precision: str = "auto"
     compile: bool = False
     device: str = "auto"
     seed: int = 0
@@ -309,7 +310,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.momentum < 1, "train.momentum", "[0, 1)", t.momentum)
     _check(t.lars_eta > 0, "train.lars_eta", "> 0", t.lars_eta)
     _check(0 <= t.base_tau <= 1, "train.base_tau", "[0, 1]", t.base_tau)
-    _check(t.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32", t.precision)
+    _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", "auto, bf16, fp16 or fp32",
+           t.precision)
     _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
     _check(t.ckpt_every >= 0, "train.ckpt_every", ">= 0 (0: only at the end)", t.ckpt_every)
     _check(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)

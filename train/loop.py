@@ -25,7 +25,7 @@ from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, check_weights_agree, cleanup, init_distributed
 from train.optim import build_optimizer
-from train.runtime import DTYPES, autocast, configure_torch, setup_logging, write_run_info
+from train.runtime import DTYPES, autocast, configure_torch, resolve_precision, setup_logging, write_run_info
 from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ class Trainer:
         configure_torch(self.device, t.num_threads)
         per_rank_batch = check_world(cfg, self.dist.world_size)
         self.run_dir = Path(t.out_dir)
-        self.dtype = DTYPES[t.precision]
+        self.precision = resolve_precision(t.precision, self.device)
+        self.dtype = DTYPES[self.precision]
 
         ctx = LoaderContext(device=self.device, dtype=self.dtype, batch_size=per_rank_batch, rank=self.dist.rank,
                             world_size=self.dist.world_size, seed=t.seed, channels_last=cfg.model.channels_last)
@@ -141,7 +142,7 @@ class Trainer:
         self.model: Byol = build_byol(cfg.model, distributed=self.dist.distributed,
                                       device_type=self.device.type).to(self.device)
         self.optimizer = build_optimizer(self.model, t.optimizer, t.momentum, t.weight_decay, t.lars_eta)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.forward = self.model
         if self.dist.distributed:
@@ -228,7 +229,8 @@ class Trainer:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
         if self.dist.is_main:
             write_run_info(self.run_dir, to_dict(cfg), {"world_size": self.dist.world_size,
-                                                        "steps_per_epoch": sched.steps_per_epoch})
+                                                        "steps_per_epoch": sched.steps_per_epoch,
+                                                        "precision": self.precision})
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         if t.resume:
@@ -274,13 +276,13 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
 
-                with autocast(self.device, t.precision):
+                with autocast(self.device, self.precision):
                     out = self.forward(batch.view1, batch.view2)
                 self.scaler.scale(out.loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = _grad_norm(self.params)
                 finite = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
-                if t.on_nonfinite == "skip" and t.precision != "fp16" and not bool(finite):   # host sync (skip mode)
+                if t.on_nonfinite == "skip" and self.precision != "fp16" and not bool(finite):   # host sync (skip mode)
                     self.state.skipped_steps += 1
                     log.warning("step %d: non-finite loss/gradient, step skipped (%d so far)", step,
                                 self.state.skipped_steps)
@@ -288,7 +290,7 @@ class Trainer:
                         raise NonFiniteError(f"more than train.max_skipped_steps={t.max_skipped_steps} steps "
                                              f"were non-finite (the last at step {step})")
                 else:
-                    if t.on_nonfinite == "stop" and t.precision != "fp16":
+                    if t.on_nonfinite == "stop" and self.precision != "fp16":
                         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
                     self.scaler.step(self.optimizer)
                     self.scaler.update()

@@ -31,6 +31,27 @@ def configure_torch(device: torch.device, num_threads: int = 0) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN has bf16 kernels for this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 on GPUs that support it and on CPUs with native bf16, else fp16 (older GPUs) or fp32."""
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("train.precision=bf16 on a CPU without native bf16 (%s): bf16 is emulated and can be many "
+                        "times slower than fp32; consider train.precision=auto or fp32",
+                        torch.backends.cpu.get_cpu_capability())
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """The autocast context of `train.precision` (bf16/fp16), or nothing for fp32."""
     if precision == "fp32":

@@ -9,7 +9,7 @@ from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader
 
 def _dali(cfg: DataConfig, ctx: LoaderContext) -> TwoViewLoader:
     from pipeline.dali_loader import DaliTwoViewLoader  # DALI is imported only when asked for
-    return DaliTwoViewLoader(cfg, ctx)
+    return DaliTwoViewLoader(cfg, ctx, exact_hue=cfg.dali.exact_hue)
 
 
 def _ffcv(cfg: DataConfig, ctx: LoaderContext) -> TwoViewLoader:

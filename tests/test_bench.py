@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from benchmarks import common
-from benchmarks.report import RunFacts, build_report, classify, hidden_ratio, render_text, stage_shares
+from benchmarks.report import (RunFacts, build_report, classify, format_table, hidden_ratio, render_text,
+                               stage_shares, summary_lines)
 
 TINY = ["model.arch=resnet18", "data.image_size=16", "train.batch_size=4", "model.projector_hidden=32",
         "model.predictor_hidden=32", "model.projector_out=16", "train.precision=fp32", "train.num_threads=1",
@@ -108,7 +109,7 @@ class _ListLoader:
 
 
 def test_time_epochs_warms_up_and_times_each_repeat():
-    from benchmarks.bench import time_epochs
+    from benchmarks.common import time_epochs
     from pipeline.contract import DataError
 
     seen = []
@@ -116,6 +117,10 @@ def test_time_epochs_warms_up_and_times_each_repeat():
     secs, first = time_epochs(loader, seen.append, torch.device("cpu"), warmup=2, steps=3, repeats=2)
     assert len(secs) == 2 and all(s >= 0 for s in secs) and first >= 0
     assert seen == [0, 1, 2, 3, 4] * 2 and loader.epochs == [0, 1]
+    slow = _ListLoader(8)
+    secs, _ = time_epochs(slow, lambda b: time.sleep(0.05), torch.device("cpu"), warmup=2, steps=5, repeats=3,
+                          budget_s=0.12)
+    assert len(secs) == 1 and slow.epochs == [0]   # 2 affordable batches: one repeat of two
     with pytest.raises(DataError, match="warm-up"):
         time_epochs(_ListLoader(2), seen.append, torch.device("cpu"), warmup=2, steps=3, repeats=1)
 
@@ -148,8 +153,14 @@ def test_table_and_chart(tmp_path):
                 "images_per_sec": 120.0, "peak_mem_mb": 10.0},
                {"what": "loader", "backend": "dali", "device": "cpu", "error": "ImportError: no DALI"},
                {"what": "ema", "variant": "fused", "device": "cpu", "ms_per_update": 2.5, "peak_mem_mb": None}]
-    table = common.format_table(records)
+    table = format_table(records)
     assert "torch" in table and "ImportError" in table and "ms/update" in table
+    records += [{"what": "e2e", "backend": "torch", "ratio_to_model": 0.5},
+                {"what": "ema", "variant": "loop", "ms_per_update": 5.0, "ratio_to_fused": 2.0},
+                {"what": "ema", "variant": "bound", "ms_per_update": 2.0}]
+    records[2].update(ratio_to_bound=1.25, num_values=33_000_000)
+    lines = summary_lines(records)
+    assert "costs 50%" in lines[0] and "1.25x the bandwidth bound" in lines[1] and "2.00x fused" in lines[1]
     png = common.write_bar_chart(tmp_path / "c.png", records, "t")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
 

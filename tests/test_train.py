@@ -165,3 +165,24 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
     res = json.loads(res_file.read_text())
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["knn_top1"] > 0.2   # 10 classes: well above chance
     assert 0.0 <= res["linear_top1"] <= 1.0 and res["num_val"] == 360
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from train import checkpoint as ckpt_module
+    run = tmp_path / "run"
+    _train(tiny_overrides(run, steps=2) + ["train.ckpt_every=2"])
+    before = list_checkpoints(run)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)          # part of the file reaches the disk, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoints are intact"):
+        _train(tiny_overrides(run, steps=4) + ["train.resume=auto", "train.ckpt_every=2"])
+    assert list_checkpoints(run) == before and not list(run.glob("*.tmp"))
+    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    ckpt_module.load_checkpoint(before[-1])   # still valid

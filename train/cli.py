@@ -164,7 +164,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from train.runtime import setup_logging
 
     setup_logging()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "profile"):
+        # Their own parsers take every argument (argparse's REMAINDER refuses a first one starting with `-`).
+        args = argparse.Namespace(command=argv[0], rest=argv[1:],
+                                  func=_forward(f"benchmarks.{'bench' if argv[0] == 'bench' else 'profile'}"))
+    else:
+        args = build_parser().parse_args(argv)
     if args.command == "convert" and args.workers == 0:
         import os
         args.workers = os.cpu_count() or 1

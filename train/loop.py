@@ -127,7 +127,8 @@ class Trainer:
         self.dist = dist_info or init_distributed(t.device, cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(self.dist.is_main)
         self.device = self.dist.device
-        configure_torch(self.device, t.num_threads)
+        workers = cfg.data.num_workers if cfg.data.backend in ("torch", "ffcv") else 0
+        configure_torch(self.device, t.num_threads, workers)
         per_rank_batch = check_world(cfg, self.dist.world_size)
         self.run_dir = Path(t.out_dir)
         self.precision = resolve_precision(t.precision, self.device)

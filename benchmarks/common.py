@@ -1,0 +1,413 @@
+"""What every benchmark shares: device-synchronised timing, peak memory, matmul rate, the environment, JSON/PNG output.
+
+Timing follows the usual rules: warm up first (cuDNN autotuning, allocator growth, lazy initialisation), synchronise
+the device before reading the clock, repeat the timed block and keep the median. The only host-device syncs are the
+ones around the clock.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_repeats(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int,
+                 repeats: int) -> list[float]:
+    """Seconds per call of `fn`, one value per repeat of `iters` calls, after `warmup` calls.
+
+    The device is synchronised before each repeat starts and after it ends, never inside.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for _ in range(max(1, iters)):
+            fn()
+        sync(device)
+        out.append((time.perf_counter() - t0) / max(1, iters))
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int, steps: int, repeats: int,
+                warm_each_repeat: bool = True, budget_s: float = 0.0) -> tuple[list[float], float]:
+    """Seconds per batch of `consume(batch)` for each repeat (a new epoch each), and the first batch's latency.
+
+    Each repeat starts an epoch, consumes `warmup` batches untimed (pipeline start, queues filling), then times
+    `steps` batches (fewer if the epoch is shorter). `warm_each_repeat=False` warms up in the first repeat only.
+    `budget_s` > 0 bounds the timed batches of all repeats together to about that many seconds, judged by the warm-up
+    batches (at least one timed batch, fewer repeats first): a slow variant (bf16 on a CPU without bf16 units) then
+    costs seconds, not minutes. The number of repeats actually run is the length of the returned list.
+    """
+    per_batch, first_latency = [], math.nan
+    r = 0
+    while r < repeats:
+        w = warmup if r == 0 or warm_each_repeat else 0
+        n = min(steps, len(loader) - w)
+        if n < 1:
+            from pipeline.contract import DataError
+            raise DataError(f"{len(loader)} batches per epoch leave none to time after {w} warm-up batches: "
+                            "lower --warmup or the batch size, or raise --images")
+        loader.set_epoch(r)
+        it = iter(loader)
+        try:
+            for i in range(w):
+                t_batch = time.perf_counter()
+                consume(next(it))
+                sync(device)
+                batch_s = time.perf_counter() - t_batch
+                if r == 0 and i == 0:
+                    first_latency = batch_s
+                # judged after the second batch at the earliest: the first one pays for start-up (FFCV compiles)
+                if r == 0 and budget_s > 0 and (i == w - 1 or (i >= 1 and 2 * batch_s > budget_s)):
+                    affordable = max(1, int(budget_s / batch_s))
+                    repeats = max(1, min(repeats, affordable // 2))
+                    steps = n = max(1, min(n, affordable // repeats))
+                    warmup = min(warmup, 1)
+                    break
+            t0 = time.perf_counter()
+            for _ in range(n):
+                consume(next(it))
+            sync(device)
+            per_batch.append((time.perf_counter() - t0) / n)
+        finally:
+            close = getattr(it, "close", None)   # leave the epoch: stops its workers' read-ahead
+            if close is not None:
+                close()
+        r += 1
+    return per_batch, first_latency
+
+
+# --- configuration -------------------------------------------------------------------------------------------------
+def requested_device(overrides: Sequence[str]) -> torch.device:
+    """The device a run with these overrides trains on (`train.device`, default `auto`), for choosing default sizes."""
+    from train.distributed import resolve_device
+
+    name = "auto"
+    for text in overrides:
+        if text.split("=", 1)[0].strip() == "train.device" and "=" in text:
+            name = text.split("=", 1)[1].strip() or "auto"
+    return resolve_device(name)
+
+
+def default_overrides(device: torch.device) -> list[str]:
+    """Sizes for a benchmark that finishes in minutes: ResNet-18 at 64 px on CPUs, ResNet-50 at 224 px on GPUs;
+    loader threads = the cores this process may use. (`train.precision=auto` picks bf16 only where it is native.)"""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    shared = [f"data.num_workers={cpus}", f"data.dali.num_threads={cpus}"]
+    if device.type == "cuda":
+        return ["model.arch=resnet50", "data.image_size=224", "train.batch_size=128", *shared]
+    return ["model.arch=resnet18", "data.image_size=64", "train.batch_size=32", "data.dali.decoder=cpu", *shared]
+
+
+def _flat_keys(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys.add(key)
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, key)
+    return keys
+
+
+def load_bench_config(path: str | None, overrides: Sequence[str], defaults: Sequence[str] = ()):
+    """`train.config.load_config` with `defaults` underneath: a default applies only to a key that neither the YAML
+    file nor an override sets. Raises `ConfigError` like `byol train` does."""
+    import yaml
+
+    from train.config import load_config
+
+    taken = {o.split("=", 1)[0].strip() for o in overrides}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+        except yaml.YAMLError:
+            loaded = None   # load_config reports the file's problem
+        if isinstance(loaded, dict):
+            taken |= _flat_keys(loaded)
+    kept = [d for d in defaults if d.split("=", 1)[0] not in taken]
+    return load_config(path, [*kept, *overrides])
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the CUDA allocator's, or the process's peak RSS (Linux `clear_refs`, where allowed)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # resets VmHWM to the current RSS
+    except OSError:        # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: CUDA `max_memory_allocated`, else the process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def memory_kind(device: torch.device) -> str:
+    return "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
+
+
+def total_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**20
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):
+        return math.nan
+
+
+def free_memory(device: torch.device) -> None:
+    """Return cached blocks between variants, so one variant's peak does not include another's cache."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- rates ---------------------------------------------------------------------------------------------------------
+def matmul_flops_per_sec(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16, iters: int = 0) -> float:
+    """Measured rate of an n x n x n matmul (2 n^3 flops) in `dtype`: the device's practical peak for dense maths."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    flops = 2.0 * n ** 3
+    if iters <= 0:   # about 0.2 s of work on a fast device, at least a few calls
+        t = median(time_repeats(lambda: torch.mm(a, b, out=c), device, warmup=1, iters=1, repeats=1))
+        iters = int(min(50, max(3, 0.2 / max(t, 1e-6))))
+    secs = median(time_repeats(lambda: torch.mm(a, b, out=c), device, warmup=2, iters=iters, repeats=3))
+    return flops / secs
+
+
+def stream_bytes_per_sec(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Measured memory bandwidth over `numel`-element tensors, two ways.
+
+    `copy`: `dst.copy_(src)`, counted as 2 x numel elements moved. `read2_write1`: the in-place `a.add_(b)`,
+    counted as 3 x numel, the traffic pattern of a lerp. On CPUs a copy's stores also read the destination
+    (write-allocate), so the copy understates what an in-place update can reach; both are reported.
+    """
+    src = torch.rand(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    nbytes = numel * src.element_size()
+    copy_s = median(time_repeats(lambda: dst.copy_(src), device, warmup=2, iters=5, repeats=5))
+    add_s = median(time_repeats(lambda: dst.add_(src), device, warmup=2, iters=5, repeats=5))
+    return {"copy": 2 * nbytes / copy_s, "read2_write1": 3 * nbytes / add_s}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Flops of one call of `fn` (forward and backward matmuls/convolutions, as `FlopCounterMode` counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# --- the environment -----------------------------------------------------------------------------------------------
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _dali_version() -> str | None:
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-dali"):
+            return f"{dist.version} ({name})"
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
+def env_info(device: torch.device, extra: dict | None = None) -> dict:
+    """Device, driver, library versions and host facts, for the JSON next to the numbers."""
+    from train.runtime import cpu_has_native_bf16, git_revision
+
+    info = {
+        "device": str(device), "device_name": device_name(device), "device_count": torch.cuda.device_count(),
+        "driver": _driver_version() if device.type == "cuda" else None,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "torchvision": _dist_version("torchvision"), "dali": _dali_version(),
+        "ffcv": _dist_version("ffcv"), "numba": _dist_version("numba"), "python": sys.version.split()[0],
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "arch": platform.machine(),
+        "torch_threads": torch.get_num_threads(), "cpu_bf16_native": cpu_has_native_bf16(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "total_memory_mb": round(total_memory_mb(device)),
+        "git": git_revision(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    info.update(extra or {})
+    return info
+
+
+def slug(text: str) -> str:
+    """`NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3`."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+# --- the benchmark's images ----------------------------------------------------------------------------------------
+PHOTO_SIZE = (320, 240)
+
+
+def build_bench_images(root: str | Path, num_images: int, size: tuple[int, int] = PHOTO_SIZE,
+                       seed: int = 0) -> Path:
+    """`root/folder/<photo>/<n>.jpg`: random crops of scikit-image's photographs resized to `size` (w, h), a quarter
+    of them portrait, JPEG quality 90; built once and reused while `num_images`, `size` and `seed` stay the same."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.demo_data import build_photos
+
+    root = Path(root)
+    folder = root / "folder"
+    stamp = folder / ".complete"
+    settings = f"{num_images} images {size[0]}x{size[1]} seed {seed}\n"
+    if stamp.is_file() and stamp.read_text() == settings:
+        return folder
+    for stale in (folder, root / "converted"):   # other settings: start again, conversions included
+        shutil.rmtree(stale, ignore_errors=True)
+    photos = sorted(p for p in build_photos(root / "photos").glob("*/*.jpg"))
+    rng = np.random.default_rng(seed)
+    sources = [Image.open(p).convert("RGB") for p in photos]
+    for n in range(num_images):
+        k = n % len(sources)
+        img = sources[k]
+        w, h = size if rng.random() >= 0.25 else size[::-1]
+        scale = math.sqrt(rng.uniform(0.3, 1.0))
+        cw = min(img.width, img.height * w / h) * scale
+        ch = cw * h / w
+        x0, y0 = rng.uniform(0, img.width - cw), rng.uniform(0, img.height - ch)
+        crop = img.resize((w, h), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        out = folder / photos[k].parent.name / f"{n:05d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(out, format="JPEG", quality=90)
+    stamp.write_text(settings)
+    log.info("wrote %d benchmark images to %s", num_images, folder)
+    return folder
+
+
+def backend_path(folder: Path, backend: str) -> str:
+    """`data.path` of `backend` for the benchmark images, converting them on first use (the JPEGs kept as they are)."""
+    if backend == "torch":
+        return str(folder)
+    from pipeline.convert import convert_dataset
+
+    out = folder.parent / "converted"
+    convert_dataset(str(folder), str(out), (backend,), workers=os.cpu_count() or 1, max_side=max(PHOTO_SIZE),
+                    progress=False)
+    return str(out / "dali") if backend == "dali" else str(out)
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write `data` as indented JSON, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def write_bar_chart(path: str | Path, records: Sequence[dict], title: str) -> Path | None:
+    """One horizontal bar panel per kind of benchmark (`what`); failed records are left out."""
+    from benchmarks.report import record_label, record_value
+
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no chart written (the JSON has every number)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if not r.get("error") and not math.isnan(record_value(r)[0]):
+            groups.setdefault(str(r.get("what")), []).append(r)
+    if not groups:
+        return None
+    sizes = [len(g) + 1 for g in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.8 + 0.4 * sum(sizes)), squeeze=False,
+                             gridspec_kw={"height_ratios": sizes})
+    for ax, (what, recs) in zip(axes[:, 0], groups.items()):
+        labels = [record_label(r) for r in recs]
+        values = [record_value(r)[0] for r in recs]
+        bars = ax.barh(range(len(recs)), values, color="tab:blue")
+        ax.set_yticks(range(len(recs)), labels)
+        ax.invert_yaxis()
+        ax.set_title(what, loc="left", fontsize=10)
+        ax.set_xlabel(record_value(recs[0])[1])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
+        ax.margins(x=0.15)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

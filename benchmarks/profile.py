@@ -1,0 +1,294 @@
+"""`byol profile`: training steps under torch.profiler, a TensorBoard trace, and a bottleneck report in plain words.
+
+The step is the trainer's (train/loop.py) taken apart into named stages, so that each shows up as a range in the
+trace (`record_function`, plus NVTX on GPUs for Nsight Systems) and gets its own wall time:
+    data_wait -> forward_online -> forward_target -> loss -> backward -> all_reduce -> optimizer -> ema
+Stage times are exact because the device is synchronised at every stage boundary (those syncs exist only here, not in
+the trainer), which makes a profiled step slightly slower than a real one. Under DDP the trainer overlaps the
+gradient all-reduce with the backward pass; split into stages, the gradients are all-reduced after it, so the
+`all_reduce` stage shows the communication's full, unhidden cost.
+
+    byol profile --steps 10 --out runs/profile data.backend=dali data.path=/data/shards
+    tensorboard --logdir runs/profile     # with torch-tb-profiler: Overview, Operator, Trace and Memory views
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from benchmarks import common
+from benchmarks.report import RunFacts, build_report, render_text
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """`with timer("backward"): ...` names a range for the profiler (and NVTX) and adds its wall time to `seconds`.
+
+    Args:
+        device: the training device; with `sync`, it is synchronised on entering and leaving each stage.
+        sync: make the times exact on GPUs (off: the ranges remain, the times are only host times).
+    """
+
+    def __init__(self, device: torch.device, sync: bool = True):
+        self.device = device
+        self.sync = sync and device.type == "cuda"
+        self.nvtx = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(name):
+            if self.nvtx:
+                torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                if self.nvtx:
+                    torch.cuda.nvtx.range_pop()
+                if self.sync:
+                    torch.cuda.synchronize(self.device)
+        self.seconds[name] += time.perf_counter() - t0
+
+
+def _no_stage(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class StepParts:
+    """What one BYOL training step needs, taken from a built `train.loop.Trainer`.
+
+    `online`, `predictor` and `target` are the model's pieces (compiled when the config asks for it); `forward` is
+    the trainer's whole forward (DDP and/or compiled), used by the unsplit step.
+    """
+
+    model: torch.nn.Module
+    forward: Callable
+    online: Callable
+    predictor: Callable
+    target: Callable
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list
+    device: torch.device
+    precision: str
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    base_tau: float
+    world_size: int = 1
+    ema: str = "fused"
+
+    @classmethod
+    def from_trainer(cls, trainer, ema: str = "fused") -> "StepParts":
+        if ema not in ("fused", "loop"):
+            raise ValueError(f"ema must be 'fused' or 'loop', got {ema!r}")
+        model, t = trainer.model, trainer.cfg.train
+        online, predictor, target = model.online_projection, model.predictor, model.target_projection
+        if t.compile:
+            online, predictor, target = (torch.compile(f) for f in (online, predictor, target))
+        s = trainer.schedule
+        return cls(model=model, forward=trainer.forward, online=online, predictor=predictor, target=target,
+                   optimizer=trainer.optimizer, scaler=trainer.scaler, params=trainer.params, device=trainer.device,
+                   precision=trainer.precision, peak_lr=s.peak_lr, warmup_steps=s.warmup_steps,
+                   total_steps=s.total_steps, base_tau=t.base_tau, world_size=trainer.dist.world_size, ema=ema)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world_size: int) -> None:
+    import torch.distributed as dist
+
+    works = [dist.all_reduce(g, async_op=True) for g in grads]
+    for w in works:
+        w.wait()
+    torch._foreach_mul_(grads, 1.0 / world_size)
+
+
+def train_step(parts: StepParts, batch, step: int, stage: Callable = _no_stage, split: bool = True) -> torch.Tensor:
+    """One BYOL step as `train.loop.Trainer` runs it (LR/tau schedules, autocast, scaler, LARS, EMA); the loss.
+
+    Args:
+        parts: the trainer's pieces.
+        batch: a `pipeline.Batch`.
+        step: the global step (for the schedules).
+        stage: a `StageTimer` (or anything with its call signature) naming the stages.
+        split: run online/target/loss as separate stages (else the trainer's single `forward` call, which is the
+            one that is compiled / wrapped in DDP).
+    """
+    from model import ema_update_, ema_update_loop_, regression_loss
+    from train.runtime import autocast
+    from train.schedules import target_tau, warmup_cosine_lr
+
+    lr = warmup_cosine_lr(step, parts.peak_lr, parts.warmup_steps, parts.total_steps)
+    tau = target_tau(step, parts.base_tau, parts.total_steps)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    v1, v2 = batch.view1, batch.view2
+    with autocast(parts.device, parts.precision):
+        if split:
+            with stage("forward_online"):
+                z1, z2 = parts.online(v1), parts.online(v2)
+                q1, q2 = parts.predictor(z1), parts.predictor(z2)
+            with stage("forward_target"), torch.no_grad():
+                parts.model.target.train(parts.model.training)
+                t1, t2 = parts.target(v1), parts.target(v2)
+            with stage("loss"):
+                loss = (regression_loss(q1, t2) + regression_loss(q2, t1)).mean()
+        else:
+            with stage("forward"):
+                loss = parts.forward(v1, v2).loss
+    with stage("backward"):
+        parts.scaler.scale(loss).backward()
+    if split and parts.world_size > 1:   # the unsplit step's DDP all-reduces inside backward
+        with stage("all_reduce"):
+            _all_reduce_mean([p.grad for p in parts.params if p.grad is not None], parts.world_size)
+    with stage("optimizer"):
+        parts.scaler.unscale_(parts.optimizer)
+        grads = [p.grad for p in parts.params if p.grad is not None]
+        if grads:   # the trainer's gradient norm and finiteness check (kept on the device: no sync)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+    with stage("ema"):
+        if parts.ema == "fused":
+            ema_update_(parts.model.ema_pairs(), tau)
+        else:
+            ema_update_loop_(parts.model.ema_pairs(), tau)
+    return loss.detach()
+
+
+def endless_batches(loader) -> Iterator:
+    """The loader's batches epoch after epoch, as the trainer visits them."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        seen = 0
+        for batch in loader:
+            seen += 1
+            yield batch
+        if not seen:
+            raise RuntimeError(f"the loader yielded no batch in epoch {epoch}")
+        epoch += 1
+
+
+def run_facts(trainer, ema: str = "fused", peak_mem_mb: Optional[float] = None) -> RunFacts:
+    """The report's facts about a built trainer."""
+    from train.runtime import cpu_has_native_bf16
+
+    cfg, device = trainer.cfg, trainer.device
+    stats = trainer.loader.stats()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return RunFacts(
+        device_type=device.type, backend=cfg.data.backend, batch_size=trainer.loader.ctx.batch_size,
+        image_size=cfg.data.image_size, precision=trainer.precision, channels_last=cfg.model.channels_last,
+        compile=cfg.train.compile, cpu_count=cpus, num_workers=cfg.data.num_workers,
+        dali_threads=cfg.data.dali.num_threads, dali_decoder=str(stats.get("decoder", cfg.data.dali.decoder)),
+        random_crop_decoder=cfg.data.dali.random_crop_decoder,
+        stored_max_side=stats.get("stored_max_side"), peak_mem_mb=peak_mem_mb,
+        total_mem_mb=common.total_memory_mb(device), world_size=trainer.dist.world_size, ema=ema,
+        cpu_bf16=device.type == "cuda" or cpu_has_native_bf16())
+
+
+def profile_run(cfg, out_dir: str | Path, steps: int, wait: int = 1, warmup: int = 1, with_stack: bool = False,
+                ema: str = "fused") -> dict:
+    """Profile `steps` steps of the configured run (after `wait` + `warmup` unrecorded ones); the report dict.
+
+    Writes to `out_dir`: the TensorBoard trace (`*.pt.trace.json`), `report.json`, `report.txt` and `ops.txt`
+    (the operators that took the most time).
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    from train.loop import Trainer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg)
+    device = trainer.device
+    parts = StepParts.from_trainer(trainer, ema=ema)
+    timer = StageTimer(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    it = endless_batches(trainer.loader)
+    trainer.model.train()
+    try:
+        common.reset_peak_memory(device)
+        with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=steps, repeat=1),
+                     on_trace_ready=tensorboard_trace_handler(str(out)), record_shapes=True, profile_memory=True,
+                     with_stack=with_stack) as prof:
+            for step in range(wait + warmup + steps):
+                if step == wait + warmup:
+                    timer.reset()   # time exactly the steps the profiler records
+                with timer("data_wait"):
+                    batch = next(it)
+                train_step(parts, batch, step, timer)
+                prof.step()
+        peak = common.peak_memory_mb(device)
+        ops = prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda"
+                                        else "self_cpu_time_total", row_limit=25)
+        facts = run_facts(trainer, ema=ema, peak_mem_mb=peak)
+        stats = {k: v for k, v in trainer.loader.stats().items() if isinstance(v, (int, float, str, bool))}
+    finally:
+        it.close()
+        trainer.loader.close()
+    report = build_report(dict(timer.seconds), steps, facts, stats)
+    report.update({"device": str(device), "device_name": common.device_name(device), "peak_mem_mb": peak,
+                   "trace_dir": str(out), "rank": trainer.dist.rank})
+    if trainer.dist.is_main:   # under torchrun every rank writes its own trace, rank 0 the report
+        common.write_json(out / "report.json", report)
+        (out / "report.txt").write_text(render_text(report))
+        (out / "ops.txt").write_text(ops)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="byol profile", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="a YAML preset (configs/*.yaml)")
+    p.add_argument("--steps", type=int, default=5, help="profiled (active) steps")
+    p.add_argument("--wait", type=int, default=1, help="steps before the profiler starts")
+    p.add_argument("--warmup", type=int, default=1, help="steps the profiler runs but discards")
+    p.add_argument("--out", default="runs/profile", help="folder for the trace and the report")
+    p.add_argument("--with-stack", action="store_true", help="record Python stacks (larger trace)")
+    p.add_argument("--ema", choices=("fused", "loop"), default="fused", help="the target update to profile")
+    p.add_argument("--no-defaults", action="store_true",
+                   help="do not apply the small default sizes (ResNet-18/64 px on CPU, ResNet-50/224 px on GPU)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `byol profile`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)   # `byol profile -- --opt ...`
+    if args.steps < 1 or args.wait < 0 or args.warmup < 0:
+        from train.config import ConfigError
+        raise ConfigError("--steps must be >= 1, --wait and --warmup >= 0")
+    device = common.requested_device(args.overrides)
+    defaults = [] if args.no_defaults else common.default_overrides(device)
+    cfg = common.load_bench_config(args.config, args.overrides, defaults)
+    report = profile_run(cfg, args.out, args.steps, args.wait, args.warmup, args.with_stack, args.ema)
+    if report["rank"] == 0:
+        print(render_text(report))
+        print(f"trace and report in {args.out}: tensorboard --logdir {args.out}")
+    return 0
+
+
+if __name__ == "__main__":   # `python -m benchmarks.profile ...`, with the command's logging and error handling
+    from train.cli import main as cli_main
+    sys.exit(cli_main(["profile", "--", *sys.argv[1:]]))

@@ -28,6 +28,14 @@ class EmaPairs:
         target_buffers = dict(target.named_buffers())
         self.online_buffers = [online_buffers[k] for k in online_buffers]
         self.target_buffers = [target_buffers[k] for k in online_buffers]
+        # One list per dtype: a `_foreach_` call over mixed dtypes (float statistics and int64
+        # `num_batches_tracked`) leaves the fused path for one kernel per tensor.
+        groups: dict[torch.dtype, tuple[list, list]] = {}
+        for t, o in zip(self.target_buffers, self.online_buffers):
+            dst, src = groups.setdefault(t.dtype, ([], []))
+            dst.append(t)
+            src.append(o)
+        self.buffer_groups = list(groups.values())
 
 
 @torch.no_grad()
@@ -35,8 +43,8 @@ def ema_update_(pairs: EmaPairs, tau: float | torch.Tensor) -> None:
     """Fused in-place update: every target parameter moves toward its online twin by `1 - tau`; buffers are copied."""
     weight = 1.0 - tau
     torch._foreach_lerp_(pairs.target_params, pairs.online_params, weight)
-    if pairs.target_buffers:
-        torch._foreach_copy_(pairs.target_buffers, pairs.online_buffers)
+    for dst, src in pairs.buffer_groups:
+        torch._foreach_copy_(dst, src)
 
 
 @torch.no_grad()

@@ -164,7 +164,8 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
                  "--linear", "--linear-epochs", "20", "--out", str(res_file)]) == 0
     res = json.loads(res_file.read_text())
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["knn_top1"] > 0.2   # 10 classes: well above chance
-    assert 0.0 <= res["linear_top1"] <= 1.0 and res["num_val"] == 360
+    assert 0.0 <= res["linear_top1"] <= 1.0
+    assert res["num_val"] == len(list((digits16 / "val").glob("*/*.jpg")))
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -30,8 +30,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from train.checkpoint import load_checkpoint
     from train.config import EvalConfig
     from train.distributed import resolve_device
@@ -43,9 +41,8 @@ def _eval(args: argparse.Namespace) -> int:
     image_size = args.image_size or state["config"]["data"]["image_size"]
     cfg = EvalConfig(data=args.data, image_size=image_size, batch_size=args.batch_size, k=args.k,
                      linear_epochs=args.linear_epochs)
-    with torch.no_grad():
-        result = evaluate_encoder(encoder, cfg, device, meta["channels_last"], linear=args.linear,
-                                  num_workers=args.workers)
+    result = evaluate_encoder(encoder, cfg, device, meta["channels_last"], linear=args.linear,
+                              num_workers=args.workers)
     result.update({"checkpoint": str(args.checkpoint), "step": state["step"], "data": args.data, **meta})
     print(json.dumps(result, indent=2))
     if args.out:

@@ -77,7 +77,8 @@ def test_resume_refuses_a_changed_config(tmp_path):
     assert summary["steps"] == 3
 
 
-def test_nan_loss_stops_cleanly_naming_the_step(tmp_path, monkeypatch):
+def _poison_loss(monkeypatch, is_bad) -> None:
+    """Make the loss NaN on the calls `is_bad(n)` selects (two calls per step: one per direction)."""
     import model.byol as byol_module
     real = byol_module.regression_loss
     calls = {"n": 0}
@@ -85,9 +86,13 @@ def test_nan_loss_stops_cleanly_naming_the_step(tmp_path, monkeypatch):
     def poisoned(p, t):
         calls["n"] += 1
         out = real(p, t)
-        return out * float("nan") if calls["n"] > 4 else out   # two calls per step: step 3 is the first bad one
+        return out * float("nan") if is_bad(calls["n"]) else out
 
     monkeypatch.setattr(byol_module, "regression_loss", poisoned)
+
+
+def test_nan_loss_stops_cleanly_naming_the_step(tmp_path, monkeypatch):
+    _poison_loss(monkeypatch, lambda n: n > 4)    # step index 2 (the third step) is the first bad one
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="non-finite at step 2"):
         _train(tiny_overrides(run, steps=6) + ["train.ckpt_every=2", "train.log_every=3"])
@@ -95,16 +100,7 @@ def test_nan_loss_stops_cleanly_naming_the_step(tmp_path, monkeypatch):
 
 
 def test_nan_loss_skip_mode_counts(tmp_path, monkeypatch):
-    import model.byol as byol_module
-    real = byol_module.regression_loss
-    calls = {"n": 0}
-
-    def poisoned(p, t):
-        calls["n"] += 1
-        out = real(p, t)
-        return out * float("nan") if calls["n"] in (3, 4) else out
-
-    monkeypatch.setattr(byol_module, "regression_loss", poisoned)
+    _poison_loss(monkeypatch, lambda n: n in (3, 4))
     summary, _ = _train(tiny_overrides(tmp_path / "run", steps=4) + ["train.on_nonfinite=skip"])
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # byolfast's GPU benchmark suite: ResNet-50 at 224 px on one GPU, in under 6 minutes, without network.
 #
-#   bash benchmarks/gpu_suite.sh            # from anywhere; results in benchmarks/results/<card>-<date>/ (and $OUT)
+#   bash benchmarks/gpu_suite.sh            # from anywhere; results in benchmarks/results/<card>-<date>/
+#                                             (also copied to $BENCH_COPY_TO when set)
 #
 # Parts, each in its own process with its own time cap (a part that fails or runs out of time leaves the others, and
 # its JSON keeps every record measured before it stopped):
@@ -43,8 +44,8 @@ mkdir -p "$RES"
 LOG="$RES/suite.log"
 
 copy_out() {   # after every part, so that a run stopped from outside still brings its results back
-    if [ -n "${OUT:-}" ]; then
-        mkdir -p "$OUT/results" && cp -r "$RES" "$OUT/results/"
+    if [ -n "${BENCH_COPY_TO:-}" ]; then
+        mkdir -p "$BENCH_COPY_TO/results" && cp -r "$RES" "$BENCH_COPY_TO/results/"
     fi
 }
 

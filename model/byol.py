@@ -74,11 +74,10 @@ class Byol(nn.Module):
     # --- the target's EMA -------------------------------------------------------------------------------------
     def update_target(self, tau: float | torch.Tensor) -> None:
         """Fused EMA step of the target towards the online network (BN statistics copied)."""
-        if self._ema_pairs is None:
-            self._ema_pairs = EmaPairs(self.online, self.target)
-        ema_update_(self._ema_pairs, tau)
+        ema_update_(self.ema_pairs(), tau)
 
     def ema_pairs(self) -> EmaPairs:
+        """The matched online/target tensors, collected once (again after a move or cast of the module)."""
         if self._ema_pairs is None:
             self._ema_pairs = EmaPairs(self.online, self.target)
         return self._ema_pairs

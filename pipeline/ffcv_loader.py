@@ -32,48 +32,32 @@ Where this departs from stock FFCV 1.0.2, and why:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import queue
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numba
 import numpy as np
 import torch
 
+from pipeline.config import DataConfig, ViewSpec
+from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
+from pipeline.sharding import mix_seed, num_batches, rank_indices
 
-@contextlib.contextmanager
-def _keep_torch_threads() -> Iterator[None]:
-    # FFCV sets torch's intra-op thread count to its worker count (`Compiler.set_num_threads`, which also runs when
-    # ffcv is first imported: torch then drops to 1 thread); the trainer's setting is put back afterwards.
-    n = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-with _keep_torch_threads():
+with keep_torch_threads():   # importing ffcv resets torch's thread count
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline import PipelineSpec
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.state import State
     from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, \
         get_handlers, get_metadata_type
-
-from pipeline.config import DataConfig, ViewSpec
-from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.sharding import _mix, num_batches, rank_indices
 
 logger = logging.getLogger(__name__)
 
@@ -84,124 +68,6 @@ ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM
 _CONVERT_HINT = "write one with `byol convert` (an ImageFolder tree -> FFCV .beton)"
 # What FFCV's reader and loader raise on a file that passed `check_beton` but is still malformed.
 _READ_ERRORS = (ValueError, AssertionError, KeyError, IndexError, OSError, TypeError)
-_U64 = np.uint64
-
-
-# ---------------------------------------------------------------------------------------------------------- draws
-
-# FFCV's own crop sampler, torchvision's algorithm (10 tries of area x log-aspect, then a central crop).
-_random_crop = numba.njit(fastmath=True)(get_random_crop)
-
-
-@numba.njit(inline="always")
-def _sample_seed32(view_seed: int, index: int) -> np.uint32:
-    # splitmix64 of (view_seed, index), top 32 bits: numba's np.random.seed takes a 32-bit seed.
-    z = _U64(view_seed) ^ (_U64(index) * _U64(0x9E3779B97F4A7C15))
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    z = z ^ (z >> _U64(31))
-    return np.uint32(z >> _U64(32))
-
-
-@numba.njit
-def crop_flip_params(view_seed: int, index: int, height: int, width: int, scale: np.ndarray, ratio: np.ndarray,
-                     flip_p: float) -> tuple[int, int, int, int, bool]:
-    """The crop `(top, left, h, w)` and flip of sample `index` under `view_seed` (see `view_seed`), as the loader draws.
-
-    Seeds numba's generator of the calling thread, then draws the crop with FFCV's `get_random_crop` and the flip.
-    Callable from Python: the tests replay the loader's draws with it.
-    """
-    np.random.seed(_sample_seed32(view_seed, index))
-    i, j, h, w = _random_crop(height, width, scale, ratio)
-    flip = np.random.random() < flip_p
-    return i, j, h, w, flip
-
-
-@numba.njit(inline="always")
-def _flip_columns(img: np.ndarray) -> None:
-    # In-place horizontal flip of one (H, W, 3) uint8 image.
-    width = img.shape[1]
-    for r in range(img.shape[0]):
-        for c in range(width // 2):
-            for ch in range(3):
-                t = img[r, c, ch]
-                img[r, c, ch] = img[r, width - 1 - c, ch]
-                img[r, width - 1 - c, ch] = t
-
-
-def view_seed(seed: int, rank: int, epoch: int, view: int) -> int:
-    """The 63-bit seed of one view's crops and flips in one epoch on one rank (each sample mixes in its index)."""
-    return _mix(seed + rank, epoch, view)
-
-
-class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
-    """FFCV's decode + random resized crop, plus the horizontal flip, every draw seeded per sample.
-
-    Args:
-        output_size: (height, width) of the crops.
-        scale, ratio: the crop's area fraction and aspect-ratio ranges (as `RandomResizedCropRGBImageDecoder`).
-        flip_p: probability of a horizontal flip.
-
-    The seed of an epoch is written into the decoder's third buffer before the epoch starts (`_SeededEpochIterator`).
-    """
-
-    def __init__(self, output_size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], flip_p: float):
-        super().__init__(output_size, scale=tuple(scale), ratio=tuple(ratio))
-        self.flip_p = float(flip_p)
-
-    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
-        state, (out, temp) = super().declare_state_and_memory(previous_state)
-        return state, (out, temp, AllocationQuery((1,), np.dtype("<i8")))
-
-    def generate_code(self):
-        # FFCV's ResizedCropRGBImageDecoder.generate_code, with the seeded draws and the flip.
-        jpg = IMAGE_MODES["jpg"]
-        mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        draw = crop_flip_params
-        flip_columns = _flip_columns
-        scale = np.array(self.scale, dtype=np.float64)
-        ratio = np.array(self.ratio, dtype=np.float64)
-        flip_p = self.flip_p
-
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, seeds = my_storage
-            for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w, flip = draw(seeds[dst_ix, 0], source_ix, height, width, scale, ratio, flip_p)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                if flip:
-                    flip_columns(destination[dst_ix])
-            return destination[:len(batch_indices)]
-
-        decode.is_parallel = True
-        return decode
-
-
-class _SeededEpochIterator(EpochIterator):
-    # FFCV's epoch thread, with each seeded decoder's seed buffer filled after allocation and before the thread starts
-    # (EpochIterator.__init__ allocates the epoch's buffers, then calls start()).
-
-    def __init__(self, loader: Loader, order: np.ndarray, seeds: dict[int, int]):
-        self._seeds = seeds
-        super().__init__(loader, order)
-
-    def start(self) -> None:
-        for node_id, value in self._seeds.items():
-            self.memory_allocations["operation"][node_id][2][...] = value
-        super().start()
 
 
 # ------------------------------------------------------------------------------------------------------ the file
@@ -372,7 +238,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
                            " using %d", workers, numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
             workers = numba.config.NUMBA_NUM_THREADS
         try:
-            with _keep_torch_threads():
+            with keep_torch_threads():
                 self._loader = Loader(
                     str(self.path),
                     batch_size=ctx.batch_size,
@@ -455,8 +321,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
         ctx = self.ctx
         seeds = {node: view_seed(ctx.seed, ctx.rank, epoch, v) for v, node in enumerate(self._decoder_nodes)}
         self.close()  # one epoch thread at a time: numba's workqueue threading layer is not thread-safe
-        with _keep_torch_threads():
-            it = self._iterator = _SeededEpochIterator(self._loader, order, seeds)
+        with keep_torch_threads():
+            it = self._iterator = SeededEpochIterator(self._loader, order, seeds)
         try:
             for b, out in enumerate(it, start=first):
                 yield self._to_batch(dict(zip(self._outputs, out)), epoch, b)
@@ -468,7 +334,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
         # FFCV's buffers are reused a few batches later: everything handed out is a fresh tensor.
         ctx = self.ctx
         if self.device_augment:
-            self._generator.manual_seed(_mix(ctx.seed + ctx.rank, epoch, batch, 2))  # a host-side call, no sync
+            self._generator.manual_seed(mix_seed(ctx.seed + ctx.rank, epoch, batch, 2))  # a host-side call, no sync
             view1 = self._augment[0](out["image"], self._generator)
             view2 = self._augment[1](out["image2"], self._generator)
         else:

@@ -33,11 +33,11 @@ def num_batches(num_samples: int, batch_size: int, world_size: int) -> int:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation, independent of worker count, batch position and resume point."""
-    return _mix(seed, epoch, index)
+    return mix_seed(seed, epoch, index)
 
 
-def _mix(*xs: int) -> int:
-    # splitmix64 over the inputs: cheap, well-distributed, stable across platforms and numpy versions.
+def mix_seed(*xs: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 steps): cheap, well spread, stable across platforms."""
     h = 0x9E3779B97F4A7C15
     mask = (1 << 64) - 1
     for x in xs:

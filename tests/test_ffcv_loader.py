@@ -28,7 +28,8 @@ from ffcv.writer import DatasetWriter  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.contract import DataError, LoaderContext, check_batch  # noqa: E402
-from pipeline.ffcv_loader import FfcvTwoViewLoader, crop_flip_params, view_seed  # noqa: E402
+from pipeline.ffcv_decode import crop_flip_params, view_seed  # noqa: E402
+from pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
 from pipeline.sharding import num_batches  # noqa: E402
 
 NUM_IMAGES = 48

@@ -45,6 +45,7 @@ import torch
 from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
+from pipeline.ffcv_format import load_beton_meta
 from pipeline.sharding import mix_seed, num_batches, rank_indices
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
@@ -56,8 +57,7 @@ with keep_torch_threads():   # importing ffcv resets torch's thread count
     from ffcv.pipeline import PipelineSpec
     from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, \
-        get_handlers, get_metadata_type
+    from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
 logger = logging.getLogger(__name__)
 
@@ -96,34 +96,27 @@ def check_beton(path: Path) -> Reader:
     """Open a beton after checking that its header, field table, metadata and allocation table fit in the file.
 
     FFCV's own reader trusts the file: a truncated or foreign file gives an IndexError, garbage or a crash in compiled
-    code. A file whose writer did not finish has an allocation-table pointer of 0 (the header is rewritten last).
+    code. The structural checks are `ffcv_format.load_beton_meta`'s (also used by `byol convert`); this adds what
+    needs FFCV itself: known field types and a metadata block that ends before the allocation table.
 
     Raises:
         DataError: not a beton, another format version, truncated or unfinished, or image data outside the file.
     """
-    size = path.stat().st_size
+    meta = load_beton_meta(path)
     redo = "delete it and run `byol convert` again"
-    if size < HeaderType.itemsize:
-        raise DataError(f"{str(path)!r} is {size} bytes, too short for an FFCV .beton header: {redo}")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    if int(header["version"]) != CURRENT_VERSION:
-        raise DataError(f"{str(path)!r} is not an FFCV .beton of format version {CURRENT_VERSION} (found "
-                        f"{int(header['version'])}): {_CONVERT_HINT}")
     num_fields = int(header["num_fields"])
-    fields_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize
-    if num_fields == 0 or fields_end > size:
-        raise DataError(f"{str(path)!r} is truncated or not a beton (field table of {num_fields} fields): {redo}")
+    if num_fields == 0:
+        raise DataError(f"{str(path)!r} has no fields: not a beton; {redo}")
     descs = np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
     unknown = sorted({int(t) for t in descs["type_id"] if TYPE_ID_HANDLER.get(int(t)) is None})
     if unknown:
         raise DataError(f"{str(path)!r} has fields of unknown type {unknown}: not a beton this FFCV reads; {redo}")
     item = get_metadata_type(get_handlers(descs)).itemsize
-    metadata_end = fields_end + int(header["num_samples"]) * item
-    table = int(header["alloc_table_ptr"])
-    if table == 0:
-        raise DataError(f"{str(path)!r} is unfinished (its writer stopped before the end): {redo}")
-    if metadata_end > size or not metadata_end <= table <= size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
-        raise DataError(f"{str(path)!r} is truncated ({size} bytes; the allocation table starts at {table}): {redo}")
+    metadata_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize + meta["num_samples"] * item
+    if metadata_end > int(header["alloc_table_ptr"]):
+        raise DataError(f"{str(path)!r} is truncated ({meta['bytes']} bytes; its metadata overruns the allocation "
+                        f"table): {redo}")
     try:
         reader = Reader(str(path))
     except _READ_ERRORS as e:

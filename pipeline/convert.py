@@ -3,7 +3,7 @@
 Three steps, each in parallel worker processes:
   1. check + normalise (chunks of samples per task): every image is decoded with PIL. What cannot be decoded is
      skipped and reported with its reason (missing, empty, not an image, corrupt/truncated, smaller than
-     `MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`, ~179 MP by
+     `image_normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`, ~179 MP by
      default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
      downscaled. A baseline or progressive 8-bit RGB JPEG with no EXIF rotation and no side over `max_side` is kept
      byte for byte; anything else (PNG and other formats, CMYK, grayscale, palette, 16-bit, alpha (dropped, as
@@ -21,36 +21,31 @@ Every output appears under its final name only once complete; a second run repor
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ImageFile
 from tqdm import tqdm
 
 from pipeline import dali_format, ffcv_format
 from pipeline.contract import DataError
 from pipeline.dali_format import SampleRef, write_json_atomic
 from pipeline.folder import scan_image_folder
+from pipeline.image_normalise import SkipImage, normalise_file
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ffcv", "dali")
-MIN_SIDE = 8  # smaller images cannot give a meaningful random resized crop
 REPORT = "convert_report.json"
 WORK = ".convert-work"
-_PASS_SOF = (0xC0, 0xC2)  # baseline and progressive Huffman JPEG: what nvJPEG and every CPU decoder read
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -350,118 +345,3 @@ def _normalise_chunk(task: tuple[str, int, list[str], int, int]) -> tuple[int, l
     dali_format.write_bytes_atomic(base.with_suffix(".bin"), b"".join(blobs))
     write_json_atomic(base.with_suffix(".json"), {"count": len(paths), "bin_bytes": offset, "records": records})
     return cid, records
-
-
-class SkipImage(Exception):
-    """An image that cannot be used; the message is the reason reported for it."""
-
-
-def normalise_file(path: str, max_side: int, quality: int) -> tuple[bytes | None, str | None, int, tuple[int, int]]:
-    """Check one image and bring it to what every loader can decode.
-
-    Returns:
-        (new JPEG bytes, or None when the file is kept as it is; the reason it was re-encoded; the file's size;
-        the stored (width, height)).
-
-    Raises:
-        SkipImage: the image cannot be used (the message says why).
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise SkipImage("missing: no such file") from None
-    except OSError as e:
-        raise SkipImage(f"unreadable: {e.strerror or e}") from None
-    if not data:
-        raise SkipImage("empty file: 0 bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # EXIF, palette and between-limits size warnings: the decision is ours
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise SkipImage("not an image: no decoder recognises it") from None
-        except Image.DecompressionBombError as e:
-            raise SkipImage(f"huge: {e}") from None
-        except Exception as e:  # decoders raise many types on malformed headers; any of them means unusable
-            raise SkipImage(f"corrupt: {type(e).__name__}: {e}") from None
-        with img:
-            return _normalise(img, data, max_side, quality)
-
-
-def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
-    w, h = img.size
-    if min(w, h) < MIN_SIDE:
-        raise SkipImage(f"too small: {w}x{h} px (min side {MIN_SIDE})")
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in ("JPEG", "MPO") else 1
-        bad_exif = False
-    except Exception:  # malformed EXIF raises assorted errors; re-encoding drops it, so every decoder agrees
-        orientation, bad_exif = 1, True
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    scale = max_side / max(w, h) if max_side and max(w, h) > max_side else 1.0
-    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-    if min(tw, th) < MIN_SIDE:
-        raise SkipImage(f"too small: {w}x{h} px is {tw}x{th} at max_side {max_side} (min side {MIN_SIDE})")
-    if img.format == "JPEG" and scale <= 0.5:
-        img.draft(None, (2 * th, 2 * tw) if orientation in (5, 6, 7, 8) else (2 * tw, 2 * th))  # DCT-domain 1/2..1/8
-    try:
-        img.load()
-    except Exception as e:  # truncated or corrupt data: PIL raises OSError, ValueError, SyntaxError, struct.error...
-        raise SkipImage(f"corrupt: {e}") from None
-    sof = _jpeg_sof(data) if img.format == "JPEG" else None
-    if img.format != "JPEG":
-        reason = f"format {img.format}"
-    elif img.mode != "RGB":
-        reason = f"mode {img.mode}"
-    elif sof is None or sof[0] not in _PASS_SOF or sof[1] != 8 or not data.endswith(b"\xff\xd9"):
-        reason = "jpeg coding"
-    elif orientation not in (0, 1):
-        reason = "exif orientation"
-    elif bad_exif:
-        reason = "corrupt exif"
-    elif scale < 1.0:
-        reason = "resize"
-    else:
-        return None, None, len(data), (w, h)
-    rgb = ImageOps.exif_transpose(_to_rgb(img)) if orientation not in (0, 1) else _to_rgb(img)
-    if rgb.size != (tw, th):
-        rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)  # antialiased in PIL; ~Lanczos quality, faster
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), reason, len(data), (tw, th)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB: 16/32-bit grayscale is scaled (PIL would clip it), transparency is dropped like torchvision does."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)
-        img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
-    """(SOF marker, sample precision) of a JPEG stream, read from its headers; None if malformed."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
-            i += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return (marker, data[i + 4]) if i + 4 < len(data) else None
-        if marker == 0xDA:  # scan data before any frame header
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None

@@ -1,0 +1,199 @@
+"""The CPU twin of `pipeline.device_augment`: BYOL's colour augmentation as per-pixel numba kernels over NHWC images.
+
+On a GPU the batched torch module runs each op as one pass over the whole batch, masking the samples that skip it;
+that is the right shape for a GPU and the wrong one for a CPU: at 224 px a pass over a batch of 32 float images moves
+19 MB, the hue alone is ~40 such passes, and a masked sample pays for every op it skips. Here each sample runs only
+its own ops, in its own order, one image at a time while it sits in cache, every op a loop over pixels:
+  - `jitter_grayscale_`: uint8 -> float [0, 1], then brightness / contrast / saturation / hue in the sample's order,
+    then grayscale: the same formulas as the torch module (torchvision's), in float32, per pixel;
+  - (blur: the torch module's separable convolution, run only on the samples that draw it);
+  - `solarize_normalise_`: solarize and the mean/std normalisation in one pass.
+The random draws are the torch module's (`BatchedViewAugment.sample_params`), so a seed gives the same views on
+either path; `tests/test_device_augment.py` holds this path to the torch module (which is held to torchvision).
+
+Measured on 2 cores at 224 px, batch 32, both views: see `BatchedViewAugment` and the README's loader table.
+Samples run in parallel on `threads` Python threads (the kernels release the GIL). The kernels compile on first use
+(a few seconds) and are cached on disk beside this file.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+_F = np.float32
+_LUMA_R, _LUMA_G, _LUMA_B = _F(0.2989), _F(0.587), _F(0.114)
+_ZERO, _ONE = _F(0.0), _F(1.0)
+_TO01 = _F(1.0 / 255.0)
+
+
+@numba.njit(inline="always")
+def _clamp01(v):
+    return min(max(v, _ZERO), _ONE)
+
+
+@numba.njit(inline="always")
+def _gray(r, g, b):
+    # torchvision's rgb_to_grayscale: r * 0.2989 + g * 0.587 + b * 0.114, in float32.
+    return r * _LUMA_R + g * _LUMA_G + b * _LUMA_B
+
+
+@numba.njit
+def _brightness(img, factor):
+    h, w, _ = img.shape
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                img[y, x, c] = _clamp01(img[y, x, c] * factor)
+
+
+@numba.njit
+def _contrast(img, factor):
+    # Blend with the mean of the image's grayscale (accumulated in float64, rounded once).
+    h, w, _ = img.shape
+    total = 0.0
+    for y in range(h):
+        for x in range(w):
+            total += _gray(img[y, x, 0], img[y, x, 1], img[y, x, 2])
+    mean_term = _F(total / (h * w)) * (_ONE - factor)
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                img[y, x, c] = _clamp01(mean_term + img[y, x, c] * factor)
+
+
+@numba.njit
+def _saturation(img, factor):
+    h, w, _ = img.shape
+    rest = _ONE - factor
+    for y in range(h):
+        for x in range(w):
+            gray_term = _gray(img[y, x, 0], img[y, x, 1], img[y, x, 2]) * rest
+            for c in range(3):
+                img[y, x, c] = _clamp01(img[y, x, c] * factor + gray_term)
+
+
+@numba.njit
+def _hue(img, shift):
+    # torchvision's _rgb_to_hsv, the hue shift `(h + shift) % 1`, then _hsv_to_rgb, per pixel in float32.
+    h_, w_, _ = img.shape
+    for y in range(h_):
+        for x in range(w_):
+            r, g, b = img[y, x, 0], img[y, x, 1], img[y, x, 2]
+            maxc = max(r, g, b)
+            minc = min(r, g, b)
+            crange = maxc - minc
+            if crange == _ZERO:   # grey: hue 0, saturation 0; every sextant gives (v, v, v)
+                continue
+            s = crange / maxc
+            rc = (maxc - r) / crange
+            gc = (maxc - g) / crange
+            bc = (maxc - b) / crange
+            if maxc == r:
+                hue = bc - gc
+            elif maxc == g:
+                hue = _F(2.0) + rc - bc
+            else:
+                hue = _F(4.0) + gc - rc
+            hue = (hue / _F(6.0) + _ONE) % _ONE
+            hue = (hue + shift) % _ONE
+            h6 = hue * _F(6.0)
+            sextant = np.floor(h6)
+            f = h6 - sextant
+            i = int(sextant) % 6
+            v = maxc
+            sxf = s * f
+            p = _clamp01((_ONE - s) * v)
+            q = _clamp01((_ONE - sxf) * v)
+            t = _clamp01((sxf + (_ONE - s)) * v)
+            if i == 0:
+                r, g, b = v, t, p
+            elif i == 1:
+                r, g, b = q, v, p
+            elif i == 2:
+                r, g, b = p, v, t
+            elif i == 3:
+                r, g, b = p, q, v
+            elif i == 4:
+                r, g, b = t, p, v
+            else:
+                r, g, b = v, p, q
+            img[y, x, 0], img[y, x, 1], img[y, x, 2] = r, g, b
+
+
+@numba.njit
+def _grayscale(img):
+    h, w, _ = img.shape
+    for y in range(h):
+        for x in range(w):
+            v = _gray(img[y, x, 0], img[y, x, 1], img[y, x, 2])
+            img[y, x, 0], img[y, x, 1], img[y, x, 2] = v, v, v
+
+
+@numba.njit(nogil=True, cache=True)
+def _jitter_grayscale(samples, src, out, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale):
+    h, w = src.shape[1], src.shape[2]
+    for i in samples:
+        img = out[i]
+        for y in range(h):
+            for x in range(w):
+                for c in range(3):
+                    img[y, x, c] = _F(src[i, y, x, c]) * _TO01
+        if jitter[i]:
+            for k in range(4):
+                op = order[i, k]
+                if op == 0:
+                    _brightness(img, brightness[i])
+                elif op == 1:
+                    _contrast(img, contrast[i])
+                elif op == 2:
+                    _saturation(img, saturation[i])
+                elif with_hue:
+                    _hue(img, hue[i])
+        if grayscale[i]:
+            _grayscale(img)
+
+
+@numba.njit(nogil=True, cache=True)
+def _solarize_normalise(samples, img, solarize, threshold, mean, std):
+    h, w = img.shape[1], img.shape[2]
+    for i in samples:
+        sol = solarize[i]
+        for y in range(h):
+            for x in range(w):
+                for c in range(3):
+                    v = img[i, y, x, c]
+                    if sol and v >= threshold:
+                        v = _ONE - v
+                    img[i, y, x, c] = (v - mean[c]) / std[c]
+
+
+def _over_samples(kernel, n: int, threads: int, *args) -> None:
+    # The kernels release the GIL: each thread takes every `threads`-th sample (per-sample work varies). Plain
+    # Python threads rather than numba's parallel loops, whose default (workqueue) layer must not be entered from two
+    # threads at once, and FFCV runs its own numba pipeline in a thread of its own.
+    threads = max(1, min(threads, n))
+    if threads == 1:
+        kernel(np.arange(n), *args)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(kernel, np.arange(t, n, threads), *args) for t in range(threads)]:
+            f.result()
+
+
+def jitter_grayscale_(src: np.ndarray, out: np.ndarray, jitter: np.ndarray, order: np.ndarray,
+                      brightness: np.ndarray, contrast: np.ndarray, saturation: np.ndarray, hue: np.ndarray,
+                      with_hue: bool, grayscale: np.ndarray, threads: int = 1) -> None:
+    """uint8 (N, H, W, 3) `src` -> float32 [0, 1] `out` (same shape), then per sample i: if `jitter[i]`, the ops
+    `order[i, 0..3]` (0 brightness, 1 contrast, 2 saturation, 3 hue; hue only when `with_hue`) with sample i's
+    factors (float32 (N,) arrays); then grayscale if `grayscale[i]`. Over `threads` threads."""
+    _over_samples(_jitter_grayscale, src.shape[0], threads, src, out, jitter, order, brightness, contrast,
+                  saturation, hue, with_hue, grayscale)
+
+
+def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float, mean: np.ndarray, std: np.ndarray,
+                        threads: int = 1) -> None:
+    """In place on float32 [0, 1] (N, H, W, 3): x >= threshold -> 1 - x where `solarize[i]`, then (x - mean) / std
+    per channel (float32 (3,) arrays). Over `threads` threads."""
+    _over_samples(_solarize_normalise, img.shape[0], threads, img, solarize, np.float32(threshold), mean, std)

@@ -1,9 +1,10 @@
 """The BYOL training loop: one process or many under torchrun, with atomic checkpoints and exact resume.
 
-Per step: two views from the loader -> online (both views) and target (both views) forward under autocast -> the
-symmetrised loss in float32 -> backward (DDP all-reduces gradients) -> LARS step with the scheduled LR -> fused EMA of
-the target with the scheduled tau. Host-device syncs happen only on logging, checkpoint, evaluation and
-preemption-check steps (and every step with `train.on_nonfinite=skip`, which must decide before updating).
+Per step (`Trainer.train_step`): two views from the loader -> online (both views) and target (both views) forward
+under autocast -> the symmetrised loss in float32 -> backward (DDP all-reduces gradients) -> LARS step with the
+scheduled LR -> fused EMA of the target with the scheduled tau. Host-device syncs happen only on logging, checkpoint,
+evaluation and preemption-check steps (and every step with `train.on_nonfinite=skip`, which must decide before
+updating). `byol profile` and `byol bench` time this same step.
 """
 from __future__ import annotations
 
@@ -20,22 +21,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import Byol, build_byol, collapse_std
-from pipeline import LoaderContext, TwoViewLoader, build_two_view_loader
+from pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, check_weights_agree, cleanup, init_distributed
 from train.optim import build_optimizer
-from train.runtime import DTYPES, autocast, configure_torch, resolve_precision, setup_logging, write_run_info
-from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
+from train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
+from train.schedules import scaled_lr
+from train.step import Forward, NonFiniteError, StageHook, StepOutput, no_stage, train_step
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again" — cluster scripts requeue on it
 PREEMPT_CHECK_EVERY = 10     # steps between the ranks' agreement on a pending preemption (a collective)
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or a gradient became NaN/inf; the message names the step."""
 
 
 class Preempted(SystemExit):
@@ -111,13 +109,6 @@ def build_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
                     peak_lr=scaled_lr(cfg.train.base_lr, cfg.train.batch_size))
 
 
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
 class Trainer:
     """Builds the run from a `Config` and trains it; `run()` returns the summary dict (on every rank)."""
 
@@ -153,6 +144,7 @@ class Trainer:
         if t.compile:
             self.forward = torch.compile(self.forward)
         self.state = RunState()
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)   # first non-finite step, or -1
         self.writer = None
         self.eval_monitor = None
 
@@ -209,8 +201,8 @@ class Trainer:
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, metrics["step"])
 
-    def _check_finite(self, bad_step: torch.Tensor) -> None:
-        first = int(bad_step.item())   # host sync: only on logging/checkpoint steps
+    def _check_finite(self) -> None:
+        first = int(self.bad_step.item())   # host sync: only on logging/checkpoint steps
         if first >= 0:
             raise NonFiniteError(
                 f"the loss or a gradient became non-finite at step {first}; stopping. The last good checkpoint in "
@@ -225,6 +217,12 @@ class Trainer:
         pending = torch.tensor([1 if flag.signum is not None else 0], device=self.device)
         torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)   # all ranks stop at one step
         return bool(pending.item())
+
+    def train_step(self, batch: Batch, step: int, *, stage: StageHook = no_stage, forward: Optional[Forward] = None,
+                   ema: str = "fused") -> StepOutput:
+        """One optimisation step at global step `step` (`train.step.train_step`: the stage hook, the replacement
+        forward and the EMA variant are for the benchmarks); the caller advances `state.step`."""
+        return train_step(self, batch, step, stage=stage, forward=forward, ema=ema)
 
     def run(self) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
@@ -252,7 +250,6 @@ class Trainer:
     def _train(self, flag: _PreemptFlag) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
         global_batch = t.batch_size
-        bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
         last_loss, last_collapse, total_images, total_time = math.nan, math.nan, 0, 0.0
@@ -271,40 +268,15 @@ class Trainer:
                 data_wait += time.perf_counter() - t0
                 if batch is None:
                     break
-                step = self.state.step
-                lr = warmup_cosine_lr(step, sched.peak_lr, sched.warmup_steps, sched.total_steps)
-                tau = target_tau(step, t.base_tau, sched.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-
-                with autocast(self.device, self.precision):
-                    out = self.forward(batch.view1, batch.view2)
-                self.scaler.scale(out.loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = _grad_norm(self.params)
-                finite = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
-                if t.on_nonfinite == "skip" and self.precision != "fp16" and not bool(finite):   # host sync (skip mode)
-                    self.state.skipped_steps += 1
-                    log.warning("step %d: non-finite loss/gradient, step skipped (%d so far)", step,
-                                self.state.skipped_steps)
-                    if self.state.skipped_steps > t.max_skipped_steps:
-                        raise NonFiniteError(f"more than train.max_skipped_steps={t.max_skipped_steps} steps "
-                                             f"were non-finite (the last at step {step})")
-                else:
-                    if t.on_nonfinite == "stop" and self.precision != "fp16":
-                        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.model.update_target(tau)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += out.loss.detach().float()
+                out = self.train_step(batch, self.state.step)
+                loss_sum += out.loss.float()
                 self.state.step += 1
                 window_steps += 1
                 bar.update(1)
 
                 end = self.state.step == sched.stop_step
                 if self.state.step % t.log_every == 0 or end:
-                    self._check_finite(bad_step)
+                    self._check_finite()
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     elapsed = time.perf_counter() - window_start
@@ -314,8 +286,8 @@ class Trainer:
                     last_loss = float(loss_sum.item()) / window_steps
                     last_collapse = float(collapse_std(out.projection).item())
                     metrics = {"step": self.state.step, "epoch": self.state.step / sched.steps_per_epoch,
-                               "loss": last_loss, "lr": lr, "tau": tau, "collapse_std": last_collapse,
-                               "grad_norm": float(grad_norm.item()),
+                               "loss": last_loss, "lr": out.lr, "tau": out.tau, "collapse_std": last_collapse,
+                               "grad_norm": float(out.grad_norm.item()),
                                "images_per_sec": window_steps * global_batch / elapsed,
                                "data_wait_frac": min(1.0, data_wait / elapsed)}
                     metrics.update({f"loader/{k}": v for k, v in self.loader.stats().items()
@@ -334,10 +306,10 @@ class Trainer:
                     self._log({"step": self.state.step, **acc})
                     window_start = time.perf_counter()
                 if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not end:
-                    self._check_finite(bad_step)
+                    self._check_finite()
                     self.save()
                 if self._preempt_pending(flag):
-                    self._check_finite(bad_step)
+                    self._check_finite()
                     path = self.save()
                     bar.close()
                     log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue",
@@ -347,7 +319,7 @@ class Trainer:
                 raise RuntimeError(f"the {self.cfg.data.backend} loader yielded no batch in epoch {epoch} although "
                                    f"it reports {sched.steps_per_epoch} per epoch")
         bar.close()
-        self._check_finite(bad_step)
+        self._check_finite()
         final = self.save()
         return {"steps": self.state.step, "final_loss": last_loss, "collapse_std": last_collapse,
                 "images_per_sec": total_images / total_time if total_time else math.nan,

@@ -5,9 +5,9 @@
 - loader: two-view images/s of each backend (dali, ffcv, torch) on the same real JPEGs (~320x240 crops of
   scikit-image's photographs, built once under `--data`, converted with `byol convert` into shards and a beton, kept
   byte for byte) with the same augmentation spec; plus the batched device colour augmentation alone.
-- model: BYOL steps (online fwd+bwd on both views, target fwd, LARS, EMA) on the synthetic loader, per variant
-  (precision, channels-last, fused vs loop EMA, torch.compile with `--compile`); flops per image and the achieved
-  fraction of a bf16 matmul's measured rate.
+- model: the trainer's own BYOL step (`Trainer.train_step`: online fwd+bwd on both views, target fwd, LARS, EMA) on
+  the synthetic loader, per variant (precision, channels-last, fused vs loop EMA, torch.compile with `--compile`);
+  flops per image and the achieved fraction of a bf16 matmul's measured rate.
 - e2e: the same steps fed by each real backend, with the ratio to model-only measured in the same run
   (1.0: the input pipeline is completely hidden).
 - ema: milliseconds per target update, fused (`_foreach_lerp_`) and per-parameter loop, against the time a copy
@@ -28,7 +28,6 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import backend_path, build_bench_images, time_epochs
-from benchmarks.profile import StepParts, train_step
 from benchmarks.report import format_table, hidden_ratio, summary_lines
 
 log = logging.getLogger(__name__)
@@ -169,19 +168,18 @@ def _variant_name(precision: str, channels_last: bool, ema: str, compiled: bool)
 
 
 def run_steps(cfg, device: torch.device, args, ema: str = "fused", flops: bool = False) -> dict:
-    """Build a trainer for `cfg`, time its steps with its own loader; the measured fields of a record."""
+    """Build a trainer for `cfg`, time its `train_step` with its own loader; the measured fields of a record."""
     from train.loop import Trainer
 
     common.free_memory(device)
     common.reset_peak_memory(device)
     trainer = Trainer(cfg)
     try:
-        parts = StepParts.from_trainer(trainer, ema=ema)
         trainer.model.train()
-        counter = {"step": 0}
+        train_step, counter = trainer.train_step, {"step": 0}
 
         def consume(batch) -> None:
-            train_step(parts, batch, counter["step"], split=False)
+            train_step(batch, counter["step"], ema=ema)
             counter["step"] += 1
 
         fields: dict = {"precision": trainer.precision}

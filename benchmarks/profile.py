@@ -1,12 +1,14 @@
 """`byol profile`: training steps under torch.profiler, a TensorBoard trace, and a bottleneck report in plain words.
 
-The step is the trainer's (train/loop.py) taken apart into named stages, so that each shows up as a range in the
-trace (`record_function`, plus NVTX on GPUs for Nsight Systems) and gets its own wall time:
+The step is the trainer's own (`Trainer.train_step`), run with a stage hook so that each stage shows up as a range in
+the trace (`record_function`, plus NVTX on GPUs for Nsight Systems) and gets its own wall time, and with the forward
+taken apart into the model's pieces (`SplitForward`):
     data_wait -> forward_online -> forward_target -> loss -> backward -> all_reduce -> optimizer -> ema
-Stage times are exact because the device is synchronised at every stage boundary (those syncs exist only here, not in
-the trainer), which makes a profiled step slightly slower than a real one. Under DDP the trainer overlaps the
-gradient all-reduce with the backward pass; split into stages, the gradients are all-reduced after it, so the
-`all_reduce` stage shows the communication's full, unhidden cost.
+Stage times are exact because the device is synchronised at every stage boundary (those syncs exist only in the
+profiler's hook, not in the trainer), which makes a profiled step slightly slower than a real one. Under DDP the
+trainer overlaps the gradient all-reduce with the backward pass; with the split forward, DDP does not see the model
+and the step all-reduces the gradients after it, so the `all_reduce` stage shows the communication's full, unhidden
+cost.
 
     byol profile --steps 10 --out runs/profile data.backend=dali data.path=/data/shards
     tensorboard --logdir runs/profile     # with torch-tb-profiler: Overview, Operator, Trace and Memory views
@@ -20,14 +22,17 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
 from benchmarks import common
 from benchmarks.report import RunFacts, build_report, render_text
+
+if TYPE_CHECKING:
+    from model import Byol, ByolOutput
+    from train.step import StageHook
 
 log = logging.getLogger(__name__)
 
@@ -67,112 +72,38 @@ class StageTimer:
         self.seconds[name] += time.perf_counter() - t0
 
 
-def _no_stage(name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
+class SplitForward:
+    """`model.Byol.forward` taken apart into the stages forward_online -> forward_target -> loss, for
+    `Trainer.train_step(forward=...)`.
 
-
-@dataclass
-class StepParts:
-    """What one BYOL training step needs, taken from a built `train.loop.Trainer`.
-
-    `online`, `predictor` and `target` are the model's pieces (compiled when the config asks for it); `forward` is
-    the trainer's whole forward (DDP and/or compiled), used by the unsplit step.
-    """
-
-    model: torch.nn.Module
-    forward: Callable
-    online: Callable
-    predictor: Callable
-    target: Callable
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    params: list
-    device: torch.device
-    precision: str
-    peak_lr: float
-    warmup_steps: int
-    total_steps: int
-    base_tau: float
-    world_size: int = 1
-    ema: str = "fused"
-
-    @classmethod
-    def from_trainer(cls, trainer, ema: str = "fused") -> "StepParts":
-        if ema not in ("fused", "loop"):
-            raise ValueError(f"ema must be 'fused' or 'loop', got {ema!r}")
-        model, t = trainer.model, trainer.cfg.train
-        online, predictor, target = model.online_projection, model.predictor, model.target_projection
-        if t.compile:
-            online, predictor, target = (torch.compile(f) for f in (online, predictor, target))
-        s = trainer.schedule
-        return cls(model=model, forward=trainer.forward, online=online, predictor=predictor, target=target,
-                   optimizer=trainer.optimizer, scaler=trainer.scaler, params=trainer.params, device=trainer.device,
-                   precision=trainer.precision, peak_lr=s.peak_lr, warmup_steps=s.warmup_steps,
-                   total_steps=s.total_steps, base_tau=t.base_tau, world_size=trainer.dist.world_size, ema=ema)
-
-
-def _all_reduce_mean(grads: list[torch.Tensor], world_size: int) -> None:
-    import torch.distributed as dist
-
-    works = [dist.all_reduce(g, async_op=True) for g in grads]
-    for w in works:
-        w.wait()
-    torch._foreach_mul_(grads, 1.0 / world_size)
-
-
-def train_step(parts: StepParts, batch, step: int, stage: Callable = _no_stage, split: bool = True) -> torch.Tensor:
-    """One BYOL step as `train.loop.Trainer` runs it (LR/tau schedules, autocast, scaler, LARS, EMA); the loss.
+    It calls the model's own pieces (`online_projection`, `predictor`, `target_projection`, `regression_loss`),
+    compiled when `compile`, and returns the same `ByolOutput`.
 
     Args:
-        parts: the trainer's pieces.
-        batch: a `pipeline.Batch`.
-        step: the global step (for the schedules).
-        stage: a `StageTimer` (or anything with its call signature) naming the stages.
-        split: run online/target/loss as separate stages (else the trainer's single `forward` call, which is the
-            one that is compiled / wrapped in DDP).
+        model: the trainer's `Byol` (not its DDP wrapper: the step all-reduces the gradients itself).
+        stage: the stage hook, e.g. a `StageTimer`.
+        compile: `torch.compile` each piece, as `train.compile=true` compiles the whole forward.
     """
-    from model import ema_update_, ema_update_loop_, regression_loss
-    from train.runtime import autocast
-    from train.schedules import target_tau, warmup_cosine_lr
 
-    lr = warmup_cosine_lr(step, parts.peak_lr, parts.warmup_steps, parts.total_steps)
-    tau = target_tau(step, parts.base_tau, parts.total_steps)
-    for group in parts.optimizer.param_groups:
-        group["lr"] = lr
-    v1, v2 = batch.view1, batch.view2
-    with autocast(parts.device, parts.precision):
-        if split:
-            with stage("forward_online"):
-                z1, z2 = parts.online(v1), parts.online(v2)
-                q1, q2 = parts.predictor(z1), parts.predictor(z2)
-            with stage("forward_target"), torch.no_grad():
-                parts.model.target.train(parts.model.training)
-                t1, t2 = parts.target(v1), parts.target(v2)
-            with stage("loss"):
-                loss = (regression_loss(q1, t2) + regression_loss(q2, t1)).mean()
-        else:
-            with stage("forward"):
-                loss = parts.forward(v1, v2).loss
-    with stage("backward"):
-        parts.scaler.scale(loss).backward()
-    if split and parts.world_size > 1:   # the unsplit step's DDP all-reduces inside backward
-        with stage("all_reduce"):
-            _all_reduce_mean([p.grad for p in parts.params if p.grad is not None], parts.world_size)
-    with stage("optimizer"):
-        parts.scaler.unscale_(parts.optimizer)
-        grads = [p.grad for p in parts.params if p.grad is not None]
-        if grads:   # the trainer's gradient norm and finiteness check (kept on the device: no sync)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            torch.isfinite(loss.detach()) & torch.isfinite(norm)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-        parts.optimizer.zero_grad(set_to_none=True)
-    with stage("ema"):
-        if parts.ema == "fused":
-            ema_update_(parts.model.ema_pairs(), tau)
-        else:
-            ema_update_loop_(parts.model.ema_pairs(), tau)
-    return loss.detach()
+    def __init__(self, model: Byol, stage: StageHook, compile: bool = False):
+        self.model, self.stage = model, stage
+        pieces = (model.online_projection, model.predictor, model.target_projection)
+        if compile:
+            pieces = tuple(torch.compile(f) for f in pieces)
+        self.online, self.predictor, self.target = pieces
+
+    def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> ByolOutput:
+        from model import ByolOutput, regression_loss
+
+        with self.stage("forward_online"):
+            z1, z2 = self.online(view1), self.online(view2)
+            q1, q2 = self.predictor(z1), self.predictor(z2)
+        with self.stage("forward_target"), torch.no_grad():
+            self.model.target.train(self.model.training)
+            t1, t2 = self.target(view1), self.target(view2)
+        with self.stage("loss"):
+            loss = (regression_loss(q1, t2) + regression_loss(q2, t1)).mean()
+        return ByolOutput(loss, z1.detach())
 
 
 def endless_batches(loader) -> Iterator:
@@ -222,8 +153,8 @@ def profile_run(cfg, out_dir: str | Path, steps: int, wait: int = 1, warmup: int
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg)
     device = trainer.device
-    parts = StepParts.from_trainer(trainer, ema=ema)
     timer = StageTimer(device)
+    forward = SplitForward(trainer.model, timer, cfg.train.compile)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     it = endless_batches(trainer.loader)
     trainer.model.train()
@@ -237,7 +168,7 @@ def profile_run(cfg, out_dir: str | Path, steps: int, wait: int = 1, warmup: int
                     timer.reset()   # time exactly the steps the profiler records
                 with timer("data_wait"):
                     batch = next(it)
-                train_step(parts, batch, step, timer)
+                trainer.train_step(batch, step, stage=timer, forward=forward, ema=ema)
                 prof.step()
         peak = common.peak_memory_mb(device)
         ops = prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda"

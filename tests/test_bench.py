@@ -202,6 +202,41 @@ def test_bench_ema_json_schema(tmp_path):
     assert recs["bound"]["bytes_moved"] == 3 * 4 * recs["bound"]["num_values"]
 
 
+def _tiny_trainer(tmp_path):
+    from train.config import load_config
+    from train.loop import Trainer
+
+    return Trainer(load_config(None, [*TINY, "data.backend=synthetic", "data.synthetic_size=16",
+                                      f"train.out_dir={tmp_path}"]))
+
+
+def test_profiled_step_is_the_trainers_step(tmp_path):
+    """The profiler's stage-by-stage forward, timed, gives the trainer's step exactly; the loop EMA nearly."""
+    from benchmarks.profile import SplitForward, StageTimer
+
+    whole, split, loop = (_tiny_trainer(tmp_path / name) for name in ("whole", "split", "loop"))
+    whole.loader.set_epoch(0)
+    batch = next(iter(whole.loader))
+    names = []
+
+    def record(name: str):
+        names.append(name)
+        return StageTimer(whole.device)(name)
+
+    for step in range(2):
+        a = whole.train_step(batch, step)
+        b = split.train_step(batch, step, stage=record, forward=SplitForward(split.model, record))
+        loop.train_step(batch, step, ema="loop")
+        assert torch.equal(a.loss, b.loss) and torch.equal(a.grad_norm, b.grad_norm) and (a.lr, a.tau) == (b.lr, b.tau)
+    assert names[:6] == ["forward_online", "forward_target", "loss", "backward", "optimizer", "ema"]
+    for (k, v), w, u in zip(whole.model.state_dict().items(), split.model.state_dict().values(),
+                            loop.model.state_dict().values()):
+        assert torch.equal(v, w), k
+        assert torch.allclose(v.float(), u.float(), atol=1e-6), k
+    with pytest.raises(ValueError, match="ema"):
+        whole.train_step(batch, 2, ema="slow")
+
+
 def test_profile_writes_trace_and_report(tmp_path):
     from benchmarks.profile import main
 

@@ -71,6 +71,9 @@ class DaliConfig:
             once and cropping twice; measured no faster on CPUs and ~5 % slower with nvJPEG on an H200, so off.
         exact_hue: torchvision's hue (an exact HSV shift in DALI arithmetic) rather than DALI's `fn.hsv`, whose hue
             differs from torchvision's by more than the shift itself; ~40 % more CPU time, no measurable GPU cost.
+        cpu_kernels: where images are augmented on the CPU, run colour jitter and grayscale as one operator of
+            per-pixel numba kernels (`pipeline.cpu_augment`, exact hue included) instead of DALI's per-op graph (the
+            GPU's); the same draws, rounded once instead of after every op.
         prefetch_queue_depth: batches DALI prepares ahead.
         hw_decoder_load: share of JPEG decoding given to the hardware decoder (A100/H100), 0..1.
     """
@@ -79,6 +82,7 @@ class DaliConfig:
     decoder: str = "mixed"
     random_crop_decoder: bool = False
     exact_hue: bool = True
+    cpu_kernels: bool = True
     prefetch_queue_depth: int = 2
     hw_decoder_load: float = 0.65
 

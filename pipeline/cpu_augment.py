@@ -76,14 +76,14 @@ def _saturation(img, factor):
 
 @numba.njit
 def _hue(img, shift):
-    # torchvision's _rgb_to_hsv, the hue shift `(h + shift) % 1`, then _hsv_to_rgb, per pixel in float32.
+    # torchvision's _rgb_to_hsv, the hue shift `(h + shift) % 1`, then _hsv_to_rgb, per pixel in float32. The
+    # remainders are written as the one subtraction they amount to on these ranges (exact, as fmod/remainder are).
     h_, w_, _ = img.shape
     for y in range(h_):
         for x in range(w_):
             r, g, b = img[y, x, 0], img[y, x, 1], img[y, x, 2]
             maxc = max(r, g, b)
-            minc = min(r, g, b)
-            crange = maxc - minc
+            crange = maxc - min(r, g, b)
             if crange == _ZERO:   # grey: hue 0, saturation 0; every sextant gives (v, v, v)
                 continue
             s = crange / maxc
@@ -96,12 +96,19 @@ def _hue(img, shift):
                 hue = _F(2.0) + rc - bc
             else:
                 hue = _F(4.0) + gc - rc
-            hue = (hue / _F(6.0) + _ONE) % _ONE
-            hue = (hue + shift) % _ONE
+            hue = hue / _F(6.0) + _ONE            # in [5/6, 2): fmod(., 1) is one exact subtraction
+            if hue >= _ONE:
+                hue -= _ONE
+            hue = hue + shift                      # shift in [-0.5, 0.5]: remainder(., 1) is +1 or -1
+            if hue < _ZERO:
+                hue += _ONE
+            elif hue >= _ONE:
+                hue -= _ONE
             h6 = hue * _F(6.0)
-            sextant = np.floor(h6)
-            f = h6 - sextant
-            i = int(sextant) % 6
+            i = int(h6)                            # h6 >= 0: truncation is floor
+            f = h6 - _F(i)
+            if i >= 6:
+                i -= 6
             v = maxc
             sxf = s * f
             p = _clamp01((_ONE - s) * v)
@@ -197,3 +204,37 @@ def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float,
     """In place on float32 [0, 1] (N, H, W, 3): x >= threshold -> 1 - x where `solarize[i]`, then (x - mean) / std
     per channel (float32 (3,) arrays). Over `threads` threads."""
     _over_samples(_solarize_normalise, img.shape[0], threads, img, solarize, np.float32(threshold), mean, std)
+
+
+# --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.color_jitter`) -------
+JITTER_PARAMS = 11   # jitter on, the 4 ops in order, brightness, contrast, saturation, hue shift, hue on, grayscale
+
+
+@numba.njit(nogil=True, cache=True)
+def jitter_grayscale_hwc(out, img, params):
+    """uint8 (H, W, 3) `img` -> uint8 `out`: colour jitter in the sample's order and grayscale, in float32 on
+    [0, 1], rounded once at the end. `params` (float32, JITTER_PARAMS): jitter on (0/1), the op ids in order,
+    brightness, contrast, saturation factors, hue shift (turns), hue on (0/1), grayscale (0/1)."""
+    h, w = img.shape[0], img.shape[1]
+    x = np.empty((h, w, 3), dtype=np.float32)
+    for y in range(h):
+        for xx in range(w):
+            for c in range(3):
+                x[y, xx, c] = _F(img[y, xx, c]) * _TO01
+    if params[0] != 0:
+        for k in range(4):
+            op = int(params[1 + k])
+            if op == 0:
+                _brightness(x, params[5])
+            elif op == 1:
+                _contrast(x, params[6])
+            elif op == 2:
+                _saturation(x, params[7])
+            elif params[9] != 0:
+                _hue(x, params[8])
+    if params[10] != 0:
+        _grayscale(x)
+    for y in range(h):
+        for xx in range(w):
+            for c in range(3):
+                out[y, xx, c] = np.uint8(x[y, xx, c] * _F(255.0) + _F(0.5))

@@ -20,19 +20,27 @@ and round after each op, so results agree within 1.5 grey levels, most pixels ex
   - crop: `random_crop_generator` draws the window as `RandomResizedCrop` does (area, log-uniform aspect, ten tries,
     then a centre crop); the window is resized with antialiased bicubic interpolation.
 The flip is applied last, inside the normalising op: it commutes with every op in between.
+
+Where the images are on the CPU (`data.dali.cpu_kernels`, the default), colour jitter and grayscale run instead as one
+`fn.python_function` over `pipeline.cpu_augment`'s per-pixel numba kernels (`CpuJitter`): the same draws, torchvision's
+formulas in float32 rounded once, at about half the CPU time of the graph ops (whose exact hue alone is ~60 DALI
+arithmetic operators over float images). The GPU keeps the graph ops.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Union
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import do_not_convert
 
 from pipeline.config import ViewSpec
+from pipeline.cpu_augment import jitter_grayscale_hwc
 from pipeline.device_augment import blur_kernel_size
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
@@ -206,9 +214,50 @@ def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode]
     return images
 
 
+class CpuJitter:
+    """`fn.python_function` body: colour jitter and grayscale of a batch of uint8 HWC images on the CPU, each sample
+    through `pipeline.cpu_augment.jitter_grayscale_hwc` (one numba pass per op, in float32, rounded once), the
+    samples spread over `threads` threads (the kernel releases the GIL).
+
+    On the CPU this replaces the graph's per-op passes (the exact hue alone is ~60 DALI arithmetic ops over float
+    images); on the GPU the graph ops stay.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+
+    def __call__(self, images: list, params: list) -> list:
+        outs = [np.empty_like(img) for img in images]
+        with ThreadPoolExecutor(min(self.threads, len(outs))) as pool:
+            list(pool.map(jitter_grayscale_hwc, outs, images, params))
+        return outs
+
+
+@do_not_convert
+def _as_node(value: Union[DataNode, float], like: DataNode) -> DataNode:
+    """A per-sample float scalar: `value` itself, or the constant broadcast over the batch of `like`."""
+    if isinstance(value, DataNode):
+        return fn.cast(value, dtype=types.FLOAT)
+    return fn.cast(like, dtype=types.FLOAT) * 0.0 + float(value)
+
+
+@do_not_convert
+def cpu_jitter_grayscale(images: DataNode, spec: ViewSpec, jitter: DataNode, order: DataNode,
+                         factors: dict[str, DataNode], gray: DataNode, threads: int) -> DataNode:
+    """Colour jitter (in the per-sample `order`) and grayscale of CPU images in one `CpuJitter` operator."""
+    keys = list(range(len(JITTER_ORDERS)))
+    ops = [fn.lookup_table(order, keys=keys, values=[o[k] for o in JITTER_ORDERS], dtype=types.FLOAT)
+           for k in range(4)]
+    values = [factors.get(name, 1.0) for name in JITTER_OPS[:3]] + [factors.get("hue", 0.0)]
+    params = fn.stack(_as_node(jitter, order), *ops, *[_as_node(v, order) for v in values],
+                      _as_node(float(spec.hue > 0), order), _as_node(gray, order))
+    return fn.python_function(images, params, function=CpuJitter(threads), batch_processing=True, output_layouts="HWC")
+
+
 def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[float, float, float],
                  std: tuple[float, float, float], dtype: types.DALIDataType = types.FLOAT,
-                 draws: Optional[dict[str, DataNode]] = None, exact_hue: bool = True) -> DataNode:
+                 draws: Optional[dict[str, DataNode]] = None, exact_hue: bool = True,
+                 cpu_threads: int = 0) -> DataNode:
     """Flip, colour jitter, grayscale, blur, solarise and normalise cropped uint8 HWC images (one view).
 
     Args:
@@ -218,7 +267,10 @@ def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[
         mean, std: normalisation on [0, 1] pixels.
         dtype: output dtype (FLOAT or FLOAT16).
         draws: if given, filled with every per-sample random draw (for tests and debugging).
-        exact_hue: torchvision's HSV hue shift (True) or DALI's faster chroma rotation (`fn.hsv`, False).
+        exact_hue: torchvision's HSV hue shift (True) or DALI's faster chroma rotation (`fn.hsv`, False); only for
+            the graph ops (the CPU kernel's hue is always torchvision's).
+        cpu_threads: if > 0 and the images are on the CPU, colour jitter and grayscale run as one `CpuJitter`
+            operator on this many threads instead of the graph ops (the same draws).
 
     Returns:
         Normalised float HWC images (a channels-last NCHW view on the torch side without a copy).
@@ -236,12 +288,15 @@ def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[
     sigma = _uniform(*spec.blur_sigma)
     sol = _coin(spec.solarize_p)
 
-    if spec.jitter_p > 0:
-        if jitter:
-            images = color_jitter(images, order, factors, exact_hue)
-    if spec.grayscale_p > 0:
-        if gray:
-            images = grayscale(images)
+    if cpu_threads > 0 and images.device == "cpu":
+        images = cpu_jitter_grayscale(images, spec, jitter, order, factors, gray, cpu_threads)
+    else:
+        if spec.jitter_p > 0:
+            if jitter:
+                images = color_jitter(images, order, factors, exact_hue)
+        if spec.grayscale_p > 0:
+            if gray:
+                images = grayscale(images)
     window = blur_kernel_size(image_size, spec.blur_kernel_frac)
     if spec.blur_p >= 1:  # no split/merge when every sample is blurred (view 1)
         images = gaussian_blur(images, sigma, window)

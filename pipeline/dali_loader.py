@@ -104,7 +104,8 @@ def is_shard_folder(path: str) -> bool:
 
 @pipeline_def(enable_conditionals=True)
 def two_view_pipeline(source: dict, aug: AugmentConfig, image_size: int, decoder: str, random_crop_decoder: bool,
-                      hw_decoder_load: float, out_dtype: types.DALIDataType, debug: bool, exact_hue: bool):
+                      hw_decoder_load: float, out_dtype: types.DALIDataType, debug: bool, exact_hue: bool,
+                      cpu_threads: int = 0):
     """Read, decode, and draw two augmented views; outputs view1, view2, index, [label], [per-view draws]."""
     if source["kind"] == "shards":
         jpegs, label, index = fn.readers.webdataset(
@@ -129,7 +130,8 @@ def two_view_pipeline(source: dict, aug: AugmentConfig, image_size: int, decoder
         else:
             cropped = resize_window(images, anchor, shape, image_size)
         drawn = {} if debug else None
-        views.append(augment_view(cropped, spec, image_size, aug.mean, aug.std, out_dtype, drawn, exact_hue))
+        views.append(augment_view(cropped, spec, image_size, aug.mean, aug.std, out_dtype, drawn, exact_hue,
+                                  cpu_threads))
         if debug:
             drawn.update(crop_anchor=anchor, crop_shape=shape)
             draws.extend(drawn.get(k, fn.cast(index, dtype=types.FLOAT) * 0 - 1) for k in DEBUG_DRAWS)
@@ -233,7 +235,8 @@ class DaliTwoViewLoader(TwoViewLoader):
         pipe = two_view_pipeline(
             source=source, aug=self.cfg.augment, image_size=self.cfg.image_size, decoder=self.decoder,
             random_crop_decoder=d.random_crop_decoder, hw_decoder_load=d.hw_decoder_load, out_dtype=out_dtype,
-            debug=self.debug_params, exact_hue=self.exact_hue, batch_size=c.batch_size, num_threads=d.num_threads,
+            debug=self.debug_params, exact_hue=self.exact_hue, cpu_threads=d.num_threads if d.cpu_kernels else 0,
+            batch_size=c.batch_size, num_threads=d.num_threads,
             device_id=self.device_id, seed=seed, prefetch_queue_depth=d.prefetch_queue_depth, exec_dynamic=True)
         pipe.build()
         self._build_s.append(time.perf_counter() - t0)

@@ -231,6 +231,49 @@ def test_augment_ops_match_torchvision(tree):
                 assert diff.max() <= 1.5 and diff.mean() < 0.5, f"op {k}: max {diff.max()}, mean {diff.mean()}"
 
 
+def test_cpu_jitter_kernel_matches_the_graph_ops(tree):
+    """On the CPU, colour jitter and grayscale run as one numba operator (`CpuJitter`); on the GPU as DALI's graph
+    ops. Both from the same per-sample draws (jitter coin, order, factors, grayscale coin) on real photographs: the
+    same images, up to the graph's rounding to uint8 after every op."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline import dali_augment as A
+    from pipeline.config import ViewSpec
+
+    spec = ViewSpec()
+    files = [p for p, _ in scan_image_folder(tree)[0]]
+
+    @pipeline_def(enable_conditionals=True)
+    def both():
+        jpegs, _ = fn.readers.file(files=files, name="Reader")
+        img = fn.resize(fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), size=[SIZE, SIZE])
+        jitter = fn.random.coin_flip(probability=0.8, dtype=types.BOOL)
+        gray = fn.random.coin_flip(probability=0.2, dtype=types.BOOL)
+        order = fn.random.uniform(values=list(range(24)), dtype=types.INT32)
+        factors = {"brightness": fn.random.uniform(range=[0.6, 1.4]), "contrast": fn.random.uniform(range=[0.6, 1.4]),
+                   "saturation": fn.random.uniform(range=[0.8, 1.2]), "hue": fn.random.uniform(range=[-0.1, 0.1])}
+        kernel = A.cpu_jitter_grayscale(img, spec, jitter, order, factors, gray, threads=2)
+        graph = img
+        if jitter:
+            graph = A.color_jitter(graph, order, factors)
+        if gray:
+            graph = A.grayscale(graph)
+        return img, kernel, graph, jitter, gray
+
+    pipe = both(batch_size=len(files), num_threads=2, device_id=None, seed=5)
+    pipe.build()
+    img, kernel, graph, jitter, gray = pipe.run()
+    jitter = np.array([bool(np.array(jitter[i])) for i in range(len(files))])
+    assert 0 < jitter.sum() < len(files)
+    for i in range(len(files)):
+        k, g = np.array(kernel[i]).astype(float), np.array(graph[i]).astype(float)
+        assert k.shape == g.shape == (SIZE, SIZE, 3)
+        diff = np.abs(k - g)
+        assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 3, f"sample {i}: {diff.mean()}, {diff.max()}"
+        if not jitter[i] and not np.array(gray[i]):
+            assert (k == np.array(img[i])).all(), "no jitter, no grayscale: the image itself"
+
+
 def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     root = tmp_path / "bad"
     for cname in ("a", "b"):

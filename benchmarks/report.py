@@ -217,8 +217,16 @@ def format_table(records: Sequence[dict]) -> str:
 
 
 def summary_lines(records: list[dict]) -> list[str]:
-    """The ratios worth reading first: pipeline hidden or not, EMA against its bound."""
+    """The ratios worth reading first: loaders against the torch baseline, pipeline hidden or not, EMA against its
+    bound."""
     lines = []
+    loaders = {r["backend"]: r["images_per_sec"] for r in records
+               if r.get("what") == "loader" and r.get("images_per_sec")}
+    if "torch" in loaders:
+        for backend, rate in loaders.items():
+            if backend != "torch":
+                lines.append(f"loader {backend}: {rate / loaders['torch']:.2f}x the torch baseline "
+                             f"({rate:.0f} vs {loaders['torch']:.0f} images/s)")
     for r in records:
         if r.get("what") == "e2e" and r.get("backend") != "synthetic" and r.get("ratio_to_model") is not None:
             ratio = r["ratio_to_model"]

@@ -161,6 +161,8 @@ def test_table_and_chart(tmp_path):
     records[2].update(ratio_to_bound=1.25, num_values=33_000_000)
     lines = summary_lines(records)
     assert "costs 50%" in lines[0] and "1.25x the bandwidth bound" in lines[1] and "2.00x fused" in lines[1]
+    records.append({"what": "loader", "backend": "ffcv", "images_per_sec": 300.0})
+    assert summary_lines(records)[0] == "loader ffcv: 2.50x the torch baseline (300 vs 120 images/s)"
     png = common.write_bar_chart(tmp_path / "c.png", records, "t")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
 

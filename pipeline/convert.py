@@ -147,6 +147,48 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     return report
 
 
+def skipped_at_convert(output: str | os.PathLike, num_samples: int | None = None) -> dict:
+    """What `byol convert` left out of one of its outputs, from the `convert_report.json` above it.
+
+    The report lies in the conversion's `out` folder, one level above `ffcv/train.beton` and `dali/`. It counts only
+    when it lists `output` (at the same place relative to the report, so a moved `out` folder still matches) and,
+    when `num_samples` is given, with that many samples; anything else is another conversion's report.
+
+    Args:
+        output: the beton file or the shard folder a loader reads.
+        num_samples: the samples the loader found in `output`.
+
+    Returns:
+        {"convert_skipped": count, "convert_skip_reasons": {reason: count}, "convert_report": report path}, or {}
+        when no report describes `output`.
+    """
+    output = Path(output).resolve()
+    folder = output if output.is_dir() else output.parent
+    for path in (folder / REPORT, folder.parent / REPORT):
+        if not path.is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+            records = list(report["outputs"].values())
+            skipped = [reason for _, reason in report["skipped"]]
+            listed = [Path(r["path"]).resolve().relative_to(Path(report["out"]).resolve()) for r in records]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            logger.warning("%s is unreadable (%s): cannot tell how many images `byol convert` skipped", path, e)
+            return {}
+        here = output.relative_to(path.parent)
+        record = next((r for r, rel in zip(records, listed) if rel == here), None)
+        if record is None:
+            continue
+        if num_samples is not None and record.get("num_samples") != num_samples:
+            logger.warning("%s lists %s samples for %s, which holds %d: the report is from another conversion; "
+                           "skipped images are not counted", path, record.get("num_samples"), output, num_samples)
+            return {}
+        reasons = Counter(r.split(":", 1)[0] for r in skipped)
+        return {"convert_skipped": len(skipped), "convert_skip_reasons": dict(reasons), "convert_report": str(path)}
+    return {}
+
+
 def list_samples(src: Path, file_list: str | None) -> tuple[list[tuple[str, int]], list[str]]:
     """`(absolute path, class index)` sorted by class then path, and the class names."""
     if file_list is None:

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline import convert as convert_mod
 from pipeline import dali_format, ffcv_format
 from pipeline.contract import DataError
-from pipeline.convert import convert_dataset
+from pipeline.convert import convert_dataset, skipped_at_convert
 from pipeline.image_normalise import SkipImage, normalise_file
 from pipeline.dali_format import load_manifest
 from pipeline.ffcv_format import load_beton_meta
@@ -101,6 +101,24 @@ def test_report_lists_exactly_the_bad_files(tree, converted):
     assert on_disk["outputs"]["dali"]["num_samples"] == on_disk["outputs"]["ffcv"]["num_samples"] == 22
     assert not (out / convert_mod.WORK).exists()
     assert "22 of 26 images" in report.summary()
+
+
+def test_outputs_find_what_convert_skipped(tree, converted, tmp_path, caplog):
+    report, out = converted
+    expected = {"convert_skipped": 4, "convert_skip_reasons": {r: 1 for r in BAD.values()},
+                "convert_report": str(out / convert_mod.REPORT)}
+    assert skipped_at_convert(out / "ffcv" / "train.beton", 22) == expected
+    assert skipped_at_convert(out / "dali", 22) == expected
+    moved = tmp_path / "moved"  # a dataset copied elsewhere (a node's local disk) keeps its report
+    shutil.copytree(out / "dali", moved / "dali")
+    shutil.copy(out / convert_mod.REPORT, moved)
+    assert skipped_at_convert(moved / "dali")["convert_report"] == str(moved / convert_mod.REPORT)
+    assert skipped_at_convert(tree) == skipped_at_convert(tree / "cat") == {}  # a source tree has no report
+    with caplog.at_level(logging.WARNING, logger="pipeline.convert"):
+        assert skipped_at_convert(out / "dali", 21) == {}
+        assert "another conversion" in caplog.text
+        (moved / convert_mod.REPORT).write_text("{")
+        assert skipped_at_convert(moved / "dali") == {} and "unreadable" in caplog.text
 
 
 def _read_shards(manifest: dict) -> dict[int, dict]:

@@ -28,7 +28,8 @@ Where this departs from stock FFCV 1.0.2, and why:
     integer factors): blockier than bicubic. Upscaling is common: at 224 px from a beton stored at 256 px max side,
     ~96 % of BYOL's crops of a 4:3 image are upscaled in both axes (median factor 1.56); stored at 512 px, ~21 %.
     Store at a max side of about twice `image_size` for views close to the reference. JPEGs are decoded with
-    libjpeg-turbo's fast DCT (about 1 grey level from the exact DCT).
+    libjpeg-turbo's fast DCT (about 1 grey level from the exact DCT). An `image_size` above the largest stored side
+    (every crop upscaled) is refused at start-up.
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
     checked from one process); the batch size, the device and a quasi-random shard are fixed at construction.
 
     Raises:
-        DataError: the beton is missing, damaged or lacks the fields, or holds fewer images than one global batch.
+        DataError: the beton is missing, damaged or lacks the fields, holds fewer images than one global batch, or
+            only images smaller than `cfg.image_size`.
     """
 
     def __init__(self, cfg: DataConfig, ctx: LoaderContext, *, device_augment: bool = True):
@@ -203,7 +205,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
         images = _field_metadata(reader, "image")
         self._stored_max_side = int(max(images["width"].max(), images["height"].max()))
         self._jpeg_fraction = float((images["mode"] == IMAGE_MODES["jpg"]).mean())
-        self._warn_if_upsampling(images, cfg.image_size)
+        self._check_image_size(images, cfg.image_size)
         self._has_index = "index" in reader.handlers
 
         self._quasi = cfg.ffcv.order == "quasi_random"
@@ -269,15 +271,24 @@ class FfcvTwoViewLoader(TwoViewLoader):
         # uint8 NHWC crops -> tensor -> the device -> an NCHW view in channels_last (no copy)
         return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
 
-    def _warn_if_upsampling(self, images: np.ndarray, size: int) -> None:
-        # FFCV upscales with INTER_AREA, which is nearest-neighbour-like (see the module docstring).
+    def _check_image_size(self, images: np.ndarray, size: int) -> None:
+        """Refuse an `image_size` above every stored side; warn when some images (or most crops) are upsampled.
+
+        FFCV upscales with INTER_AREA, which is nearest-neighbour-like (see the module docstring). Above the largest
+        stored side, every crop of every image would be upscaled in both axes: a mistake, not a trade-off.
+        """
+        largest = self._stored_max_side
+        if size > largest:
+            raise DataError(f"data.image_size={size} is larger than every image stored in {str(self.path)!r} (largest "
+                            f"side {largest} px): set data.image_size to at most {largest}, or run `byol convert "
+                            f"--max-side {2 * size}` (at least {size}) on the source images again")
         longer = np.maximum(images["width"], images["height"])
         shorter = np.minimum(images["width"], images["height"])
         small = int((longer < size).sum())
         if small:
             logger.warning("%s: %d of %d stored images have a longer side under image_size=%d px (largest stored side "
                            "%d px): every crop of them is upsampled; convert at a larger max side for sharper views",
-                           self.path, small, len(images), size, self._stored_max_side)
+                           self.path, small, len(images), size, largest)
         elif (shorter < size).mean() > 0.5:
             logger.info("%s: most stored images have a shorter side under image_size=%d px, so most crops are upscaled "
                         "(INTER_AREA, blockier than bicubic); a max side of ~%d px would avoid most of it",

@@ -280,15 +280,24 @@ def test_labels_beyond_classes_json_and_tiny_dataset(beton: Path, tmp_path: Path
                           LoaderContext(batch_size=32, world_size=2))
 
 
-def test_upsampling_warns_and_torch_threads_are_kept(beton: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_image_size_above_every_stored_side_is_refused(beton: Path) -> None:
+    cfg = DataConfig(backend="ffcv", path=str(beton), image_size=MAX_SIDE + 1)
+    with pytest.raises(DataError, match=rf"data.image_size={MAX_SIDE + 1} .* \(largest side {MAX_SIDE} px\).* at most "
+                                        rf"{MAX_SIDE}.*--max-side"):
+        FfcvTwoViewLoader(cfg, LoaderContext(batch_size=BATCH))
+    FfcvTwoViewLoader(dataclasses.replace(cfg, image_size=MAX_SIDE), LoaderContext(batch_size=BATCH)).close()
+
+
+def test_upsampling_warns_and_torch_threads_are_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    mixed = write_beton(tmp_path / "mixed.beton", _photos(4, MAX_SIDE) + _photos(4, MAX_SIDE // 2))
     threads = torch.get_num_threads()
     torch.set_num_threads(3)  # FFCV would set torch's thread count to its worker count (2)
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline.ffcv_loader"):
-            ld = FfcvTwoViewLoader(DataConfig(backend="ffcv", path=str(beton), image_size=2 * MAX_SIDE,
+            ld = FfcvTwoViewLoader(DataConfig(backend="ffcv", path=str(mixed), image_size=MAX_SIDE - 8,
                                               num_workers=2), LoaderContext(batch_size=BATCH))
             ld.close()
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
-    assert "upsampled" in caplog.text and f"{NUM_IMAGES} of {NUM_IMAGES}" in caplog.text
+    assert "upsampled" in caplog.text and "4 of 8" in caplog.text

@@ -95,6 +95,29 @@ class TwoViewLoader(abc.ABC):
         """Release worker processes / pipelines."""
 
 
+def skipped_images(stats: dict) -> tuple[int, str]:
+    """How many images a run leaves out, from its loader's `stats()`, and one line saying how many, why, where to look.
+
+    Two counts add up: `bad_images` (with `bad_paths`), files found unreadable by the loader itself (the torch
+    backend replaces them by other samples, DALI's folder check leaves them out), and `convert_skipped` (with
+    `convert_skip_reasons` and `convert_report`), images `byol convert` left out of the beton or shards.
+
+    Returns:
+        (the count, the line; "" when nothing was skipped).
+    """
+    parts = []
+    at_load, at_convert = int(stats.get("bad_images", 0)), int(stats.get("convert_skipped", 0))
+    if at_convert:
+        reasons = ", ".join(f"{n} {r}" for r, n in stats.get("convert_skip_reasons", {}).items())
+        parts.append(f"{at_convert} images were skipped at convert time ({reasons}; see "
+                     f"{stats.get('convert_report', 'convert_report.json')})")
+    if at_load:
+        paths = list(stats.get("bad_paths", []))
+        listing = ", ".join(paths[:5]) + (" ..." if len(paths) > 5 else "")
+        parts.append(f"{at_load} unreadable image files were not trained on ({listing}; the warnings above say why)")
+    return at_load + at_convert, "; ".join(parts)
+
+
 def to_contract(x: torch.Tensor, ctx: LoaderContext) -> torch.Tensor:
     """Move a float NCHW batch to the device, dtype and memory format of the contract."""
     x = x.to(ctx.device, non_blocking=True)

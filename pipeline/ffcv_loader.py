@@ -30,6 +30,9 @@ Where this departs from stock FFCV 1.0.2, and why:
     Store at a max side of about twice `image_size` for views close to the reference. JPEGs are decoded with
     libjpeg-turbo's fast DCT (about 1 grey level from the exact DCT). An `image_size` above the largest stored side
     (every crop upscaled) is refused at start-up.
+
+Bad data: `byol convert` decoded every image before writing the beton and left out what it could not use; the loader
+reads how many, and why, from the `convert_report.json` above `ffcv/train.beton` and reports them in `stats()`.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import torch
 
 from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from pipeline.convert import skipped_at_convert
 from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
 from pipeline.ffcv_format import load_beton_meta
 from pipeline.sharding import mix_seed, num_batches, rank_indices
@@ -207,6 +211,10 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self._jpeg_fraction = float((images["mode"] == IMAGE_MODES["jpg"]).mean())
         self._check_image_size(images, cfg.image_size)
         self._has_index = "index" in reader.handlers
+        self._convert_skips = skipped_at_convert(self.path, self._num_samples)
+        if self._convert_skips.get("convert_skipped"):
+            logger.info("%s: %d images were skipped at convert time (see %s)", self.path,
+                        self._convert_skips["convert_skipped"], self._convert_skips["convert_report"])
 
         self._quasi = cfg.ffcv.order == "quasi_random"
         self._shuffle = ctx.shuffle and cfg.ffcv.order != "sequential"
@@ -351,8 +359,10 @@ class FfcvTwoViewLoader(TwoViewLoader):
         return x.float().div_(255.0).sub_(self._mean).div_(self._std)
 
     def stats(self) -> dict:
+        """The beton's size and storage, and what `byol convert` left out of it (`convert_skipped`, its reasons and
+        report; absent when no report describes the beton)."""
         return {"samples": self._num_samples, "batches_per_epoch": len(self),
-                "stored_max_side": self._stored_max_side, "jpeg_fraction": self._jpeg_fraction}
+                "stored_max_side": self._stored_max_side, "jpeg_fraction": self._jpeg_fraction, **self._convert_skips}
 
     def close(self) -> None:
         """Stop the epoch in flight, if any, and wait for its thread (it finishes the batches it is decoding)."""

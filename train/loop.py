@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import Byol, build_byol, collapse_std
 from pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
+from pipeline.contract import skipped_images
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, check_weights_agree, cleanup, init_distributed
@@ -321,9 +322,13 @@ class Trainer:
         bar.close()
         self._check_finite()
         final = self.save()
+        stats = self.loader.stats()
+        num_skipped, skipped_note = skipped_images(stats)
+        if skipped_note and self.dist.is_main:
+            log.warning("%s", skipped_note)
         return {"steps": self.state.step, "final_loss": last_loss, "collapse_std": last_collapse,
                 "images_per_sec": total_images / total_time if total_time else math.nan,
-                "skipped_steps": self.state.skipped_steps, "loader": self.loader.stats(),
+                "skipped_steps": self.state.skipped_steps, "skipped_images": num_skipped, "loader": stats,
                 "checkpoint": str(final) if final else None, "run_dir": str(self.run_dir)}
 
 

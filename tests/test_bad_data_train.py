@@ -1,4 +1,4 @@
-"""The trainer end to end over a folder with broken files, with every backend: the run finishes and says what it skipped.
+"""The trainer end to end over a folder with broken files, with each backend: the run ends saying what it skipped.
 
 The folder holds 23 RGB JPEGs, one CMYK JPEG and three bad files: a JPEG cut in half, a file of zero bytes and a
 text file named `.jpg`. What each backend does with them:

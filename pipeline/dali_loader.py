@@ -48,6 +48,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from pipeline.convert import skipped_at_convert
 from pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
 from pipeline.dali_format import MANIFEST, load_manifest
 from pipeline.folder import scan_image_folder
@@ -166,6 +167,7 @@ class DaliTwoViewLoader(TwoViewLoader):
         if self.decoder == "mixed":
             self.device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
         self._bad: list[str] = []
+        self._convert_skips: dict = {}
         self._build_s: list[float] = []
         self._reader_meta: dict = {}
         self._pipe = None
@@ -184,6 +186,10 @@ class DaliTwoViewLoader(TwoViewLoader):
         self.classes: list[str] = list(m["classes"])
         self._num_samples = int(m["num_samples"])
         self._tars, self._indices = list(m["tar_paths"]), list(m["index_paths"])
+        self._convert_skips = skipped_at_convert(m["dir"], self._num_samples)
+        if self._convert_skips.get("convert_skipped"):
+            logger.info("%s: %d images were skipped at convert time (see %s)", m["dir"],
+                        self._convert_skips["convert_skipped"], self._convert_skips["convert_report"])
 
     def _init_folder(self) -> None:
         samples, self.classes = scan_image_folder(self.cfg.path)
@@ -304,12 +310,13 @@ class DaliTwoViewLoader(TwoViewLoader):
         return (batch for batch, _ in self.iter_with_params())
 
     def stats(self) -> dict:
-        """`bad_images` left out at start (and their paths), the decoder, the last pipeline build time, the reader's
-        meta. (DALI's executor statistics exist only for its legacy executor, not the dynamic one used here.)"""
+        """`bad_images` left out at start (and their paths), what `byol convert` left out of a shard folder
+        (`convert_skipped`, its reasons and report), the decoder, the last pipeline build time, the reader's meta.
+        (DALI's executor statistics exist only for its legacy executor, not the dynamic one used here.)"""
         return {"bad_images": len(self._bad), "bad_paths": list(self._bad), "decoder": self.decoder,
                 "random_crop_decoder": self.cfg.dali.random_crop_decoder,
                 "pipeline_build_s": round(self._build_s[-1], 3) if self._build_s else None,
-                "reader": dict(self._reader_meta)}
+                "reader": dict(self._reader_meta), **self._convert_skips}
 
     def close(self) -> None:
         self._pipe = None  # DALI frees the pipeline's threads and buffers when it is collected

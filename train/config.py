@@ -51,8 +51,8 @@ class TrainConfig:
         on_nonfinite: `stop` (keep the last good checkpoint and stop naming the step) or `skip` the step.
         max_skipped_steps: with `skip`, stop anyway after this many skipped steps.
         preempt_signals: signals that make the run checkpoint and exit for requeue.
-        num_threads: CPU threads for torch (0: on the CPU, the cores the loader workers leave free; on GPUs torch's
-            default).
+        num_threads: CPU threads for torch (0: torch's default, every core; on the CPU they are shared with the
+            loader, which measured faster than reserving cores for its workers).
     """
 
     batch_size: int = 4096

@@ -119,8 +119,7 @@ class Trainer:
         self.dist = dist_info or init_distributed(t.device, cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(self.dist.is_main)
         self.device = self.dist.device
-        workers = cfg.data.num_workers if cfg.data.backend in ("torch", "ffcv") else 0
-        configure_torch(self.device, t.num_threads, workers)
+        configure_torch(self.device, t.num_threads)
         per_rank_batch = check_world(cfg, self.dist.world_size)
         self.run_dir = Path(t.out_dir)
         self.precision = resolve_precision(t.precision, self.device)

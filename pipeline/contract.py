@@ -114,7 +114,9 @@ def skipped_images(stats: dict) -> tuple[int, str]:
     if at_load:
         paths = list(stats.get("bad_paths", []))
         listing = ", ".join(paths[:5]) + (" ..." if len(paths) > 5 else "")
-        parts.append(f"{at_load} unreadable image files were not trained on ({listing}; the warnings above say why)")
+        why = ", ".join(f"{n} {r}" for r, n in stats.get("bad_reasons", {}).items())
+        parts.append(f"{at_load} unreadable image files were not trained on ({listing}; "
+                     + (f"{why})" if why else "the warnings above say why)"))
     return at_load + at_convert, "; ".join(parts)
 
 

@@ -138,28 +138,34 @@ def _grayscale(img):
             img[y, x, 0], img[y, x, 1], img[y, x, 2] = v, v, v
 
 
+@numba.njit(nogil=True)
+def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale):
+    # One sample: uint8 (H, W, 3) `src` -> float32 [0, 1] `img`, then its jitter ops in its order, then grayscale.
+    h, w = src.shape[0], src.shape[1]
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                img[y, x, c] = _F(src[y, x, c]) * _TO01
+    if jitter:
+        for k in range(4):
+            op = order[k]
+            if op == 0:
+                _brightness(img, brightness)
+            elif op == 1:
+                _contrast(img, contrast)
+            elif op == 2:
+                _saturation(img, saturation)
+            elif with_hue:
+                _hue(img, hue)
+    if grayscale:
+        _grayscale(img)
+
+
 @numba.njit(nogil=True, cache=True)
 def _jitter_grayscale(samples, src, out, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale):
-    h, w = src.shape[1], src.shape[2]
     for i in samples:
-        img = out[i]
-        for y in range(h):
-            for x in range(w):
-                for c in range(3):
-                    img[y, x, c] = _F(src[i, y, x, c]) * _TO01
-        if jitter[i]:
-            for k in range(4):
-                op = order[i, k]
-                if op == 0:
-                    _brightness(img, brightness[i])
-                elif op == 1:
-                    _contrast(img, contrast[i])
-                elif op == 2:
-                    _saturation(img, saturation[i])
-                elif with_hue:
-                    _hue(img, hue[i])
-        if grayscale[i]:
-            _grayscale(img)
+        _jitter_grayscale_one(out[i], src[i], jitter[i], order[i], brightness[i], contrast[i], saturation[i], hue[i],
+                              with_hue, grayscale[i])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -217,23 +223,9 @@ def jitter_grayscale_hwc(out, img, params):
     brightness, contrast, saturation factors, hue shift (turns), hue on (0/1), grayscale (0/1)."""
     h, w = img.shape[0], img.shape[1]
     x = np.empty((h, w, 3), dtype=np.float32)
-    for y in range(h):
-        for xx in range(w):
-            for c in range(3):
-                x[y, xx, c] = _F(img[y, xx, c]) * _TO01
-    if params[0] != 0:
-        for k in range(4):
-            op = int(params[1 + k])
-            if op == 0:
-                _brightness(x, params[5])
-            elif op == 1:
-                _contrast(x, params[6])
-            elif op == 2:
-                _saturation(x, params[7])
-            elif params[9] != 0:
-                _hue(x, params[8])
-    if params[10] != 0:
-        _grayscale(x)
+    order = params[1:5].astype(np.int64)
+    _jitter_grayscale_one(x, img, params[0] != 0, order, params[5], params[6], params[7], params[8], params[9] != 0,
+                          params[10] != 0)
     for y in range(h):
         for xx in range(w):
             for c in range(3):

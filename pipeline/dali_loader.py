@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
@@ -67,31 +68,37 @@ DEBUG_DRAWS = ("flip", "jitter", "order", "brightness", "contrast", "saturation"
                "solarize", "crop_anchor", "crop_shape")
 
 
-def image_file_ok(path: str) -> bool:
-    """Cheap check of one image file: not empty, a known signature, and JPEG/PNG not cut short (end marker present)."""
+def image_file_problem(path: str) -> str:
+    """Cheap check of one image file: why DALI could not read it ("" if it looks fine): empty, not a known image
+    signature, a JPEG/PNG cut short (no end marker), or unreadable."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
             if not head:
-                return False
+                return "empty file"
             if head[8:12] == b"WEBP" and head[:4] == b"RIFF":
-                return True
+                return ""
             if not head.startswith(_SIGNATURES):
-                return False
+                return "not an image (unknown signature)"
             if head.startswith((b"\xff\xd8\xff", b"\x89PNG")):
                 size = f.seek(0, 2)
                 f.seek(max(0, size - _TAIL))
                 marker = b"\xff\xd9" if head[0] == 0xFF else b"IEND"
-                return marker in f.read(_TAIL)
-            return True
-    except OSError:
-        return False
+                return "" if marker in f.read(_TAIL) else "cut short (no end marker)"
+            return ""
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
 
 
-def check_image_files(paths: list[str], threads: int = 16) -> np.ndarray:
-    """`image_file_ok` for every path (threaded: the cost is file opens, not CPU). Returns a bool mask."""
+def image_file_ok(path: str) -> bool:
+    """`image_file_problem` found nothing."""
+    return not image_file_problem(path)
+
+
+def check_image_files(paths: list[str], threads: int = 16) -> list[str]:
+    """`image_file_problem` of every path, in order (threaded: the cost is file opens, not CPU)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return np.fromiter(pool.map(image_file_ok, paths, chunksize=256), dtype=bool, count=len(paths))
+        return list(pool.map(image_file_problem, paths, chunksize=256))
 
 
 def epoch_seed(*keys: int) -> int:
@@ -168,6 +175,7 @@ class DaliTwoViewLoader(TwoViewLoader):
         if self.decoder == "mixed":
             self.device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
         self._bad: list[str] = []
+        self._bad_reasons: dict[str, int] = {}
         self._convert_skips: dict = {}
         self._build_s: list[float] = []
         self._reader_meta: dict = {}
@@ -197,12 +205,14 @@ class DaliTwoViewLoader(TwoViewLoader):
         self.kind = "folder"
         self._paths = [p for p, _ in samples]
         self._class_of = torch.tensor([c for _, c in samples], dtype=torch.int64)
-        ok = check_image_files(self._paths)
-        self._bad = [p for p, good in zip(self._paths, ok) if not good]
-        self._valid = np.flatnonzero(ok).astype(np.int64)  # positions in the scan that the loader uses
+        problems = check_image_files(self._paths)
+        self._bad = [p for p, why in zip(self._paths, problems) if why]
+        self._bad_reasons = dict(Counter(why for why in problems if why))
+        self._valid = np.flatnonzero([not why for why in problems]).astype(np.int64)  # scan positions in use
         if self._bad:
             frac = len(self._bad) / len(self._paths)
-            listing = ", ".join(self._bad[:10]) + (" ..." if len(self._bad) > 10 else "")
+            listing = [f"{p} ({why})" for p, why in zip(self._paths, problems) if why][:10]
+            listing = ", ".join(listing) + (" ..." if len(self._bad) > 10 else "")
             if frac > self.cfg.max_bad_fraction:
                 raise DataError(f"{len(self._bad)} of {len(self._paths)} files under {self.cfg.path!r} are empty, "
                                 f"not images or cut short ({frac:.1%} > data.max_bad_fraction="
@@ -311,10 +321,11 @@ class DaliTwoViewLoader(TwoViewLoader):
         return (batch for batch, _ in self.iter_with_params())
 
     def stats(self) -> dict:
-        """`bad_images` left out at start (and their paths), what `byol convert` left out of a shard folder
+        """`bad_images` left out at start (their paths, and counts per reason), what `byol convert` left out of a shard folder
         (`convert_skipped`, its reasons and report), the decoder, the last pipeline build time, the reader's meta.
         (DALI's executor statistics exist only for its legacy executor, not the dynamic one used here.)"""
-        return {"bad_images": len(self._bad), "bad_paths": list(self._bad), "decoder": self.decoder,
+        return {"bad_images": len(self._bad), "bad_paths": list(self._bad), "bad_reasons": dict(self._bad_reasons),
+                "decoder": self.decoder,
                 "random_crop_decoder": self.cfg.dali.random_crop_decoder,
                 "pipeline_build_s": round(self._build_s[-1], 3) if self._build_s else None,
                 "reader": dict(self._reader_meta), **self._convert_skips}

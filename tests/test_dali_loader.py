@@ -292,6 +292,8 @@ def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     loader = DaliTwoViewLoader(cfg, LoaderContext(batch_size=4), exact_hue=False)
     assert loader.stats()["bad_images"] == 3 and loader.num_samples == 20
     assert sorted(Path(p).name for p in loader.stats()["bad_paths"]) == ["cut.jpg", "empty.jpg", "text.jpg"]
+    assert loader.stats()["bad_reasons"] == {"empty file": 1, "not an image (unknown signature)": 1,
+                                             "cut short (no end marker)": 1}
     assert len(_epoch(loader, 0)) == 5
 
 

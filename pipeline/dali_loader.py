@@ -321,9 +321,9 @@ class DaliTwoViewLoader(TwoViewLoader):
         return (batch for batch, _ in self.iter_with_params())
 
     def stats(self) -> dict:
-        """`bad_images` left out at start (their paths, and counts per reason), what `byol convert` left out of a shard folder
-        (`convert_skipped`, its reasons and report), the decoder, the last pipeline build time, the reader's meta.
-        (DALI's executor statistics exist only for its legacy executor, not the dynamic one used here.)"""
+        """`bad_images` left out at start (their paths, and counts per reason), what `byol convert` left out of a
+        shard folder (`convert_skipped`, its reasons and report), the decoder, the last pipeline build time, the
+        reader's meta. (DALI's executor statistics exist only for its legacy executor, not the dynamic one here.)"""
         return {"bad_images": len(self._bad), "bad_paths": list(self._bad), "bad_reasons": dict(self._bad_reasons),
                 "decoder": self.decoder,
                 "random_crop_decoder": self.cfg.dali.random_crop_decoder,

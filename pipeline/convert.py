@@ -139,7 +139,8 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
         report = _convert(samples, classes, src_path, out_path, todo, base, settings, workers=workers,
                           progress=progress)
         report.empty_classes = empty
-        report.outputs = {**{f: o for f, o in outputs.items() if o is not None}, **report.outputs}
+        report.outputs = {**_other_outputs(out_path, report, formats),
+                          **{f: o for f, o in outputs.items() if o is not None}, **report.outputs}
     report.seconds = time.perf_counter() - t0
     report.images_per_sec = report.num_candidates / max(report.seconds, 1e-9) if todo else 0.0
     write_json_atomic(out_path / REPORT, asdict(report))
@@ -245,6 +246,20 @@ def _complete_output(out: Path, fmt: str, settings: dict) -> dict | None:
         return None
     meta = ffcv_format.load_beton_meta(out / "ffcv" / ffcv_format.BETON)
     return {"status": "complete", "path": meta["path"], "num_samples": meta["num_samples"], "bytes": meta["bytes"]}
+
+
+def _other_outputs(out: Path, report: ConvertReport, formats: Sequence[str]) -> dict:
+    """The earlier report's outputs of formats this run did not touch (`--format dali` after `--format ffcv`), kept
+    when that run read the same source and skipped the same files, so the report still describes them."""
+    try:
+        with open(out / REPORT, encoding="utf-8") as f:
+            old = json.load(f)
+        same = (old["src"] == report.src and old["num_candidates"] == report.num_candidates
+                and sorted(map(tuple, old["skipped"])) == sorted(map(tuple, report.skipped)))
+        earlier = dict(old["outputs"]) if same else {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+    return {f: o for f, o in earlier.items() if f not in formats and (out / f).exists()}
 
 
 def _previous_report(out: Path, src: Path, n: int, classes: list[str], empty: list[str]) -> ConvertReport:

@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -152,7 +153,12 @@ def write_beton(folder: str | os.PathLike, refs: Sequence[SampleRef], classes: S
 
 
 def _run_watched(write, dataset: NormalisedImages, writer, tmp: Path) -> None:
-    """Run FFCV's writer, stopping it when one of its workers fails instead of waiting forever."""
+    """Run FFCV's writer, stopping it when one of its workers fails instead of waiting forever.
+
+    FFCV's writer polls a counter in a loop; the watcher stops it with a KeyboardInterrupt in the main thread, sent
+    again every second until the main thread has taken it (one that lands inside code that swallows it is not
+    lost), under Python's default SIGINT handler (a handler left by someone else would take it instead).
+    """
     stop, failed = threading.Event(), threading.Event()
     seen: dict[int, multiprocessing.Process] = {}
 
@@ -162,9 +168,13 @@ def _run_watched(write, dataset: NormalisedImages, writer, tmp: Path) -> None:
                 seen[p.pid] = p
             if dataset.error.value or any(p.exitcode not in (None, 0) for p in seen.values()):
                 failed.set()
-                _thread.interrupt_main()  # FFCV's writer polls in a loop: this is how it stops
+                while not stop.is_set():
+                    _thread.interrupt_main()
+                    stop.wait(1.0)
                 return
 
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
@@ -173,6 +183,12 @@ def _run_watched(write, dataset: NormalisedImages, writer, tmp: Path) -> None:
         watcher.join()
     except KeyboardInterrupt:
         stop.set()
+        while True:   # the watcher may send one more before it sees `stop`
+            try:
+                watcher.join()
+                break
+            except KeyboardInterrupt:
+                continue
         for p in seen.values():
             if p.is_alive():
                 p.terminate()
@@ -186,6 +202,9 @@ def _run_watched(write, dataset: NormalisedImages, writer, tmp: Path) -> None:
             detail = dataset.error.value.decode("utf-8", "replace") or "a writer process died"
             raise DataError(f"writing {tmp.with_suffix('')} failed: {detail}") from None
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def load_beton_meta(path: str | os.PathLike) -> dict:

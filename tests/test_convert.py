@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -119,6 +120,22 @@ def test_outputs_find_what_convert_skipped(tree, converted, tmp_path, caplog):
         assert "another conversion" in caplog.text
         (moved / convert_mod.REPORT).write_text("{")
         assert skipped_at_convert(moved / "dali") == {} and "unreadable" in caplog.text
+
+
+def test_a_later_format_keeps_the_earlier_one_in_the_report(tree, converted, tmp_path):
+    """`--format ffcv`, then `--format dali` into the same folder: the report lists both, so the beton's loader
+    still finds what convert skipped."""
+    _, out = converted
+    later = tmp_path / "later"
+    shutil.copytree(out / "ffcv", later / "ffcv")
+    report = json.loads((out / convert_mod.REPORT).read_text())
+    report.update(out=str(later), outputs={"ffcv": {**report["outputs"]["ffcv"],
+                                                    "path": str(later / "ffcv" / "train.beton")}})
+    (later / convert_mod.REPORT).write_text(json.dumps(report))   # as an ffcv-only run writes it
+    convert_dataset(str(tree), str(later), formats=["dali"], workers=2, shard_size=8, progress=False)
+    assert set(json.loads((later / convert_mod.REPORT).read_text())["outputs"]) == {"dali", "ffcv"}
+    assert skipped_at_convert(later / "ffcv" / "train.beton", 22)["convert_skipped"] == 4
+    assert skipped_at_convert(later / "dali", 22)["convert_skipped"] == 4
 
 
 def _read_shards(manifest: dict) -> dict[int, dict]:
@@ -389,13 +406,24 @@ def test_normalise_unusual_images(tmp_path, monkeypatch):
     assert normalise_file(str(tmp_path / "huge.jpg"), 0, 90)[0] is None  # max_side 0 keeps the size
 
 
-def test_ffcv_writer_failure_is_an_error_not_a_hang(tree, converted, tmp_path):
+@pytest.mark.parametrize("own_sigint_handler", [False, True])
+def test_ffcv_writer_failure_is_an_error_not_a_hang(tree, converted, tmp_path, own_sigint_handler):
+    """A failing writer process stops the write with the sample named, also when the caller has its own SIGINT
+    handler (the watcher stops FFCV's polling loop with an interrupt, which such a handler would take)."""
     good = tree / "cat" / "0.jpg"
     refs = [(str(good), 0, good.stat().st_size, 0)] * 4 + [(str(good), 0, 10 ** 9, 0)]  # the last cannot be read
-    with pytest.raises(DataError, match="sample 4"):
-        ffcv_format.write_beton(tmp_path, refs, ["a"], max_side=64, jpeg_quality=90, write_mode="jpg", workers=1,
-                    max_image_bytes=64 * 64 * 3, total_bytes=10 ** 6, settings={}, progress=False)
-    assert not list(tmp_path.iterdir())
+    mine = signal.signal(signal.SIGINT, lambda signum, frame: None) if own_sigint_handler else None
+    try:
+        with pytest.raises(DataError, match="sample 4"):
+            ffcv_format.write_beton(tmp_path, refs, ["a"], max_side=64, jpeg_quality=90, write_mode="jpg",
+                                    workers=1, max_image_bytes=64 * 64 * 3, total_bytes=10 ** 6, settings={},
+                                    progress=False)
+        assert not list(tmp_path.iterdir())
+        if own_sigint_handler:
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "the caller's handler is back"
+    finally:
+        if mine is not None:
+            signal.signal(signal.SIGINT, mine)
 
 
 def test_damaged_output_is_repaired(tree, converted, tmp_path):

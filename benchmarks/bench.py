@@ -21,6 +21,7 @@ import argparse
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -278,7 +279,7 @@ def bench_ema(cfg, device: torch.device, args, overrides: list[str]) -> list[dic
     base = dict(arch=cfg.model.arch, num_values=numel, num_tensors=len(pairs.target_params), bytes_moved=moved)
     records = []
     for variant, update in (("fused", ema_update_), ("loop", ema_update_loop_)):
-        secs = common.time_repeats(lambda: update(pairs, tau), device, warmup=2, iters=iters, repeats=args.repeats)
+        secs = common.time_repeats(partial(update, pairs, tau), device, warmup=2, iters=iters, repeats=args.repeats)
         ms = 1000 * common.median(secs)
         records.append({**_record("ema", "variant", variant, cfg, device, **base), "ms_per_update": ms,
                         "gb_per_sec": moved / ms / 1e6, "peak_mem_mb": common.peak_memory_mb(device)})

@@ -3,8 +3,8 @@
 Three steps, each in parallel worker processes:
   1. check + normalise (chunks of samples per task): every image is decoded with PIL. What cannot be decoded is
      skipped and reported with its reason (missing, empty, not an image, corrupt/truncated, smaller than
-     `image_normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`, ~179 MP by
-     default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
+     `image_normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x
+     `Image.MAX_IMAGE_PIXELS`, ~179 MP by default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
      downscaled. A baseline or progressive 8-bit RGB JPEG with no EXIF rotation and no side over `max_side` is kept
      byte for byte; anything else (PNG and other formats, CMYK, grayscale, palette, 16-bit, alpha (dropped, as
      torchvision's loader does), arithmetic/lossless/12-bit JPEG, EXIF-rotated, larger than `max_side`) is
@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from pipeline import dali_format, ffcv_format
 from pipeline.contract import DataError
+from pipeline.convert_report import REPORT, ConvertReport, other_outputs, previous_report
 from pipeline.dali_format import SampleRef, write_json_atomic
 from pipeline.folder import scan_image_folder
 from pipeline.image_normalise import SkipImage, normalise_file
@@ -44,39 +45,7 @@ from pipeline.image_normalise import SkipImage, normalise_file
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ffcv", "dali")
-REPORT = "convert_report.json"
 WORK = ".convert-work"
-
-
-@dataclass
-class ConvertReport:
-    """What a conversion did. `skipped` paths are relative to `src`; `outputs` is per format."""
-
-    src: str
-    out: str
-    num_candidates: int
-    num_samples: int
-    classes: list[str]
-    empty_classes: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    reencoded: dict[str, int] = field(default_factory=dict)
-    passthrough: int = 0
-    outputs: dict[str, dict] = field(default_factory=dict)
-    seconds: float = 0.0
-    images_per_sec: float = 0.0
-
-    def summary(self) -> str:
-        """One paragraph for the log."""
-        skip_reasons = Counter(r.split(":", 1)[0] for _, r in self.skipped)
-        skips = ", ".join(f"{n} {r}" for r, n in skip_reasons.items()) or "-"
-        reencoded = ", ".join(f"{n} {r}" for r, n in self.reencoded.items()) or "-"
-        outs = "; ".join(f"{fmt} {o['status']} ({o['num_samples']} samples, {o['bytes'] / 1e6:.1f} MB, {o['path']})"
-                         for fmt, o in self.outputs.items())
-        return (f"Converted {self.num_samples} of {self.num_candidates} images in {len(self.classes)} classes from "
-                f"{self.src}: {len(self.skipped)} skipped ({skips}), {sum(self.reencoded.values())} re-encoded "
-                f"({reencoded}), {self.passthrough} kept byte for byte; empty classes: "
-                f"{', '.join(self.empty_classes) or 'none'}. Outputs: {outs}. {self.seconds:.1f} s, "
-                f"{self.images_per_sec:.0f} images/s.")
 
 
 def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, file_list: str | None = None,
@@ -131,7 +100,7 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     todo = [fmt for fmt in formats if outputs[fmt] is None]
     if not todo:
         logger.info("%s: output complete (%s); nothing to do (overwrite=True rebuilds it)", out, ", ".join(formats))
-        report = _previous_report(out_path, src_path, len(samples), classes, empty)
+        report = previous_report(out_path, src_path, len(samples), classes, empty)
         report.outputs = outputs
         report.num_samples = report.num_samples or next(iter(outputs.values()))["num_samples"]
     else:
@@ -139,55 +108,13 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
         report = _convert(samples, classes, src_path, out_path, todo, base, settings, workers=workers,
                           progress=progress)
         report.empty_classes = empty
-        report.outputs = {**_other_outputs(out_path, report, formats),
+        report.outputs = {**other_outputs(out_path, report, formats),
                           **{f: o for f, o in outputs.items() if o is not None}, **report.outputs}
     report.seconds = time.perf_counter() - t0
     report.images_per_sec = report.num_candidates / max(report.seconds, 1e-9) if todo else 0.0
     write_json_atomic(out_path / REPORT, asdict(report))
     logger.info("%s", report.summary())
     return report
-
-
-def skipped_at_convert(output: str | os.PathLike, num_samples: int | None = None) -> dict:
-    """What `byol convert` left out of one of its outputs, from the `convert_report.json` above it.
-
-    The report lies in the conversion's `out` folder, one level above `ffcv/train.beton` and `dali/`. It counts only
-    when it lists `output` (at the same place relative to the report, so a moved `out` folder still matches) and,
-    when `num_samples` is given, with that many samples; anything else is another conversion's report.
-
-    Args:
-        output: the beton file or the shard folder a loader reads.
-        num_samples: the samples the loader found in `output`.
-
-    Returns:
-        {"convert_skipped": count, "convert_skip_reasons": {reason: count}, "convert_report": report path}, or {}
-        when no report describes `output`.
-    """
-    output = Path(output).resolve()
-    folder = output if output.is_dir() else output.parent
-    for path in (folder / REPORT, folder.parent / REPORT):
-        if not path.is_file():
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                report = json.load(f)
-            records = list(report["outputs"].values())
-            skipped = [reason for _, reason in report["skipped"]]
-            listed = [Path(r["path"]).resolve().relative_to(Path(report["out"]).resolve()) for r in records]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            logger.warning("%s is unreadable (%s): cannot tell how many images `byol convert` skipped", path, e)
-            return {}
-        here = output.relative_to(path.parent)
-        record = next((r for r, rel in zip(records, listed) if rel == here), None)
-        if record is None:
-            continue
-        if num_samples is not None and record.get("num_samples") != num_samples:
-            logger.warning("%s lists %s samples for %s, which holds %d: the report is from another conversion; "
-                           "skipped images are not counted", path, record.get("num_samples"), output, num_samples)
-            return {}
-        reasons = Counter(r.split(":", 1)[0] for r in skipped)
-        return {"convert_skipped": len(skipped), "convert_skip_reasons": dict(reasons), "convert_report": str(path)}
-    return {}
 
 
 def list_samples(src: Path, file_list: str | None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -246,34 +173,6 @@ def _complete_output(out: Path, fmt: str, settings: dict) -> dict | None:
         return None
     meta = ffcv_format.load_beton_meta(out / "ffcv" / ffcv_format.BETON)
     return {"status": "complete", "path": meta["path"], "num_samples": meta["num_samples"], "bytes": meta["bytes"]}
-
-
-def _other_outputs(out: Path, report: ConvertReport, formats: Sequence[str]) -> dict:
-    """The earlier report's outputs of formats this run did not touch (`--format dali` after `--format ffcv`), kept
-    when that run read the same source and skipped the same files, so the report still describes them."""
-    try:
-        with open(out / REPORT, encoding="utf-8") as f:
-            old = json.load(f)
-        same = (old["src"] == report.src and old["num_candidates"] == report.num_candidates
-                and sorted(map(tuple, old["skipped"])) == sorted(map(tuple, report.skipped)))
-        earlier = dict(old["outputs"]) if same else {}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return {}
-    return {f: o for f, o in earlier.items() if f not in formats and (out / f).exists()}
-
-
-def _previous_report(out: Path, src: Path, n: int, classes: list[str], empty: list[str]) -> ConvertReport:
-    report = ConvertReport(src=str(src), out=str(out), num_candidates=n, num_samples=0, classes=classes,
-                           empty_classes=empty)
-    try:
-        with open(out / REPORT, encoding="utf-8") as f:
-            old = json.load(f)
-        report.num_samples, report.passthrough = old["num_samples"], old["passthrough"]
-        report.skipped = [tuple(s) for s in old["skipped"]]
-        report.reencoded = old["reencoded"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        logger.info("%s: no readable earlier %s; skipped files are not listed", out, REPORT)
-    return report
 
 
 def _convert(samples: list[tuple[str, int]], classes: list[str], src: Path, out: Path, todo: list[str], base: dict,

@@ -50,7 +50,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.convert import skipped_at_convert
+from pipeline.convert_report import skipped_at_convert
 from pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
 from pipeline.dali_format import MANIFEST, load_manifest
 from pipeline.folder import scan_image_folder

@@ -48,7 +48,7 @@ import torch
 
 from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.convert import skipped_at_convert
+from pipeline.convert_report import skipped_at_convert
 from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
 from pipeline.ffcv_format import load_beton_meta
 from pipeline.sharding import mix_seed, num_batches, rank_indices

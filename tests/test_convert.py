@@ -22,7 +22,8 @@ from PIL import Image
 from pipeline import convert as convert_mod
 from pipeline import dali_format, ffcv_format
 from pipeline.contract import DataError
-from pipeline.convert import convert_dataset, skipped_at_convert
+from pipeline.convert import convert_dataset
+from pipeline.convert_report import skipped_at_convert
 from pipeline.image_normalise import SkipImage, normalise_file
 from pipeline.dali_format import load_manifest
 from pipeline.ffcv_format import load_beton_meta

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from model import ModelConfig, build_byol, collapse_std, ema_update_, ema_update_loop_, regression_loss
+from model import ModelConfig, build_byol, collapse_std, ema_update_loop_, regression_loss
 from model.ema import EmaPairs
 from model.resnet import build_encoder, encoder_state_dict
 

@@ -201,7 +201,7 @@ class BatchedViewAugment(torch.nn.Module):
         from pipeline import cpu_augment
 
         threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
-        nhwc = self._nhwc_uint8(x)
+        nhwc = self._nchw_uint8(x).permute(0, 2, 3, 1)
         if self.apply_flip:
             nhwc = torch.where(_per_sample(params["flip"]), nhwc.flip(2), nhwc)
         nhwc = nhwc.contiguous()
@@ -219,27 +219,21 @@ class BatchedViewAugment(torch.nn.Module):
                                         self.mean.flatten().numpy(), self.std.flatten().numpy(), threads)
         return nchw
 
-    def _nhwc_uint8(self, x: torch.Tensor) -> torch.Tensor:
+    def _nchw_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC or NCHW crops as an (N, 3, S, S) view (NHWC input becomes a channels_last view)."""
         if x.dtype != torch.uint8:
             raise TypeError(f"expected uint8 crops, got {x.dtype}")
         s = self.image_size
-        if x.ndim == 4 and tuple(x.shape[1:]) == (3, s, s):
-            return x.permute(0, 2, 3, 1)
-        if x.ndim != 4 or tuple(x.shape[1:]) != (s, s, 3):
+        if x.ndim == 4 and tuple(x.shape[1:]) == (s, s, 3):
+            return x.permute(0, 3, 1, 2)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ValueError(f"expected (N, {s}, {s}, 3) or (N, 3, {s}, {s}) crops, got {tuple(x.shape)}")
         return x
 
     def to_float01(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC or NCHW crops -> float32 (N, 3, S, S) on [0, 1] (a view of NHWC input stays channels_last)."""
-        if x.dtype != torch.uint8:
-            raise TypeError(f"expected uint8 crops, got {x.dtype}")
-        s = self.image_size
-        if x.ndim == 4 and tuple(x.shape[1:]) == (s, s, 3):
-            x = x.permute(0, 3, 1, 2)
-        elif x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
-            raise ValueError(f"expected (N, {s}, {s}, 3) or (N, 3, {s}, {s}) crops, got {tuple(x.shape)}")
         # torchvision's ToDtype(float32, scale=True): convert, then multiply by 1/255.
-        return x.to(torch.float32).mul_(1.0 / 255.0)
+        return self._nchw_uint8(x).to(torch.float32).mul_(1.0 / 255.0)
 
     def sample_params(self, n: int, device, generator) -> dict[str, torch.Tensor]:
         """Draw every random choice of `n` samples from `generator` (one uniform (n, 14) draw), placed on `device`.

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, environment
 from benchmarks.common import backend_path, build_bench_images, time_epochs
 from benchmarks.report import format_table, hidden_ratio, summary_lines
 
@@ -370,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "model" in whats:   # on CPUs without bf16 units fp32 is the faster dtype: measure both there
         for name, dtype in (("bf16", torch.bfloat16),) + ((("fp32", torch.float32),) if device.type == "cpu" else ()):
             matmul_rates[name] = common.matmul_flops_per_sec(device, args.matmul_size, dtype)
-    env = common.env_info(device, {
+    env = environment.env_info(device, {
         "dtype": resolve_precision(cfg.train.precision, device), "model_arch": cfg.model.arch,
         "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
         "dali_threads": cfg.data.dali.num_threads, "dali_decoder": cfg.data.dali.decoder,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, environment
 from benchmarks.report import RunFacts, build_report, render_text
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def profile_run(cfg, out_dir: str | Path, steps: int, wait: int = 1, warmup: int
         it.close()
         trainer.loader.close()
     report = build_report(dict(timer.seconds), steps, facts, stats)
-    report.update({"device": str(device), "device_name": common.device_name(device), "peak_mem_mb": peak,
+    report.update({"device": str(device), "device_name": environment.device_name(device), "peak_mem_mb": peak,
                    "trace_dir": str(out), "rank": trainer.dist.rank})
     if trainer.dist.is_main:   # under torchrun every rank writes its own trace, rank 0 the report
         common.write_json(out / "report.json", report)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# byolfast's GPU benchmark suite: ResNet-50 at 224 px on one GPU, in under 6 minutes, without network.
+# byolfast's GPU benchmark suite: ResNet-50 at 224 px on one GPU, in about 7 minutes, without network.
 #
 #   bash benchmarks/gpu_suite.sh            # from anywhere; results in benchmarks/results/<card>-<date>/
 #                                             (also copied to $BENCH_COPY_TO when set)
@@ -12,9 +12,11 @@
 #   loader   dali / ffcv / torch on the same real JPEGs (whichever import), and the batched device augmentation
 #   e2e      the model fed by each loader, against model-only
 #   profile  a short torch.profiler run with the bottleneck report
+#   tests    the test suite's GPU-marked tests (DALI's `mixed` decoder, the GPU ops against the CPU ones, ...)
 #   compile  the torch.compile variant (only with BENCH_COMPILE=1; compiling takes minutes)
-# Extra Python packages come as wheels in .whl/ (installed with --no-index into /tmp/site). Knobs: PYTHON,
-# BENCH_BUDGET_S (seconds for all parts, default 330), BENCH_BATCH (default 128), BENCH_COMPILE, BENCH_DEVICE
+# Extra Python packages come as wheels in .whl/ (installed with --no-index into /tmp/site), and DALI as the parts in
+# .whl/pack-*/ that benchmarks/pack_wheels.sh writes (joined and unpacked into /tmp/site-packed). Knobs: PYTHON,
+# BENCH_BUDGET_S (seconds for all parts, default 420), BENCH_BATCH (default 128), BENCH_COMPILE, BENCH_DEVICE
 # (default cuda), BENCH_DATA (image folder, default /tmp/byol-bench-data), BENCH_ARGS (more overrides, e.g.
 # "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
 set -u -o pipefail
@@ -22,7 +24,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=${BENCH_BUDGET_S:-330}
+BUDGET=${BENCH_BUDGET_S:-420}
 BATCH=${BENCH_BATCH:-128}
 DEVICE=${BENCH_DEVICE:-cuda}
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
@@ -32,6 +34,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install --no-index --no-deps --upgrade --quiet --target /tmp/site .whl/*.whl > /tmp/byol-wheels.log 2>&1 \
         || echo "some wheels did not install: see /tmp/byol-wheels.log"
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if compgen -G ".whl/pack-*/MANIFEST" > /dev/null; then   # DALI, packed in parts by benchmarks/pack_wheels.sh
+    if bash benchmarks/unpack_wheels.sh .whl /tmp/site-packed > /dev/null; then
+        export PYTHONPATH="/tmp/site-packed${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "the packed packages were not unpacked (see above): the suite runs without them"
+    fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the repository is not installed there: import it from here
 
@@ -76,11 +85,12 @@ part() {   # part NAME CAP_S COMMAND...: run COMMAND with at most CAP_S seconds 
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 || true
     "$PY" - <<'EOF' 2>&1
 import importlib
+import os
 for name in ("torch", "torchvision", "numpy", "PIL", "yaml", "matplotlib", "skimage", "tqdm", "nvidia.dali", "ffcv",
              "cupy", "numba"):
     try:
         mod = importlib.import_module(name)
-        print(f"  {name:<12} {getattr(mod, '__version__', '?')}")
+        print(f"  {name:<12} {getattr(mod, '__version__', '?'):<14} {os.path.dirname(mod.__file__ or '')}")
     except Exception as err:  # report every missing or broken package, keep going
         print(f"  {name:<12} MISSING ({type(err).__name__}: {err})")
 EOF
@@ -88,6 +98,7 @@ EOF
 
 BENCH=("$PY" -m benchmarks.bench --data "$DATA" train.batch_size="$BATCH" train.device="$DEVICE"
        ${EXTRA[@]+"${EXTRA[@]}"})
+part tests    90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu -rs tests/
 part model   150 "${BENCH[@]}" --what model --out "$RES/model.json" --warmup 8 --steps 15 --repeats 3
 part ema      60 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
 part loader  120 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 8

@@ -2,7 +2,8 @@
 # byolfast's GPU benchmark suite: ResNet-50 at 224 px on one GPU, in about 7 minutes, without network.
 #
 #   bash benchmarks/gpu_suite.sh            # from anywhere; results in benchmarks/results/<card>-<date>/
-#                                             (also copied to $BENCH_COPY_TO when set)
+#                                             (and, when BENCH_COPY_TO is set, as <card>-<date>.tar.gz plus
+#                                             suite.log in that folder, rewritten after every part)
 #
 # Parts, each in its own process with its own time cap (a part that fails or runs out of time leaves the others, and
 # its JSON keeps every record measured before it stopped):
@@ -53,8 +54,13 @@ mkdir -p "$RES"
 LOG="$RES/suite.log"
 
 copy_out() {   # after every part, so that a run stopped from outside still brings its results back
-    if [ -n "${BENCH_COPY_TO:-}" ]; then
-        mkdir -p "$BENCH_COPY_TO/results" && cp -r "$RES" "$BENCH_COPY_TO/results/"
+    if [ -n "${BENCH_COPY_TO:-}" ]; then   # two files: the whole folder as one archive, and the log to read at once
+        local name
+        name=$(basename "$RES")
+        mkdir -p "$BENCH_COPY_TO"
+        tar -C "$(dirname "$RES")" -czf "$BENCH_COPY_TO/.$name.tar.gz" "$name" \
+            && mv "$BENCH_COPY_TO/.$name.tar.gz" "$BENCH_COPY_TO/$name.tar.gz"
+        cp "$LOG" "$BENCH_COPY_TO/suite.log"
     fi
 }
 
@@ -104,6 +110,7 @@ part ema      60 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
 part loader  120 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 8
 part e2e     100 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 8 --repeats 2
 # The trace (tens of MB) stays on the machine; the report comes back.
+rm -rf "$DATA/profile"
 part profile  60 "$PY" -m benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
     train.batch_size="$BATCH" train.device="$DEVICE" ${EXTRA[@]+"${EXTRA[@]}"}
 mkdir -p "$RES/profile" && cp "$DATA"/profile/report.* "$DATA"/profile/ops.txt "$RES/profile/" 2>/dev/null && copy_out

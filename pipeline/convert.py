@@ -120,7 +120,7 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
 def list_samples(src: Path, file_list: str | None) -> tuple[list[tuple[str, int]], list[str]]:
     """`(absolute path, class index)` sorted by class then path, and the class names."""
     if file_list is None:
-        return scan_image_folder(src, allow_empty_class=True)
+        return scan_image_folder(src, allow_empty_class=True, setting="the source folder")
     if not src.is_dir():
         raise DataError(f"source folder {str(src)!r} does not exist: the paths of {file_list} are relative to it")
     try:

@@ -9,10 +9,12 @@ from pipeline.contract import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def scan_image_folder(root: str | os.PathLike, allow_empty_class: bool = False) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(root: str | os.PathLike, allow_empty_class: bool = False, setting: str = "data.path"
+                      ) -> tuple[list[tuple[str, int]], list[str]]:
     """List `(path, class_index)` for every image under `root/<class>/`, classes sorted by name.
 
-    A `train/` subfolder is used when `root` has one and no images of its own (ImageNet's layout).
+    A `train/` subfolder is used when `root` has one and no images of its own (ImageNet's layout). `setting` names
+    where the user gave the path, for the messages.
 
     Raises:
         DataError: the path is missing or not a folder, has no class folders, a class folder has no images
@@ -20,10 +22,10 @@ def scan_image_folder(root: str | os.PathLike, allow_empty_class: bool = False) 
     """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data path {str(root)!r} does not exist: set data.path to an ImageFolder tree "
-                        "(root/<class>/<image>.jpg) or run `byol demo-data` to build the embedded one")
+        raise DataError(f"{setting} {str(root)!r} does not exist: give an ImageFolder tree (root/<class>/<image>.jpg), "
+                        "or run `byol demo-data` to build the embedded one")
     if not root.is_dir():
-        raise DataError(f"data path {str(root)!r} is a file, not a folder of class folders")
+        raise DataError(f"{setting} {str(root)!r} is a file, not a folder of class folders")
     if (root / "train").is_dir() and not any(p.is_file() for p in root.iterdir()):
         root = root / "train"
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key" in err and "Traceback" not in err
     assert byol(["train", *tiny_overrides(tmp_path / "r", str(tmp_path / "missing"), "torch")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"data.path '{tmp_path / 'missing'}' does not exist" in capsys.readouterr().err
     assert byol(["eval", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -162,6 +163,16 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["knn_top1"] > 0.2   # 10 classes: well above chance
     assert 0.0 <= res["linear_top1"] <= 1.0
     assert res["num_val"] == len(list((digits16 / "val").glob("*/*.jpg")))
+
+    # train/ and val/ with different classes: one line naming both counts, exit 2
+    odd = tmp_path / "odd"
+    shutil.copytree(digits16 / "train", odd / "train")
+    shutil.copytree(digits16 / "val", odd / "val")
+    shutil.rmtree(sorted((odd / "val").iterdir())[-1])
+    capsys.readouterr()
+    assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(odd), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "different class folders (10 and 9)" in err and "Traceback" not in err
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

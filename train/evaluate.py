@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.contract import DataError
 from pipeline.folder import scan_image_folder
 from train.config import EvalConfig
 
@@ -28,12 +29,13 @@ def split_samples(root: str, val_fraction: float = 0.2, seed: int = 0
     """(train, val, classes): the tree's `train/` and `val/` when both exist, else a fixed stratified split."""
     r = Path(root)
     if (r / "train").is_dir() and (r / "val").is_dir():
-        train, classes = scan_image_folder(r / "train")
-        val, val_classes = scan_image_folder(r / "val")
+        train, classes = scan_image_folder(r / "train", setting="the evaluation data (--data, eval.data)")
+        val, val_classes = scan_image_folder(r / "val", setting="the evaluation data (--data, eval.data)")
         if val_classes != classes:
-            raise ValueError(f"{root}: train/ and val/ have different class folders")
+            raise DataError(f"{root}: train/ and val/ have different class folders "
+                            f"({len(classes)} and {len(val_classes)}); give both the same classes")
         return train, val, classes
-    samples, classes = scan_image_folder(r)
+    samples, classes = scan_image_folder(r, setting="the evaluation data (--data, eval.data)")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in range(len(classes)):

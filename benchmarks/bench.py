@@ -283,6 +283,9 @@ def bench_ema(cfg, device: torch.device, args, overrides: list[str]) -> list[dic
         ms = 1000 * common.median(secs)
         records.append({**_record("ema", "variant", variant, cfg, device, **base), "ms_per_update": ms,
                         "gb_per_sec": moved / ms / 1e6, "peak_mem_mb": common.peak_memory_mb(device)})
+        if device.type == "cuda":   # the launch side alone: is the update bound by the host or by memory?
+            records[-1]["host_ms_per_update"] = 1000 * common.host_seconds_per_call(
+                partial(update, pairs, tau), device, iters)
     del model, pairs
     common.free_memory(device)
     rates = common.stream_bytes_per_sec(device, numel, pairs_dtype)

@@ -49,6 +49,19 @@ def time_repeats(fn: Callable[[], object], device: torch.device, *, warmup: int,
     return out
 
 
+def host_seconds_per_call(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Seconds the host spends issuing one call of `fn` (no synchronisation inside the timed calls). On a GPU this is
+    the launch cost; when it is close to the synchronised time per call, the call is bound by the host, not by the
+    device."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(max(1, iters)):
+        fn()
+    seconds = (time.perf_counter() - t0) / max(1, iters)
+    sync(device)
+    return seconds
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else math.nan
 

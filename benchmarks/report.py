@@ -238,4 +238,8 @@ def summary_lines(records: list[dict]) -> list[str]:
         lines.append(f"ema: fused {ema['fused']['ms_per_update']:.3f} ms = {ema['fused']['ratio_to_bound']:.2f}x the "
                      f"bandwidth bound ({ema['bound']['ms_per_update']:.3f} ms); loop is "
                      f"{ema['loop']['ratio_to_fused']:.2f}x fused ({ema['fused']['num_values'] / 1e6:.1f}M values)")
+        host = ema["fused"].get("host_ms_per_update")
+        if host is not None:
+            bound_by = "the host's launches" if host >= 0.8 * ema["fused"]["ms_per_update"] else "the device"
+            lines.append(f"ema: fused issues in {host:.3f} ms on the host: bound by {bound_by}")
     return lines

@@ -108,6 +108,12 @@ class _ListLoader:
         return (i for i in range(self.n))
 
 
+def test_host_time_per_call():
+    calls = []
+    secs = common.host_seconds_per_call(lambda: (calls.append(1), time.sleep(0.01)), torch.device("cpu"), 3)
+    assert len(calls) == 3 and 0.01 <= secs < 0.5
+
+
 def test_time_epochs_warms_up_and_times_each_repeat():
     from benchmarks.common import time_epochs
     from pipeline.contract import DataError
@@ -161,6 +167,12 @@ def test_table_and_chart(tmp_path):
     records[2].update(ratio_to_bound=1.25, num_values=33_000_000)
     lines = summary_lines(records)
     assert "costs 50%" in lines[0] and "1.25x the bandwidth bound" in lines[1] and "2.00x fused" in lines[1]
+    assert len(lines) == 2   # no launch-side line without a host time (the CPU)
+    records[2]["host_ms_per_update"] = 2.4
+    assert summary_lines(records)[2] == "ema: fused issues in 2.400 ms on the host: bound by the host's launches"
+    records[2]["host_ms_per_update"] = 0.4
+    assert summary_lines(records)[2].endswith("bound by the device")
+    del records[2]["host_ms_per_update"]
     records.append({"what": "loader", "backend": "ffcv", "images_per_sec": 300.0})
     assert summary_lines(records)[0] == "loader ffcv: 2.50x the torch baseline (300 vs 120 images/s)"
     png = common.write_bar_chart(tmp_path / "c.png", records, "t")

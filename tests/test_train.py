@@ -106,6 +106,35 @@ def test_nan_loss_skip_mode_counts(tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
 
 
+def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path):
+    """fp16 (autocast + grad scaler, also on the CPU): a step whose scaled gradients overflow moves neither the online
+    nor the target network, and lowers the scale; a step with a sane scale moves both."""
+    from train.step import train_step
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "run", steps=20) + ["train.precision=fp16"]))
+    assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
+    batch = next(iter(trainer.loader))
+    trainer.model.train()
+
+    def snapshot():
+        return ([p.detach().clone() for p in trainer.model.online.parameters()],
+                [p.detach().clone() for p in trainer.model.target.parameters()])
+
+    def moved(before, after):
+        return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    online0, target0 = snapshot()
+    train_step(trainer, batch, 3)          # a normal step (LR > 0): afterwards the target differs from the online one
+    online1, target1 = snapshot()
+    assert moved(online0, online1) and moved(target0, target1)
+
+    trainer.scaler.update(new_scale=2.0 ** 120)       # fp16 gradients of a loss scaled this much are inf
+    train_step(trainer, batch, 4)
+    online2, target2 = snapshot()
+    assert not moved(online1, online2) and not moved(target1, target2)
+    assert trainer.scaler.get_scale() < 2.0 ** 120
+
+
 def _run_cli(args, env_extra=None, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,

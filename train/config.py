@@ -43,7 +43,8 @@ class TrainConfig:
         device: `auto` (cuda when present), `cpu`, `cuda` or `cuda:N`.
         seed: base seed; each rank uses seed + rank for its augmentation and dropout-free model init is shared.
         out_dir: the run folder (config, checkpoints, TensorBoard, summary).
-        log_every: steps between logged scalars (the only host-device syncs of the loop).
+        log_every: steps between logged scalars (the only host-device syncs of the loop, apart from fp16's grad
+            scaler, which reads its overflow flag every step).
         ckpt_every: steps between checkpoints (0: only at the end and on preemption).
         keep_last: checkpoints kept in the run folder.
         resume: `` (start fresh), `auto` (the newest valid checkpoint in out_dir) or a checkpoint path.

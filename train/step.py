@@ -3,7 +3,9 @@
 
 LR and tau from the schedules -> forward under autocast (online and target on both views, the loss in float32) ->
 backward (DDP all-reduces the gradients) -> unscale, gradient norm, finiteness -> LARS step -> EMA of the target.
-The step has no host sync except with `train.on_nonfinite=skip`, which must decide before updating. Benchmarks see
+The step has no host sync except with `train.on_nonfinite=skip`, which must decide before updating, and with fp16,
+whose grad scaler reads its overflow flag every step (the EMA then follows the scaler: a step it skips moves neither
+network). Benchmarks see
 into it through the stage hook (a context manager per stage, a no-op by default) and may swap in a forward that names
 its own stages, or the per-parameter EMA.
 """
@@ -67,7 +69,8 @@ def train_step(trainer: Trainer, batch: Batch, step: int, *, stage: StageHook = 
     """One optimisation step of `trainer` at global step `step`; the caller advances `trainer.state.step`.
 
     A non-finite loss or gradient norm is recorded in `trainer.bad_step` (`train.on_nonfinite=stop`, checked by the
-    loop on its sync steps) or skips the update and counts it (`skip`); with fp16 the grad scaler skips such steps.
+    loop on its sync steps) or skips the update and counts it (`skip`); with fp16 the grad scaler skips a step whose
+    gradients overflowed (and lowers its scale), and the target's EMA is skipped with it.
 
     Args:
         trainer: the built trainer (model, its DDP/compiled forward, optimizer, scaler, schedule, state).
@@ -104,6 +107,9 @@ def train_step(trainer: Trainer, batch: Batch, step: int, *, stage: StageHook = 
         norm = grad_norm(trainer.params)
         finite = torch.isfinite(out.loss.detach()) & torch.isfinite(norm)
         skip = check == "skip" and not bool(finite)   # host sync (skip mode only)
+        # fp16: the scaler skips the optimizer step iff a gradient is inf/NaN, which is iff their norm is; reading it
+        # here costs no extra wait, since `scaler.step` syncs on the same flag a moment later.
+        overflow = scaler.is_enabled() and not bool(torch.isfinite(norm))
         if not skip:
             if check == "stop":
                 bad = trainer.bad_step
@@ -117,6 +123,8 @@ def train_step(trainer: Trainer, batch: Batch, step: int, *, stage: StageHook = 
         if trainer.state.skipped_steps > t.max_skipped_steps:
             raise NonFiniteError(f"more than train.max_skipped_steps={t.max_skipped_steps} steps were non-finite "
                                  f"(the last at step {step})")
+    elif overflow:
+        log.debug("step %d: fp16 gradients overflowed; the grad scaler skipped the step and the EMA", step)
     else:
         with stage("ema"):
             if ema == "fused":

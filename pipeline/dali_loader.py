@@ -33,6 +33,7 @@ file when the decoder knows it); convert the folder with `byol convert` to valid
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -99,6 +100,43 @@ def check_image_files(paths: list[str], threads: int = 16) -> list[str]:
     """`image_file_problem` of every path, in order (threaded: the cost is file opens, not CPU)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(image_file_problem, paths, chunksize=256))
+
+
+class StreamHold:
+    """Keeps DALI's outputs alive until the device work queued after them has run.
+
+    With the dynamic executor, the iterator hands out DALI's own buffers without a copy (DLPack), and DALI may reuse a
+    buffer as soon as the last torch tensor viewing it is dropped on the host, while kernels that read it (the cast to
+    the training dtype, the step itself) can still be queued on the GPU. Each batch's outputs are held, with an event
+    recorded on torch's stream when the consumer asks for the next batch, and let go once that event has passed;
+    `drain` waits for the rest (at the end of an epoch). On the CPU, work runs when it is issued: nothing is held.
+
+    Args:
+        device: the consumer's device.
+        new_event: makes an event with `record()`, `query()` and `synchronize()` (CUDA events by default).
+    """
+
+    def __init__(self, device: torch.device, new_event=None):
+        self.active = device.type == "cuda"
+        self.new_event = new_event or (lambda: torch.cuda.Event())
+        self._held: collections.deque = collections.deque()
+
+    def hold(self, outputs: object) -> None:
+        if not self.active:
+            return
+        event = self.new_event()
+        event.record()   # on the current stream of the current device (the trainer sets it to its own)
+        self._held.append((event, outputs))
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+
+    def drain(self) -> None:
+        for event, _ in self._held:
+            event.synchronize()
+        self._held.clear()
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 def epoch_seed(*keys: int) -> int:
@@ -297,13 +335,18 @@ class DaliTwoViewLoader(TwoViewLoader):
             it = DALIGenericIterator(self._pipe, self._output_names(), reader_name="Reader",
                                      last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
         self._reader_meta = self._pipe.reader_meta("Reader")
-        for b in range(first, total):
-            with self._data_errors(epoch, b):
-                out = next(it, None)
-            if out is None:
-                break
-            if b >= start:
-                yield self._convert(out[0])
+        hold = StreamHold(self.ctx.device)
+        try:
+            for b in range(first, total):
+                with self._data_errors(epoch, b):
+                    out = next(it, None)
+                if out is None:
+                    break
+                if b >= start:
+                    yield self._convert(out[0])
+                    hold.hold(out)   # the consumer has queued its work on this batch: keep it until that has run
+        finally:
+            hold.drain()
 
     @contextlib.contextmanager
     def _data_errors(self, epoch: int, batch: int) -> Iterator[None]:

@@ -21,7 +21,8 @@ from skimage import data
 from pipeline.config import DaliConfig, DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, check_batch
 from pipeline.dali_format import write_shards
-from pipeline.dali_loader import DaliTwoViewLoader, image_file_ok, is_shard_folder
+from pipeline import dali_loader
+from pipeline.dali_loader import DaliTwoViewLoader, StreamHold, image_file_ok, is_shard_folder
 from pipeline.folder import scan_image_folder
 from pipeline.sharding import epoch_permutation
 
@@ -320,6 +321,62 @@ def test_bad_settings_and_paths(tree, shards):
     assert is_shard_folder(str(shards / "manifest.json")) and not is_shard_folder(str(tree))
 
 
+class _Event:
+    """A stand-in for a CUDA event: done once `finish()` is called (or on `synchronize()`)."""
+
+    def __init__(self, log: list):
+        self.log, self.done = log, False
+        log.append(self)
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_stream_hold_keeps_outputs_until_their_event_passed():
+    events: list[_Event] = []
+    hold = StreamHold(torch.device("cuda"), new_event=lambda: _Event(events))
+    hold.hold("batch 0")
+    hold.hold("batch 1")
+    assert len(hold) == 2                      # nothing has run on the device yet
+    events[0].done = True
+    hold.hold("batch 2")
+    assert [o for _, o in hold._held] == ["batch 1", "batch 2"]   # released in order, once passed
+    events[2].done = True                      # a later event passing does not release an earlier batch
+    hold.hold("batch 3")
+    assert [o for _, o in hold._held][0] == "batch 1"
+    hold.drain()
+    assert len(hold) == 0 and all(e.done for e in events)
+    cpu = StreamHold(torch.device("cpu"), new_event=lambda: _Event(events))
+    cpu.hold("x")
+    assert len(cpu) == 0 and len(events) == 4   # on the CPU nothing is held, no event is made
+
+
+def test_each_batch_is_held_after_its_consumer_and_drained_at_the_end(tree, monkeypatch):
+    events: list[_Event] = []
+    made: list[StreamHold] = []
+
+    class Recording(StreamHold):   # the GPU bookkeeping, run on the CPU loader
+        def __init__(self, device, new_event=None):
+            super().__init__(torch.device("cuda"), new_event=lambda: _Event(events))
+            made.append(self)
+
+    monkeypatch.setattr(dali_loader, "StreamHold", Recording)
+    loader = DaliTwoViewLoader(_cfg(tree), LoaderContext(batch_size=BATCH, shuffle=False), exact_hue=False)
+    it = iter(loader)
+    next(it)
+    assert len(events) == 0                    # held only once the consumer asks for the next batch
+    next(it)
+    assert len(events) == 1 and len(made[0]) == 1
+    rest = list(it)
+    assert len(events) == 2 + len(rest) and all(e.done for e in events) and len(made[0]) == 0
+
+
 def test_mixed_falls_back_to_cpu_without_gpu(tree, caplog):
     loader = DaliTwoViewLoader(_cfg(tree, decoder="mixed"), LoaderContext(batch_size=BATCH))
     assert loader.decoder == "cpu" and loader.device_id is None
@@ -340,6 +397,30 @@ def test_mixed_decoder_on_gpu(tree, shards, scan_classes, random_crop_decoder):
             check_batch(b, ctx, SIZE)
             assert b.view1.is_cuda and (b.view1 - b.view2).abs().float().mean() > 0.05
             assert torch.equal(b.labels.cpu(), scan_classes[b.index.cpu()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_fp32_batches_survive_a_slow_consumer(tree):
+    """fp32 + channels-last: the batch is DALI's own buffer (no copy). A consumer whose GPU work runs late (a sleep
+    kernel queued first) must still read the batch it was given, not a later one written into the same memory."""
+    def sums(slow: bool) -> list[torch.Tensor]:
+        ctx = LoaderContext(device=torch.device("cuda"), dtype=torch.float32, batch_size=BATCH, seed=4,
+                            shuffle=False)
+        loader = DaliTwoViewLoader(_cfg(tree, decoder="mixed", hw_decoder_load=0.0), ctx)
+        loader.set_epoch(0)
+        out = []
+        for b in loader:
+            if slow:
+                torch.cuda._sleep(200_000_000)   # ~0.1 s of GPU time before the batch is read
+            out.append(torch.stack([b.view1.sum(dim=(1, 2, 3)), b.view2.sum(dim=(1, 2, 3))]))
+        torch.cuda.synchronize()
+        return [o.cpu() for o in out]
+
+    quick, slow = sums(False), sums(True)
+    assert len(quick) == len(slow) == 6
+    for q, s in zip(quick, slow):
+        torch.testing.assert_close(s, q, rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.gpu

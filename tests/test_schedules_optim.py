@@ -71,6 +71,24 @@ def test_lars_zero_weight_uses_ratio_one():
     assert torch.allclose(w.detach(), -torch.ones(3, 3))
 
 
+def test_lars_gives_each_tensor_its_own_trust_ratio():
+    """Many tensors in one group (the ratios are computed together): each gets the formula with its own norms; a zero
+    gradient keeps ratio 1 beside tensors that do not."""
+    torch.manual_seed(1)
+    shapes = [(16, 3, 3, 3), (32, 16), (5, 7), (64, 8, 1, 1), (3, 3)]
+    params = [nn.Parameter(torch.randn(s) * (k + 1)) for k, s in enumerate(shapes)]
+    grads = [torch.randn(s) * 10 ** -k for k, s in enumerate(shapes)]
+    grads[2].zero_()
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    lr, wd, eta = 0.3, 0.0, 2e-3
+    Lars([{"params": params, "weight_decay": wd, "lars_exclude": False}], lr=lr, momentum=0.9, eta=eta).step()
+    for p0, g, p in zip(before, grads, params):
+        ratio = eta * p0.norm() / g.norm() if g.norm() > 0 else torch.tensor(1.0)
+        assert torch.allclose(p.detach(), p0 - lr * ratio * g, rtol=1e-6, atol=1e-7)
+
+
 def test_build_optimizer_rejects_unknown():
     with pytest.raises(ValueError, match="lars"):
         build_optimizer(nn.Linear(2, 2), "adamw", 0.9, 0.0, 1e-3)

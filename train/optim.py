@@ -58,14 +58,14 @@ class Lars(torch.optim.Optimizer):
             if wd != 0:
                 grads = torch._foreach_add(grads, params, alpha=wd)
             if not group["lars_exclude"]:
-                p_norm = torch._foreach_norm(params)
-                g_norm = torch._foreach_norm(grads)
-                ratios = []
-                for pn, gn in zip(p_norm, g_norm):
-                    trust = group["eta"] * pn / (gn + group["eps"])
-                    # A zero weight or gradient norm gives ratio 1, as in the reference implementation.
-                    ratios.append(torch.where((pn > 0) & (gn > 0), trust, torch.ones_like(trust)))
-                grads = torch._foreach_mul(grads, ratios)
+                # All trust ratios in a handful of kernels over the stacked norms (one chain per tensor would be
+                # ~8 launches each, ~450 per step for ResNet-50 with its heads).
+                pn = torch.stack(torch._foreach_norm(params))
+                gn = torch.stack(torch._foreach_norm(grads))
+                trust = group["eta"] * pn / (gn + group["eps"])
+                # A zero weight or gradient norm gives ratio 1, as in the reference implementation.
+                ratios = torch.where((pn > 0) & (gn > 0), trust, torch.ones_like(trust))
+                grads = torch._foreach_mul(grads, list(ratios.unbind()))
             bufs = []
             for p, g in zip(params, grads):
                 state = self.state[p]

@@ -95,6 +95,15 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
     return found
 
 
+def test_per_rank_batchnorm_passes_the_weight_check(digits16, tmp_path):
+    # model.bn=local: each rank keeps its own BN statistics, so the check compares parameters only (it used to stop
+    # the run as "weights differ across ranks").
+    run = tmp_path / "local_bn"
+    overrides = tiny_overrides(run, str(digits16 / "train"), "torch", steps=4, batch=16)
+    _run(2, overrides + ["model.bn=local", "dist.check_every=2"])
+    assert max(_losses(run)) == 4
+
+
 def test_a_killed_rank_ends_the_job(digits16, tmp_path):
     run = tmp_path / "killed"
     proc = _launch(2, _cfg(run, str(digits16 / "train"), 400) + ["dist.timeout_s=30"])

@@ -92,20 +92,25 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A hash of every tensor in the state_dict (host sync: call on check steps only)."""
+def weights_digest(module: torch.nn.Module, buffers: bool = True) -> str:
+    """A hash of every parameter, and with `buffers` every buffer, of `module` (host sync: call on check steps
+    only)."""
     h = hashlib.sha256()
-    for k, v in module.state_dict().items():
+    tensors = module.state_dict() if buffers else dict(module.named_parameters())
+    for k, v in tensors.items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def check_weights_agree(module: torch.nn.Module, step: int) -> None:
-    """Raise when ranks hold different weights (they must: DDP syncs gradients, the EMA is deterministic)."""
+def check_weights_agree(module: torch.nn.Module, step: int, buffers: bool = True) -> None:
+    """Raise when ranks hold different weights (they must: DDP syncs gradients, the EMA is deterministic).
+
+    `buffers=False` leaves out the BatchNorm statistics, which legitimately differ across ranks with per-rank BN
+    (`model.bn=local`)."""
     if get_world_size() == 1:
         return
-    digest = weights_digest(module)
+    digest = weights_digest(module, buffers)
     digests: list = [None] * get_world_size()
     dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:

@@ -300,7 +300,7 @@ class Trainer:
                     window_steps, data_wait = 0, 0.0
                     window_start = time.perf_counter()
                 if cfg.dist.check_every and self.state.step % cfg.dist.check_every == 0:
-                    check_weights_agree(self.model, self.state.step)
+                    check_weights_agree(self.model, self.state.step, buffers=cfg.model.bn == "sync")
                 if self.eval_monitor is not None and (self.state.step % cfg.eval.every == 0 or end):
                     acc = self.eval_monitor(self.model.encoder)
                     self._log({"step": self.state.step, **acc})

@@ -89,7 +89,9 @@ class EvalConfig:
     Args:
         data: a labelled ImageFolder tree; with `train/` and `val/` subfolders those are used, else a fixed
             stratified split holds out `val_fraction` of each class.
-        every: run the kNN monitor every this many training steps (0: off).
+        every: run the kNN monitor every this many training steps (0: off). Under torchrun rank 0 runs it while
+            the other ranks wait in their next collective: keep `data` small enough to finish within
+            `dist.timeout_s`, or raise that.
         k: neighbour counts of the weighted kNN.
         temperature: kNN weight temperature (weights exp(cos / T)).
         image_size: evaluation crop; images are resized to image_size * 8/7 then centre-cropped.

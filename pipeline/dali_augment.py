@@ -103,17 +103,16 @@ def _coin(p: float) -> DataNode:
 
 
 @do_not_convert
-def _on_cpu(x: DataNode) -> DataNode:
-    # Argument inputs (per-sample scalars) live on the CPU; DALI's default executor allows this small copy back.
-    return x.cpu() if x.device == "gpu" else x
-
-
-@do_not_convert
 def adjust_contrast(images: DataNode, factor: Union[DataNode, float]) -> DataNode:
-    """torchvision's adjust_contrast: blend with the mean of the image's grayscale (per sample)."""
+    """torchvision's adjust_contrast: blend with the mean of the image's grayscale (per sample).
+
+    Written as arithmetic (one fused expression, then a rounding, saturating cast) so that the per-sample mean stays
+    on the device that computed it: `fn.brightness_contrast` takes its centre as an argument input, which lives on
+    the CPU, and would send the mean from the GPU to the host in every contrast op of every batch.
+    """
     gray = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
     gray_mean = fn.reductions.mean(gray, dtype=types.FLOAT)
-    return fn.brightness_contrast(images, contrast=factor, contrast_center=_on_cpu(gray_mean))
+    return fn.cast(images * factor + gray_mean * (1.0 - factor), dtype=types.UINT8)
 
 
 @do_not_convert

@@ -104,6 +104,32 @@ def test_per_rank_batchnorm_passes_the_weight_check(digits16, tmp_path):
     assert max(_losses(run)) == 4
 
 
+def test_a_signal_to_one_rank_stops_both_at_one_step_and_resumes(digits16, tmp_path):
+    # A preemption signal that reaches only rank 1: the ranks agree on the step (a MAX over the ranks every few
+    # steps), rank 0 writes the checkpoint, both exit with 75, and a new job resumes from that step.
+    run = tmp_path / "preempted"
+    overrides = _cfg(run, str(digits16 / "train"), 400) + ["train.log_every=1"]
+    proc = _launch(2, overrides)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    pids = _rank_pids(proc.pid)
+    assert 1 in pids, "rank 1 not found"
+    os.kill(pids[1], signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop after the signal")
+    assert proc.returncode == 1 and out.count("exitcode  : 75") == 2, out[-3000:]   # torchrun itself exits 1
+    stopped = max(_losses(run))
+    assert out.count(f"preempted at step {stopped}:") == 2, out[-3000:]
+    assert 1 <= stopped < 400 and stopped % 10 == 0    # the ranks' agreement point
+    assert (run / f"ckpt-{stopped:08d}.pt").is_file()
+    _run(2, _cfg(run, str(digits16 / "train"), stopped + 2) + ["train.resume=auto"])
+    assert max(_losses(run)) == stopped + 2
+
+
 def test_a_killed_rank_ends_the_job(digits16, tmp_path):
     run = tmp_path / "killed"
     proc = _launch(2, _cfg(run, str(digits16 / "train"), 400) + ["dist.timeout_s=30"])

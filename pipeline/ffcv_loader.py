@@ -370,12 +370,20 @@ class FfcvTwoViewLoader(TwoViewLoader):
         if it is None:
             return
         it.terminate_event.set()
-        it.join()
+        # The thread may be blocked putting a batch (or its closing None) into a full queue, which it does without
+        # looking at the terminate event: keep the queue drained until it has finished.
+        while it.is_alive():
+            _drain(it.output_queue)
+            it.join(0.05)
         it.close()
         # An abandoned generator of that epoch, if resumed, would wait forever on the queue: end it instead.
-        while True:
-            try:
-                it.output_queue.get_nowait()
-            except queue.Empty:
-                break
+        _drain(it.output_queue)
         it.output_queue.put_nowait(None)
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return

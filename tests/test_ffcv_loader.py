@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -164,6 +166,23 @@ def test_a_superseded_epoch_ends_cleanly(loader: FfcvTwoViewLoader) -> None:
     next(fresh)  # starting an epoch stops the one in flight
     assert list(stale) == []  # the stale generator ends instead of waiting forever on its queue ...
     assert len(list(fresh)) == len(loader) - 1  # ... and its end does not stop the fresh epoch
+    loader.set_epoch(0)
+
+
+def test_close_mid_epoch_returns_whatever_is_left(loader: FfcvTwoViewLoader) -> None:
+    """Stopping an epoch early (preemption, max_steps) must not hang, however many batches the epoch thread has
+    left to hand over: with exactly `batches_ahead` left it used to block on a full queue for ever."""
+    for left in range(0, min(len(loader), loader.cfg.ffcv.batches_ahead + 3)):
+        loader.set_epoch(0)
+        it = iter(loader)
+        for _ in range(len(loader) - left):
+            next(it)
+        time.sleep(0.3)   # let the epoch thread fill the queue and block on it
+        closer = threading.Thread(target=loader.close, daemon=True)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), f"close() hung with {left} batch(es) left"
+        assert list(it) == []
     loader.set_epoch(0)
 
 

@@ -66,6 +66,32 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, caplog):
     assert "falling back" in caplog.text and "corrupt" in caplog.text
     steps = [m["step"] for m in trainer.state.history if "loss" in m]
     assert steps[-3:] == [3, 4, 5]    # resumed from step 2
+    # the corrupt file is set aside, not retried by the next `auto`
+    assert (run / "ckpt-00000004.pt.superseded").is_file()
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt", "ckpt-00000005.pt"]
+
+
+def test_checkpoints_of_another_run_are_never_deleted(tmp_path):
+    """keep_last counts the checkpoints up to the step being saved: a fresh run in a used folder moves the earlier
+    run aside (it used to delete its own new checkpoints, which sorted below the old ones), and resuming from an
+    earlier step sets the abandoned later checkpoints aside."""
+    run = tmp_path / "run"
+    _train(tiny_overrides(run, steps=4) + ["train.ckpt_every=2", "train.keep_last=1"])
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000004.pt"]
+    _train(tiny_overrides(run, steps=3) + ["train.ckpt_every=1", "train.keep_last=2"])
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert [p.name for p in list_checkpoints(run / "previous-1")] == ["ckpt-00000004.pt"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3      # this run's steps only
+    assert len((run / "previous-1" / "metrics.jsonl").read_text().splitlines()) == 4
+
+    _train(tiny_overrides(run, steps=3) + [f"train.resume={run / 'ckpt-00000002.pt'}", "train.keep_last=2"])
+    assert (run / "ckpt-00000003.pt").is_file()       # rewritten by the resumed run
+    _train(tiny_overrides(run, steps=4) + ["train.resume=auto", "train.keep_last=5"])
+    _, trainer = _train(tiny_overrides(run, steps=2) + ["train.resume=" + str(run / "ckpt-00000002.pt")])
+    assert sorted(p.name for p in run.glob("*.superseded")) == [
+        "ckpt-00000003.pt.sha256.superseded", "ckpt-00000003.pt.superseded",
+        "ckpt-00000004.pt.sha256.superseded", "ckpt-00000004.pt.superseded"]
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt"]
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

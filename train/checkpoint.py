@@ -57,35 +57,89 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int = 3) -> Path:
-    """Write `state` atomically as checkpoint `step`, then delete all but the newest `keep_last`.
+    """Write `state` atomically as checkpoint `step`, then delete all but the newest `keep_last` up to `step`.
+
+    Checkpoints of later steps are never deleted here (see `set_aside_later`). The order on disk keeps every crash
+    point loadable: the file and its digest are fsynced under temporary names, a stale digest of the same step is
+    removed, the file is renamed into place, then the digest.
 
     Raises:
         CheckpointError: the disk is full or not writable; the previous checkpoints are left untouched.
     """
     run_dir = Path(run_dir)
     final = checkpoint_path(run_dir, step)
+    sidecar = final.with_name(final.name + ".sha256")
     tmp = final.with_name(final.name + ".tmp")
+    sidecar_tmp = tmp.with_name(final.name + ".sha256.tmp")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
-        sidecar_tmp = tmp.with_name(final.name + ".sha256.tmp")
-        sidecar_tmp.write_text(digest + "\n")
-        os.replace(sidecar_tmp, final.with_name(final.name + ".sha256"))
+        with open(sidecar_tmp, "w") as f:
+            f.write(_sha256(tmp) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        sidecar.unlink(missing_ok=True)   # overwriting this step: never pair the new file with the old digest
         os.replace(tmp, final)
+        os.replace(sidecar_tmp, sidecar)
         _fsync_dir(run_dir)
     except OSError as err:
-        for p in (tmp, tmp.with_name(final.name + ".sha256.tmp")):
+        for p in (tmp, sidecar_tmp):
             p.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err}. The previous checkpoints "
                               f"are intact; free space or fix permissions on {run_dir}, then resume.") from None
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    earlier = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
+    for old in earlier[:-keep_last]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return final
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not named like a checkpoint (ckpt-<8 digits>.pt)")
+    return int(m.group(1))
+
+
+def set_aside_later(run_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints of steps after `step` to `<name>.superseded` (with their digests): a run resumed from
+    an earlier step abandons them, and `--resume auto` must not come back to them. Nothing is deleted."""
+    moved = []
+    for p in list_checkpoints(run_dir):
+        if checkpoint_step(p) > step:
+            for f in (p, p.with_name(p.name + ".sha256")):
+                if f.exists():
+                    os.replace(f, f.with_name(f.name + ".superseded"))
+            moved.append(p)
+    if moved:
+        log.warning("resumed at step %d: set aside the later checkpoint(s) of the abandoned run as *.superseded: %s",
+                    step, ", ".join(p.name for p in moved))
+    return moved
+
+
+def set_aside_previous_run(run_dir: str | Path) -> Path | None:
+    """Move an earlier run's checkpoints, metrics and TensorBoard log out of the way of a fresh run in the same
+    folder, into `<run_dir>/previous-<n>/`; returns that folder (None when there was nothing to move)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    names = [p for p in run_dir.iterdir()
+             if _NAME.match(p.name) or p.name.startswith("ckpt-") or p.name in ("metrics.jsonl", "tb")]
+    if not any(_NAME.match(p.name) or p.name == "metrics.jsonl" for p in names):
+        return None
+    n = 1
+    while (run_dir / f"previous-{n}").exists():
+        n += 1
+    dest = run_dir / f"previous-{n}"
+    dest.mkdir()
+    for p in names:
+        os.replace(p, dest / p.name)
+    log.warning("%s held an earlier run (a fresh run was asked for, train.resume is empty): moved its checkpoints and "
+                "metrics to %s", run_dir, dest)
+    return dest
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -181,6 +181,8 @@ class Trainer:
                 f"checkpoint {path} was trained with a different config:\n  " + "\n  ".join(diffs) +
                 "\nuse the checkpoint's values, or allow an intentional change with "
                 "train.allow_changed=[key,...] (e.g. train.allow_changed=[train.base_lr])")
+        if self.dist.is_main:
+            ckpt.set_aside_later(self.run_dir, int(state["step"]))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -226,6 +228,8 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
+        if self.dist.is_main and not t.resume:
+            ckpt.set_aside_previous_run(self.run_dir)
         if self.dist.is_main:
             write_run_info(self.run_dir, to_dict(cfg), {"world_size": self.dist.world_size,
                                                         "steps_per_epoch": sched.steps_per_epoch,

@@ -194,6 +194,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert f"data.path '{tmp_path / 'missing'}' does not exist" in capsys.readouterr().err
     assert byol(["eval", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+    for device, says in (("gpu", "is not a device"), ("meta", "runs on cpu or cuda")):
+        assert byol(["train", *tiny_overrides(tmp_path / "r", steps=1), f"train.device={device}"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert byol(["train", *tiny_overrides(blocked / "run", steps=1)]) == 2   # out_dir below a file
+    err = capsys.readouterr().err
+    assert "cannot write or read" in err and "Traceback" not in err
 
 
 def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, capsys):

@@ -35,7 +35,7 @@ def _eval(args: argparse.Namespace) -> int:
     from train.distributed import resolve_device
     from train.evaluate import encoder_from_checkpoint, evaluate_encoder
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device")
     state = load_checkpoint(args.checkpoint)
     encoder, meta = encoder_from_checkpoint(state, device)
     image_size = args.image_size or state["config"]["data"]["image_size"]
@@ -179,6 +179,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteError as err:
         print(f"byol {args.command}: stopped: {err}", file=sys.stderr)
         return 1
+    except OSError as err:   # a folder that cannot be created or written (out_dir, --out, ...)
+        where = f" {err.filename!r}" if getattr(err, "filename", None) else ""
+        print(f"byol {args.command}: error: cannot write or read{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
     except Preempted as p:
         return p.code
     except KeyboardInterrupt:

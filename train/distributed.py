@@ -29,15 +29,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> cuda:<local_rank> when CUDA is present, else cpu; `cuda` -> cuda:<local_rank>."""
+def resolve_device(name: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """`auto` -> cuda:<local_rank> when CUDA is present, else cpu; `cuda` -> cuda:<local_rank>. A name that is no
+    usable device is a ConfigError naming `setting`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto")
-    return torch.device(name)
+    from train.config import ConfigError
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{setting}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{setting}={name!r}: byolfast runs on cpu or cuda (auto picks cuda when present)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{setting}={name!r} but no CUDA device is available: use {setting}=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{setting}={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 600) -> DistInfo:

@@ -136,7 +136,8 @@ def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path):
     """fp16 (autocast + grad scaler, also on the CPU): a step whose scaled gradients overflow moves neither the online
     nor the target network, and lowers the scale; a step with a sane scale moves both."""
     from train.step import train_step
-    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "run", steps=20) + ["train.precision=fp16"]))
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "run", steps=20) + ["train.precision=fp16",
+                                                                                    "train.max_skipped_steps=2"]))
     assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
     batch = next(iter(trainer.loader))
     trainer.model.train()
@@ -159,6 +160,10 @@ def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path):
     online2, target2 = snapshot()
     assert not moved(online1, online2) and not moved(target1, target2)
     assert trainer.scaler.get_scale() < 2.0 ** 120
+    # a run whose fp16 gradients keep overflowing has diverged: after max_skipped_steps in a row it stops
+    train_step(trainer, batch, 5)
+    with pytest.raises(NonFiniteError, match="3 steps in a row"):
+        train_step(trainer, batch, 6)
 
 
 def _run_cli(args, env_extra=None, **kw):

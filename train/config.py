@@ -50,7 +50,8 @@ class TrainConfig:
         resume: `` (start fresh), `auto` (the newest valid checkpoint in out_dir) or a checkpoint path.
         allow_changed: config keys allowed to differ from the checkpoint's on resume (e.g. `train.base_lr`).
         on_nonfinite: `stop` (keep the last good checkpoint and stop naming the step) or `skip` the step.
-        max_skipped_steps: with `skip`, stop anyway after this many skipped steps.
+        max_skipped_steps: with `skip`, stop anyway after this many skipped steps; with fp16, stop after this many
+            steps in a row whose gradients overflowed (the grad scaler skips each one).
         preempt_signals: signals that make the run checkpoint and exit for requeue.
         num_threads: CPU threads for torch (0: torch's default, every core; on the CPU they are shared with the
             loader, which measured faster than reserving cores for its workers).

@@ -145,6 +145,7 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         self.state = RunState()
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)   # first non-finite step, or -1
+        self.overflows_in_a_row = 0   # fp16: consecutive steps the grad scaler skipped
         self.writer = None
         self.eval_monitor = None
 
@@ -256,6 +257,7 @@ class Trainer:
         global_batch = t.batch_size
         loss_sum = torch.zeros((), device=self.device)
         window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+        paused = 0.0   # seconds of the window spent in the kNN monitor: not training, left out of images/s
         last_loss, last_collapse, total_images, total_time = math.nan, math.nan, 0, 0.0
         self.model.train()
         from tqdm import tqdm
@@ -283,7 +285,7 @@ class Trainer:
                     self._check_finite()
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = time.perf_counter() - window_start - paused
                     if self.dist.distributed:   # the loss of the global batch, not of rank 0's share
                         torch.distributed.all_reduce(loss_sum)
                         loss_sum /= self.dist.world_size
@@ -301,14 +303,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{last_loss:.4f}", ips=f"{metrics['images_per_sec']:.0f}")
                     self._log(metrics)
                     loss_sum.zero_()
-                    window_steps, data_wait = 0, 0.0
+                    window_steps, data_wait, paused = 0, 0.0, 0.0
                     window_start = time.perf_counter()
                 if cfg.dist.check_every and self.state.step % cfg.dist.check_every == 0:
                     check_weights_agree(self.model, self.state.step, buffers=cfg.model.bn == "sync")
                 if self.eval_monitor is not None and (self.state.step % cfg.eval.every == 0 or end):
+                    t_eval = time.perf_counter()
                     acc = self.eval_monitor(self.model.encoder)
                     self._log({"step": self.state.step, **acc})
-                    window_start = time.perf_counter()
+                    paused += time.perf_counter() - t_eval
                 if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not end:
                     self._check_finite()
                     self.save()

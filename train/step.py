@@ -125,7 +125,13 @@ def train_step(trainer: Trainer, batch: Batch, step: int, *, stage: StageHook = 
                                  f"(the last at step {step})")
     elif overflow:
         log.debug("step %d: fp16 gradients overflowed; the grad scaler skipped the step and the EMA", step)
+        trainer.overflows_in_a_row += 1
+        if trainer.overflows_in_a_row > t.max_skipped_steps:
+            raise NonFiniteError(f"the fp16 gradients were inf/NaN on {trainer.overflows_in_a_row} steps in a row "
+                                 f"(up to step {step}; train.max_skipped_steps={t.max_skipped_steps}): the run has "
+                                 "diverged. Lower train.base_lr, or use train.precision=bf16/fp32")
     else:
+        trainer.overflows_in_a_row = 0
         with stage("ema"):
             if ema == "fused":
                 trainer.model.update_target(tau)

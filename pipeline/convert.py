@@ -101,7 +101,7 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     if not todo:
         logger.info("%s: output complete (%s); nothing to do (overwrite=True rebuilds it)", out, ", ".join(formats))
         report = previous_report(out_path, src_path, len(samples), classes, empty)
-        report.outputs = outputs
+        report.outputs = {**other_outputs(out_path, report, formats), **outputs}   # keep the formats not asked for
         report.num_samples = report.num_samples or next(iter(outputs.values()))["num_samples"]
     else:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -142,12 +142,13 @@ def list_samples(src: Path, file_list: str | None) -> tuple[list[tuple[str, int]
         entries[rel] = label
     if not entries:
         raise DataError(f"file list {file_list!r} lists no images")
-    if all(v.isdigit() for v in entries.values()):
+    numeric = all(v.isascii() and v.isdigit() for v in entries.values())
+    if numeric:   # class i is named "i"; "07" is class 7
         classes = [str(i) for i in range(max(int(v) for v in entries.values()) + 1)]
-    else:
+    else:         # names, in sorted order ("07" and "7" are then two classes)
         classes = sorted(set(entries.values()))
     to_index = {c: i for i, c in enumerate(classes)}
-    samples = sorted((to_index[str(int(v))] if v.isdigit() else to_index[v], rel) for rel, v in entries.items())
+    samples = sorted((int(v) if numeric else to_index[v], rel) for rel, v in entries.items())
     return [(str(src / rel), y) for y, rel in samples], classes
 
 

@@ -244,7 +244,10 @@ def load_beton_meta(path: str | os.PathLike) -> dict:
                         f"(truncated or corrupted); {redo}")
     classes = None
     if (path.parent / CLASSES).is_file():
-        with open(path.parent / CLASSES, encoding="utf-8") as f:
-            classes = json.load(f)
+        try:
+            with open(path.parent / CLASSES, encoding="utf-8") as f:
+                classes = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path.parent / CLASSES}: unreadable class list ({e}); {redo}") from None
     return {"path": str(path), "num_samples": num_samples, "fields": names, "page_size": int(header["page_size"]),
             "bytes": size, "classes": classes}

@@ -137,6 +137,10 @@ def test_a_later_format_keeps_the_earlier_one_in_the_report(tree, converted, tmp
     assert set(json.loads((later / convert_mod.REPORT).read_text())["outputs"]) == {"dali", "ffcv"}
     assert skipped_at_convert(later / "ffcv" / "train.beton", 22)["convert_skipped"] == 4
     assert skipped_at_convert(later / "dali", 22)["convert_skipped"] == 4
+    # a rerun with nothing left to do keeps the other format in the report too
+    convert_dataset(str(tree), str(later), formats=["dali"], workers=2, shard_size=8, progress=False)
+    assert set(json.loads((later / convert_mod.REPORT).read_text())["outputs"]) == {"dali", "ffcv"}
+    assert skipped_at_convert(later / "ffcv" / "train.beton", 22)["convert_skipped"] == 4
 
 
 def _read_shards(manifest: dict) -> dict[int, dict]:
@@ -357,6 +361,12 @@ def test_file_list_input(tree, tmp_path):
     (tmp_path / "ints.txt").write_text("cat/0.jpg 3\ndog/0.jpg 1\n")
     samples, classes = convert_mod.list_samples(tree, str(tmp_path / "ints.txt"))
     assert classes == ["0", "1", "2", "3"] and [y for _, y in samples] == [1, 3]
+    (tmp_path / "padded.txt").write_text("cat/0.jpg 01\ndog/0.jpg 2\n")      # "01" is class 1
+    samples, classes = convert_mod.list_samples(tree, str(tmp_path / "padded.txt"))
+    assert classes == ["0", "1", "2"] and [y for _, y in samples] == [1, 2]
+    (tmp_path / "mixed.txt").write_text("cat/0.jpg 01\ndog/0.jpg cat\nfish/png.png \u00b2\n")   # names, sorted
+    samples, classes = convert_mod.list_samples(tree, str(tmp_path / "mixed.txt"))
+    assert classes == ["01", "cat", "\u00b2"] and sorted(y for _, y in samples) == [0, 1, 2]
     (tmp_path / "bad.txt").write_text("cat/0.jpg 1\njustonefield\n")
     with pytest.raises(DataError, match="bad.txt:2"):
         convert_mod.list_samples(tree, str(tmp_path / "bad.txt"))

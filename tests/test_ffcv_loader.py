@@ -268,11 +268,15 @@ def test_two_emulated_ranks_are_disjoint_and_cover_the_kept_samples(loader: Ffcv
     assert len(set(seen[0]) | set(seen[1])) == kept
 
 
-@pytest.mark.parametrize("damage", ["missing", "folder", "empty", "not_beton", "truncated", "unfinished"])
+@pytest.mark.parametrize("damage", ["missing", "folder", "empty", "not_beton", "truncated", "unfinished",
+                                    "classes_json"])
 def test_bad_files_raise_data_error(beton: Path, tmp_path: Path, damage: str) -> None:
     bad = tmp_path / "x.beton"
     raw = beton.read_bytes()
-    if damage == "folder":
+    if damage == "classes_json":   # a sound beton beside a class list cut short
+        bad.write_bytes(raw)
+        (tmp_path / "classes.json").write_text('["a", "b"')
+    elif damage == "folder":
         bad = tmp_path
     elif damage == "empty":
         bad.write_bytes(b"")

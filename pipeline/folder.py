@@ -13,7 +13,7 @@ def scan_image_folder(root: str | os.PathLike, allow_empty_class: bool = False, 
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """List `(path, class_index)` for every image under `root/<class>/`, classes sorted by name.
 
-    A `train/` subfolder is used when `root` has one and no images of its own (ImageNet's layout). `setting` names
+    A `train/` subfolder of class folders is used when `root` has no files of its own (ImageNet's layout). `setting` names
     where the user gave the path, for the messages.
 
     Raises:
@@ -26,8 +26,10 @@ def scan_image_folder(root: str | os.PathLike, allow_empty_class: bool = False, 
                         "or run `byol demo-data` to build the embedded one")
     if not root.is_dir():
         raise DataError(f"{setting} {str(root)!r} is a file, not a folder of class folders")
-    if (root / "train").is_dir() and not any(p.is_file() for p in root.iterdir()):
-        root = root / "train"
+    train = root / "train"
+    if (train.is_dir() and not any(p.is_file() for p in root.iterdir())
+            and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(train))):
+        root = train   # ImageNet's layout: root/train/<class>/ (a class named "train" holds images, not folders)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{str(root)!r} has no class folders: expected {root}/<class>/<image>.jpg")

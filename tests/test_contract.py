@@ -88,3 +88,22 @@ def test_classes_agree_across_backends(photo_tree, converted):
     assert manifest["classes"] == ffcv_classes == ["astronaut", "chelsea", "coffee"]
     assert manifest["num_samples"] == 24 and sum(s["count"] for s in manifest["shards"]) == 24
     assert np.diff([s["count"] for s in manifest["shards"]]).tolist() == [0, -6]   # 10, 10, 4
+
+
+def test_image_folder_layouts(tmp_path):
+    """ImageNet's `root/train/<class>/` is found from `root`; a class that happens to be named `train` is a class."""
+    from pipeline.folder import scan_image_folder
+
+    def touch(rel: str) -> None:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\xff\xd8\xff")
+
+    touch("imagenet/train/n01/a.jpg")
+    touch("imagenet/train/n02/b.jpg")
+    touch("imagenet/val/n01/c.jpg")
+    samples, classes = scan_image_folder(tmp_path / "imagenet")
+    assert classes == ["n01", "n02"] and len(samples) == 2
+    touch("voc/train/a.jpg")
+    touch("voc/car/b.jpg")
+    samples, classes = scan_image_folder(tmp_path / "voc")
+    assert classes == ["car", "train"] and len(samples) == 2

@@ -292,6 +292,9 @@ def _normalise_chunk(task: tuple[str, int, list[str], int, int]) -> tuple[int, l
         except SkipImage as e:
             records.append(("skip", str(e), 0, 0, 0, 0))
             continue
+        except Exception as e:   # anything else is still about this one file: skip it, say why, keep converting
+            records.append(("skip", f"unreadable: {type(e).__name__}: {e}", 0, 0, 0, 0))
+            continue
         if data is None:
             records.append(("pass", None, 0, size, w, h))
         else:

@@ -88,11 +88,14 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
         reason = "resize"
     else:
         return None, None, len(data), (w, h)
-    rgb = ImageOps.exif_transpose(_to_rgb(img)) if orientation not in (0, 1) else _to_rgb(img)
-    if rgb.size != (tw, th):
-        rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)  # antialiased in PIL; ~Lanczos quality, faster
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=quality)
+    try:
+        rgb = ImageOps.exif_transpose(_to_rgb(img)) if orientation not in (0, 1) else _to_rgb(img)
+        if rgb.size != (tw, th):
+            rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)  # antialiased in PIL; ~Lanczos quality, faster
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=quality)
+    except (OSError, ValueError, MemoryError) as e:   # e.g. a side JPEG cannot store (65,535 px), odd modes
+        raise SkipImage(f"cannot be re-encoded as JPEG ({reason}): {e}") from None
     return buf.getvalue(), reason, len(data), (tw, th)
 
 

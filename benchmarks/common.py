@@ -98,9 +98,10 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
                 # judged after the second batch at the earliest: the first one pays for start-up (FFCV compiles)
                 if r == 0 and budget_s > 0 and (i == w - 1 or (i >= 1 and 2 * batch_s > budget_s)):
                     affordable = max(1, int(budget_s / batch_s))
-                    repeats = max(1, min(repeats, affordable // 2))
-                    steps = n = max(1, min(n, affordable // repeats))
-                    warmup = min(warmup, 1)
+                    if affordable < repeats * n:   # the budget binds: fewer repeats and batches, a short warm-up
+                        repeats = max(1, min(repeats, affordable // 2))
+                        steps = n = max(1, min(n, affordable // repeats))
+                        warmup = min(warmup, 1)
                     break
             t0 = time.perf_counter()
             for _ in range(n):

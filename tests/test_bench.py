@@ -127,6 +127,10 @@ def test_time_epochs_warms_up_and_times_each_repeat():
     secs, _ = time_epochs(slow, lambda b: time.sleep(0.05), torch.device("cpu"), warmup=2, steps=5, repeats=3,
                           budget_s=0.12)
     assert len(secs) == 1 and slow.epochs == [0]   # 2 affordable batches: one repeat of two
+    seen.clear()
+    secs, _ = time_epochs(_ListLoader(6), seen.append, torch.device("cpu"), warmup=2, steps=3, repeats=2,
+                          budget_s=60.0)
+    assert len(secs) == 2 and seen == [0, 1, 2, 3, 4] * 2   # a budget that does not bind keeps every warm-up
     with pytest.raises(DataError, match="warm-up"):
         time_epochs(_ListLoader(2), seen.append, torch.device("cpu"), warmup=2, steps=3, repeats=1)
 

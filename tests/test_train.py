@@ -244,6 +244,23 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
     assert "different class folders (10 and 9)" in err and "Traceback" not in err
 
 
+def test_knn_and_linear_monitor_during_training(tmp_path, digits16):
+    from pipeline.contract import DataError
+    from train.config import ConfigError
+    base = tiny_overrides(tmp_path / "run", str(digits16 / "train"), "torch", steps=2) + [
+        "eval.every=2", "eval.image_size=16", "eval.batch_size=64", "eval.k=[5]"]
+    summary, _ = _train(base + [f"eval.data={digits16}", "eval.linear_epochs=2"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in scores] == [2] and 0 <= scores[0]["linear_top1"] <= 1
+    assert summary["images_per_sec"] > 0
+    with pytest.raises(ConfigError, match="eval.data"):
+        load_config(None, base)                                       # a monitor with nothing to evaluate on
+    with pytest.raises(DataError, match="evaluation data"):
+        _train(base + [f"eval.data={tmp_path / 'missing'}", f"train.out_dir={tmp_path / 'run2'}"])
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()         # refused before the first step
+
+
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 

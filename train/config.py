@@ -97,7 +97,8 @@ class EvalConfig:
         temperature: kNN weight temperature (weights exp(cos / T)).
         image_size: evaluation crop; images are resized to image_size * 8/7 then centre-cropped.
         batch_size: feature-extraction batch.
-        linear_epochs: epochs of the linear probe (0: no probe).
+        linear_epochs: epochs of the linear probe that the training monitor also fits (0: kNN only); `byol eval`
+            takes `--linear --linear-epochs N` instead.
         val_fraction: held-out share of each class when `data` has no `val/`.
     """
 
@@ -331,6 +332,8 @@ def validate(cfg: Config) -> None:
     _check(all(k >= 1 for k in e.k) and len(e.k) >= 1, "eval.k", "positive integers", e.k)
     _check(e.temperature > 0, "eval.temperature", "> 0", e.temperature)
     _check(e.every >= 0, "eval.every", ">= 0 (0: off)", e.every)
+    _check(not (e.every and not e.data), "eval.data", "a labelled ImageFolder tree when eval.every > 0 (the kNN "
+           "monitor needs one; or set eval.every=0)", e.data)
     _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
     _check(e.image_size >= 8, "eval.image_size", ">= 8", e.image_size)
     _check(e.linear_epochs >= 0, "eval.linear_epochs", ">= 0", e.linear_epochs)

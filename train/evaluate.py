@@ -143,15 +143,18 @@ def evaluate_encoder(encoder: nn.Module, cfg: EvalConfig, device: torch.device, 
 
 
 class KnnMonitor:
-    """The kNN evaluation as a periodic monitor during training (rank 0)."""
+    """The kNN evaluation (and, with `eval.linear_epochs` > 0, the linear probe) as a periodic monitor during
+    training (rank 0)."""
 
     def __init__(self, cfg: EvalConfig, device: torch.device, channels_last: bool = True):
         self.cfg, self.device, self.channels_last = cfg, device, channels_last
+        split_samples(cfg.data, cfg.val_fraction)   # a missing or empty folder stops the run now, not hours later
 
     def __call__(self, encoder: nn.Module) -> dict:
-        r = evaluate_encoder(encoder, self.cfg, self.device, self.channels_last)
-        log.info("kNN monitor: %s", ", ".join(f"{k}={v:.4f}" for k, v in r.items() if k.startswith("knn")))
-        return {k: v for k, v in r.items() if k.startswith("knn")}
+        r = evaluate_encoder(encoder, self.cfg, self.device, self.channels_last, linear=self.cfg.linear_epochs > 0)
+        scores = {k: v for k, v in r.items() if k.startswith(("knn", "linear"))}
+        log.info("kNN monitor: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        return scores
 
 
 def encoder_from_checkpoint(state: dict, device: torch.device) -> tuple[nn.Module, dict]:

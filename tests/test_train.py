@@ -99,6 +99,15 @@ def test_resume_refuses_a_changed_config(tmp_path):
     _train(tiny_overrides(run, steps=2))
     with pytest.raises(CheckpointError, match=r"train.base_lr: checkpoint 0.5 -> now 0.1"):
         _train(tiny_overrides(run, steps=3) + ["train.resume=auto", "train.base_lr=0.1"])
+    # another dataset size (data.path may change freely) moves every schedule: refused unless accepted
+    sized = tmp_path / "sized"
+    _train(tiny_overrides(sized, steps=2))
+    with pytest.raises(CheckpointError, match="8 steps per epoch, this run has 4"):
+        _train(tiny_overrides(sized, steps=3) + ["train.resume=auto", "data.synthetic_size=32",
+                                                 "train.allow_changed=[data.synthetic_size]"])
+    summary, _ = _train(tiny_overrides(sized, steps=3) + ["train.resume=auto", "data.synthetic_size=32",
+                                                          "train.allow_changed=[data.synthetic_size,data.size]"])
+    assert summary["steps"] == 3
     summary, _ = _train(tiny_overrides(run, steps=3) + ["train.resume=auto", "train.base_lr=0.1",
                                                         "train.allow_changed=[train.base_lr]"])
     assert summary["steps"] == 3

@@ -48,7 +48,8 @@ class TrainConfig:
         ckpt_every: steps between checkpoints (0: only at the end and on preemption).
         keep_last: checkpoints kept in the run folder.
         resume: `` (start fresh), `auto` (the newest valid checkpoint in out_dir) or a checkpoint path.
-        allow_changed: config keys allowed to differ from the checkpoint's on resume (e.g. `train.base_lr`).
+        allow_changed: config keys allowed to differ from the checkpoint's on resume (e.g. `train.base_lr`), and
+            `data.size` for a dataset with another number of batches per epoch.
         on_nonfinite: `stop` (keep the last good checkpoint and stop naming the step) or `skip` the step.
         max_skipped_steps: with `skip`, stop anyway after this many skipped steps; with fp16, stop after this many
             steps in a row whose gradients overflowed (the grad scaler skips each one).

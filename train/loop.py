@@ -154,7 +154,8 @@ class Trainer:
         return {"step": self.state.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device), "config": to_dict(self.cfg),
                 "skipped_steps": self.state.skipped_steps, "history": self.state.history,
-                "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem}
+                "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem,
+                "steps_per_epoch": self.schedule.steps_per_epoch}
 
     def save(self) -> Optional[Path]:
         """Rank 0 writes; every rank waits so that no rank runs ahead of a checkpoint it may resume from."""
@@ -182,6 +183,14 @@ class Trainer:
                 f"checkpoint {path} was trained with a different config:\n  " + "\n  ".join(diffs) +
                 "\nuse the checkpoint's values, or allow an intentional change with "
                 "train.allow_changed=[key,...] (e.g. train.allow_changed=[train.base_lr])")
+        saved_spe = state.get("steps_per_epoch")
+        allowed = self.cfg.train.allow_changed
+        if saved_spe is not None and saved_spe != self.schedule.steps_per_epoch and "data.size" not in allowed:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was trained with {saved_spe} steps per epoch, this run has "
+                f"{self.schedule.steps_per_epoch} (a different number of images in data.path, or another loader): "
+                "the LR and tau schedules and the position in the epoch would jump. Resume on the same data, or "
+                "accept the jump with train.allow_changed=[data.size]")
         if self.dist.is_main:
             ckpt.set_aside_later(self.run_dir, int(state["step"]))
         self.model.load_state_dict(state["model"])

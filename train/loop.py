@@ -321,12 +321,15 @@ class Trainer:
                     acc = self.eval_monitor(self.model.encoder)
                     self._log({"step": self.state.step, **acc})
                     paused += time.perf_counter() - t_eval
+                saved = False
                 if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not end:
                     self._check_finite()
                     self.save()
-                if self._preempt_pending(flag):
+                    saved = True
+                # On the last step the run finishes normally (final checkpoint, summary) whatever the signal.
+                if not end and self._preempt_pending(flag):
                     self._check_finite()
-                    path = self.save()
+                    path = ckpt.checkpoint_path(self.run_dir, self.state.step) if saved else self.save()
                     bar.close()
                     log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue",
                                 self.state.step, EXIT_PREEMPTED)

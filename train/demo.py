@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from pipeline.demo_data import build_demo_data
 from train.config import load_config, to_dict
+from train.distributed import resolve_device
 from train.evaluate import evaluate_encoder, random_init_encoder
 from train.loop import Trainer
 from train.runtime import setup_logging
@@ -73,13 +72,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: Optional[str] 
     if quick:
         overrides += ["train.max_steps=6", "train.log_every=2", "train.ckpt_every=0"]
     cfg = load_config(config or DEFAULT_PRESET, overrides)
-    device = torch.device("cpu") if cfg.train.device in ("auto", "cpu") and not torch.cuda.is_available() \
-        else None
+    device = resolve_device(cfg.train.device)   # the device the trainer will use, so both kNN runs share it
 
     log.info("kNN of a randomly initialised %s on held-out digits", cfg.model.arch)
-    enc = random_init_encoder(cfg.model.arch, cfg.model.small_stem, device or torch.device("cuda"),
-                              seed=cfg.train.seed, channels_last=cfg.model.channels_last)
-    knn_random = evaluate_encoder(enc, cfg.eval, device or torch.device("cuda"), cfg.model.channels_last)
+    enc = random_init_encoder(cfg.model.arch, cfg.model.small_stem, device, seed=cfg.train.seed,
+                              channels_last=cfg.model.channels_last)
+    knn_random = evaluate_encoder(enc, cfg.eval, device, cfg.model.channels_last)
 
     log.info("BYOL pretraining (%s, %d px, batch %d)", cfg.model.arch, size, cfg.train.batch_size)
     byol_summary, trainer = _run(cfg)

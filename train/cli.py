@@ -19,10 +19,9 @@ def _train(args: argparse.Namespace) -> int:
     from train.config import load_config
     from train.loop import train
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.overrides))
+    if args.resume:   # a path is taken as it is (as an override it would be read as YAML: '#', numbers...)
+        cfg.train.resume = args.resume
     summary = train(cfg)
     if summary.get("run_dir"):
         log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "loader"}))

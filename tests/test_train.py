@@ -242,6 +242,10 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
     assert 0.0 <= res["linear_top1"] <= 1.0
     assert res["num_val"] == len(list((digits16 / "val").glob("*/*.jpg")))
 
+    capsys.readouterr()
+    assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(digits16), "--batch-size", "0"]) == 2
+    assert "--batch-size=0 is out of range" in capsys.readouterr().err
+
     # train/ and val/ with different classes: one line naming both counts, exit 2
     odd = tmp_path / "odd"
     shutil.copytree(digits16 / "train", odd / "train")

@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from train.checkpoint import load_checkpoint
-    from train.config import EvalConfig
+    from train.config import EvalConfig, validate_eval
     from train.distributed import resolve_device
     from train.evaluate import encoder_from_checkpoint, evaluate_encoder
 
@@ -40,6 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
     image_size = args.image_size or state["config"]["data"]["image_size"]
     cfg = EvalConfig(data=args.data, image_size=image_size, batch_size=args.batch_size, k=args.k,
                      linear_epochs=args.linear_epochs)
+    validate_eval(cfg, prefix="--")
     result = evaluate_encoder(encoder, cfg, device, meta["channels_last"], linear=args.linear,
                               num_workers=args.workers)
     result.update({"checkpoint": str(args.checkpoint), "step": state["step"], "data": args.data, **meta})

@@ -273,6 +273,22 @@ def _check_range(key: str, lo_hi: tuple, lo: float, hi: float | None = None) -> 
     _check(ok, key, f"[low, high] with {lo} <= low <= high" + (f" <= {hi}" if hi is not None else ""), list(lo_hi))
 
 
+def validate_eval(e: EvalConfig, prefix: str = "eval.") -> None:
+    """The `eval` section's ranges; `byol eval` checks its options with them (prefix `--`)."""
+    def key(name: str) -> str:
+        return prefix + (name.replace("_", "-") if prefix == "--" else name)
+
+    _check(all(k >= 1 for k in e.k) and len(e.k) >= 1, key("k"), "positive integers", e.k)
+    _check(e.temperature > 0, key("temperature"), "> 0", e.temperature)
+    _check(e.every >= 0, key("every"), ">= 0 (0: off)", e.every)
+    _check(not (e.every and not e.data), key("data"), "a labelled ImageFolder tree when eval.every > 0 (the kNN "
+           "monitor needs one; or set eval.every=0)", e.data)
+    _check(e.batch_size >= 1, key("batch_size"), ">= 1", e.batch_size)
+    _check(e.image_size >= 8, key("image_size"), ">= 8", e.image_size)
+    _check(e.linear_epochs >= 0, key("linear_epochs"), ">= 0", e.linear_epochs)
+    _check(0 < e.val_fraction < 1, key("val_fraction"), "(0, 1)", e.val_fraction)
+
+
 def validate(cfg: Config) -> None:
     """Reject values out of range, naming the key and the allowed range."""
     from model.resnet import RESNETS
@@ -330,15 +346,7 @@ def validate(cfg: Config) -> None:
     for s in t.preempt_signals:
         _check(isinstance(getattr(signal, s, None), signal.Signals), "train.preempt_signals",
                "signal names such as SIGTERM, SIGINT, SIGUSR1", s)
-    _check(all(k >= 1 for k in e.k) and len(e.k) >= 1, "eval.k", "positive integers", e.k)
-    _check(e.temperature > 0, "eval.temperature", "> 0", e.temperature)
-    _check(e.every >= 0, "eval.every", ">= 0 (0: off)", e.every)
-    _check(not (e.every and not e.data), "eval.data", "a labelled ImageFolder tree when eval.every > 0 (the kNN "
-           "monitor needs one; or set eval.every=0)", e.data)
-    _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
-    _check(e.image_size >= 8, "eval.image_size", ">= 8", e.image_size)
-    _check(e.linear_epochs >= 0, "eval.linear_epochs", ">= 0", e.linear_epochs)
-    _check(0 < e.val_fraction < 1, "eval.val_fraction", "(0, 1)", e.val_fraction)
+    validate_eval(e)
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto, nccl or gloo", cfg.dist.backend)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", cfg.dist.timeout_s)
     _check(cfg.dist.check_every >= 0, "dist.check_every", ">= 0", cfg.dist.check_every)

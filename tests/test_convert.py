@@ -415,6 +415,10 @@ def test_normalise_unusual_images(tmp_path, monkeypatch):
     with pytest.raises(SkipImage, match="too small"):
         normalise_file(str(tmp_path / "strip.jpg"), 256, 90)
     assert normalise_file(str(tmp_path / "huge.jpg"), 0, 90)[0] is None  # max_side 0 keeps the size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 512 * 4)
+    Image.new("L", (70000, 10), 128).save(tmp_path / "wide.png")   # wider than a JPEG can store
+    with pytest.raises(SkipImage, match="cannot be re-encoded"):
+        normalise_file(str(tmp_path / "wide.png"), 0, 90)
 
 
 @pytest.mark.parametrize("own_sigint_handler", [False, True])
@@ -435,10 +439,6 @@ def test_ffcv_writer_failure_is_an_error_not_a_hang(tree, converted, tmp_path, o
     finally:
         if mine is not None:
             signal.signal(signal.SIGINT, mine)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 512 * 4)
-    Image.new("L", (70000, 10), 128).save(tmp_path / "wide.png")   # wider than a JPEG can store
-    with pytest.raises(SkipImage, match="cannot be re-encoded"):
-        normalise_file(str(tmp_path / "wide.png"), 0, 90)
 
 
 def test_damaged_output_is_repaired(tree, converted, tmp_path):

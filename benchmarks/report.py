@@ -112,8 +112,10 @@ def compute_advice(f: RunFacts, shares: dict[str, float], mfu: Optional[float] =
         tips.append("enable train.compile=true: torch.compile fuses the element-wise ops (BatchNorm, ReLU, adds)")
     if f.device_type == "cuda" and f.peak_mem_mb and f.total_mem_mb and f.peak_mem_mb < 0.5 * f.total_mem_mb:
         factor = 2 if f.peak_mem_mb < 0.4 * f.total_mem_mb else 1.5
+        per_device = int(f.batch_size * factor)   # f.batch_size is this rank's share; train.batch_size is global
         tips.append(f"use a larger batch: the step peaks at {f.peak_mem_mb / 1024:.1f} of "
-                    f"{f.total_mem_mb / 1024:.0f} GiB; try train.batch_size={int(f.batch_size * factor)} per device")
+                    f"{f.total_mem_mb / 1024:.0f} GiB; try train.batch_size={per_device * max(1, f.world_size)} "
+                    f"({per_device} per device)")
     if shares.get("ema", 0.0) >= NOTABLE_SHARE:
         tips.append(f"the target EMA takes {100 * shares['ema']:.0f}% of the step: "
                     + ("use the fused update (ema_update_)" if f.ema == "loop"

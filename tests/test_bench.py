@@ -5,6 +5,7 @@ about a minute on two shared cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -66,6 +67,9 @@ def test_slow_model_is_compute_bound_with_model_advice():
         assert expected in advice
     assert set(report["stage_shares"]) >= {"data_wait", "forward_online", "backward", "ema", "optimizer"}
     assert sum(report["stage_shares"].values()) == pytest.approx(1.0)
+    # with 8 ranks of 128 the suggestion is for the global train.batch_size
+    ddp = build_report(_timed_steps(0.0005, 0.03), 3, dataclasses.replace(facts, world_size=8))
+    assert "train.batch_size=2048 (256 per device)" in " ".join(ddp["advice"])
 
 
 @pytest.mark.parametrize("facts, expected", [

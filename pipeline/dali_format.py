@@ -149,7 +149,7 @@ def _load_finished(folder: Path, settings: dict) -> dict[int, dict]:
     for k, s in enumerate(shards):
         tar, idx = folder / s["tar"], folder / s["index"]
         if (tar.is_file() and tar.stat().st_size == s["bytes"] and _sha256(tar) == s["sha256"] and idx.is_file()
-                and _index_header(idx) == [INDEX_VERSION, str(s["count"])]):
+                and not index_problem(idx, s["count"])):
             done[k] = {**s, "shard": k, "first_index": first, "index_bytes": idx.stat().st_size}
         first += s["count"]
     return done
@@ -166,6 +166,17 @@ def _sha256(path: Path) -> str:
 def _index_header(path: Path) -> list[str]:
     with open(path, encoding="ascii", errors="replace") as f:
         return f.readline().split()
+
+
+def index_problem(path: Path, count: int) -> str:
+    """Why the DALI index `path` does not describe `count` samples ("" when it does): its version line, then one line
+    per sample (a truncated index would make DALI read past what it lists)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        head = f.readline().split()
+        if len(head) != 2 or head[0] != INDEX_VERSION or head[1] != str(count):
+            return f"starts {' '.join(head)!r}, expected '{INDEX_VERSION} {count}'"
+        lines = sum(1 for line in f if line.strip())
+    return "" if lines == count else f"lists {lines} of its {count} samples (truncated)"
 
 
 def write_shards(folder: str | os.PathLike, refs: Sequence[SampleRef], classes: Sequence[str], shard_size: int,
@@ -258,6 +269,9 @@ def load_manifest(path: str | os.PathLike, verify: bool = False) -> dict:
         if key not in manifest:
             raise DataError(f"{mpath}: manifest has no {key!r}; {redo}")
     shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"tar", "index", "count", "bytes"} <= s.keys()
+                                               for s in shards):
+        raise DataError(f"{mpath}: a shard entry lacks tar/index/count/bytes; {redo}")
     total = sum(s["count"] for s in shards)
     if total != manifest["num_samples"]:
         raise DataError(f"{mpath}: shard counts add up to {total}, not num_samples={manifest['num_samples']}; {redo}")
@@ -271,9 +285,9 @@ def load_manifest(path: str | os.PathLike, verify: bool = False) -> dict:
                             f"modified); {redo}")
         if not idx.is_file():
             raise DataError(f"index {idx} is missing; {redo}")
-        head = _index_header(idx)
-        if len(head) != 2 or head[0] != INDEX_VERSION or head[1] != str(s["count"]):
-            raise DataError(f"index {idx} starts {' '.join(head)!r}, expected '{INDEX_VERSION} {s['count']}'; {redo}")
+        problem = index_problem(idx, s["count"])
+        if problem:
+            raise DataError(f"index {idx} {problem}; {redo}")
         if verify and _sha256(tar) != s["sha256"]:
             raise DataError(f"shard {tar}: sha256 mismatch (corrupted); {redo}")
     manifest["dir"] = str(folder.resolve())

@@ -236,7 +236,17 @@ def test_manifest_reports_damage(converted, tmp_path):
     with pytest.raises(DataError, match="shard-000001.tar is missing"):
         load_manifest(folder)
     shutil.copy(converted[1] / "dali" / "shard-000001.tar", tar)
+    idx = folder / "shard-000001.idx"
+    good_idx = idx.read_text()
+    idx.write_text("".join(good_idx.splitlines(keepends=True)[:-2]))   # the last sample's line cut off
+    with pytest.raises(DataError, match=r"shard-000001.idx lists \d+ of its \d+ samples \(truncated\)"):
+        load_manifest(folder)
+    idx.write_text(good_idx)
     manifest = json.loads((folder / "manifest.json").read_text())
+    broken = {**manifest, "shards": [{"tar": s["tar"]} for s in manifest["shards"]]}
+    (folder / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(DataError, match="a shard entry lacks"):
+        load_manifest(folder)
     manifest["num_samples"] = 23
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="not num_samples=23"):

@@ -89,7 +89,7 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
     else:
         return None, None, len(data), (w, h)
     try:
-        rgb = ImageOps.exif_transpose(_to_rgb(img)) if orientation not in (0, 1) else _to_rgb(img)
+        rgb = ImageOps.exif_transpose(to_rgb(img)) if orientation not in (0, 1) else to_rgb(img)
         if rgb.size != (tw, th):
             rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)  # antialiased in PIL; ~Lanczos quality, faster
         buf = io.BytesIO()
@@ -99,8 +99,9 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
     return buf.getvalue(), reason, len(data), (tw, th)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB: 16/32-bit grayscale is scaled (PIL would clip it), transparency is dropped like torchvision does."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit grayscale is scaled (PIL would clip it), transparency is dropped like torchvision does.
+    Shared by `byol convert` and the `torch` loader, so both read such images alike."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         top = 1.0 if img.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)

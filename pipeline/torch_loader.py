@@ -27,6 +27,7 @@ from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.device_augment import blur_kernel_size
 from pipeline.folder import scan_image_folder
+from pipeline.image_normalise import to_rgb
 from pipeline.sharding import num_batches, rank_indices, sample_seed
 
 logger = logging.getLogger(__name__)
@@ -59,16 +60,6 @@ def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float],
     ])
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    # 16/32-bit integer grayscale: keep the top 8 of 16 bits (PIL's convert would clip everything above 255 to white).
-    if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
-        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-    if img.mode in ("P", "PA"):  # palette, maybe with transparency: expand through RGBA
-        return img.convert("RGBA").convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")  # CMYK, L, LA, RGBA, YCbCr, 1, F ...
-
-
 def load_rgb(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 (3, H, W) RGB tensor, whatever its mode (CMYK, gray, palette, 16-bit).
 
@@ -82,7 +73,7 @@ def load_rgb(path: str) -> torch.Tensor:
                 raise ValueError(f"{w}x{h} image is larger than {MAX_DECODE_PIXELS} pixels")
             scale = int(np.ceil(np.sqrt(w * h / MAX_DECODE_PIXELS)))
             img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
         arr = np.array(rgb, dtype=np.uint8)  # forces the decode inside the `with`
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"decoded to an unexpected shape {arr.shape}")

@@ -211,7 +211,10 @@ def test_bad_images_are_substituted_counted_and_logged_once(tmp_path, caplog):
 def test_load_rgb_converts_modes(tmp_path):
     sixteen = tmp_path / "sixteen.png"
     Image.fromarray(np.array([[0, 32768], [65535, 1000]], dtype=np.uint16)).save(sixteen)
-    assert load_rgb(str(sixteen))[:, :, :].tolist()[0] == [[0, 128], [255, 3]]
+    assert load_rgb(str(sixteen))[:, :, :].tolist()[0] == [[0, 128], [255, 4]]   # scaled and rounded, like convert
+    small = tmp_path / "int32.tif"   # 32-bit grayscale holding 8-bit values: kept as they are, not shifted to black
+    Image.fromarray(np.array([[0, 100], [200, 255]], dtype=np.int32), "I").save(small)
+    assert load_rgb(str(small))[0].tolist() == [[0, 100], [200, 255]]
     cmyk = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (8, 6), (0, 0, 0, 0)).save(cmyk)
     x = load_rgb(str(cmyk))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -22,8 +21,7 @@ class GlobalBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+            return super().forward(x)   # torch's own BatchNorm (momentum=None: the cumulative average, as there)
         from torch.distributed.nn.functional import all_reduce
 
         dtype = x.dtype
@@ -38,10 +36,11 @@ class GlobalBatchNorm(_BatchNorm):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked += 1
+                # momentum=None: the cumulative average, as torch's BatchNorm (a device scalar, no sync)
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.float()
                 self.running_mean.lerp_(mean.detach(), m)
                 self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), m)
-                self.num_batches_tracked += 1
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from model import ModelConfig, build_byol, collapse_std, ema_update_loop_, regression_loss
 from model.ema import EmaPairs
@@ -118,3 +119,19 @@ def test_channels_last_and_bf16_autocast_forward():
 def test_unknown_arch_is_rejected():
     with pytest.raises(ValueError, match="unknown model.arch"):
         build_encoder("resnet7")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batchnorm_alone_is_torchs_batchnorm(momentum):
+    """In one process GlobalBatchNorm is torch's BatchNorm, running statistics included (momentum=None: the
+    cumulative average)."""
+    from model.syncbn import convert_global_batchnorm
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(4, momentum=momentum)
+    ours = convert_global_batchnorm(nn.BatchNorm2d(4, momentum=momentum))
+    for _ in range(3):
+        x = torch.randn(5, 4, 3, 3) * 3 + 1
+        assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(ours, name).float(), getattr(ref, name).float(), atol=1e-6), name

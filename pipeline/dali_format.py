@@ -163,11 +163,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _index_header(path: Path) -> list[str]:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.readline().split()
-
-
 def index_problem(path: Path, count: int) -> str:
     """Why the DALI index `path` does not describe `count` samples ("" when it does): its version line, then one line
     per sample (a truncated index would make DALI read past what it lists)."""

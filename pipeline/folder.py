@@ -13,8 +13,8 @@ def scan_image_folder(root: str | os.PathLike, allow_empty_class: bool = False, 
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """List `(path, class_index)` for every image under `root/<class>/`, classes sorted by name.
 
-    A `train/` subfolder of class folders is used when `root` has no files of its own (ImageNet's layout). `setting` names
-    where the user gave the path, for the messages.
+    A `train/` subfolder of class folders is used when `root` has no files of its own (ImageNet's layout).
+    `setting` names where the user gave the path, for the messages.
 
     Raises:
         DataError: the path is missing or not a folder, has no class folders, a class folder has no images

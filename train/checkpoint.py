@@ -126,8 +126,7 @@ def set_aside_previous_run(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    names = [p for p in run_dir.iterdir()
-             if _NAME.match(p.name) or p.name.startswith("ckpt-") or p.name in ("metrics.jsonl", "tb")]
+    names = [p for p in run_dir.iterdir() if p.name.startswith("ckpt-") or p.name in ("metrics.jsonl", "tb")]
     if not any(_NAME.match(p.name) or p.name == "metrics.jsonl" for p in names):
         return None
     n = 1

@@ -7,7 +7,7 @@ A backend is built by `build_two_view_loader(cfg, ctx)` and is an iterable of `B
   - `index`: int64 (N,) dataset indices of the samples, on any device, or None where a backend cannot tell.
 Every batch has exactly `ctx.batch_size` samples (drop_last). The loader shards by `ctx.rank` / `ctx.world_size`,
 reshuffles per epoch from `ctx.seed` (the same on every rank, so shards are disjoint), and draws its augmentation
-randomness per sample, from generators seeded with `ctx.seed + ctx.rank` or, better, from (seed, epoch, global index),
+randomness per sample, from generators seeded with `rank_seed(ctx.seed, ctx.rank)` or, better, from (seed, epoch, global index),
 which makes the views independent of the world size.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LoaderContext:
         dtype: dtype of the views (the training precision: bfloat16, float16 or float32).
         batch_size: samples per batch on this rank.
         rank, world_size: this process's place in the job.
-        seed: the run's base seed (shared by all ranks; augmentation uses `seed + rank`).
+        seed: the run's base seed (shared by all ranks; augmentation mixes in the rank: `sharding.rank_seed`).
         channels_last: deliver views in `channels_last` memory format.
         drop_last: drop the last incomplete batch (always True for training).
         shuffle: reshuffle per epoch (False gives the dataset order, for evaluation).

@@ -2,7 +2,7 @@
 
 FFCV 1.0.2 seeds only its sample order: its crop (`get_random_crop`) and flip draw from numba's per-thread
 `np.random`, which numba seeds from OS entropy. `SeededCropFlipDecoder` does the decode, the crop and the flip in one
-compiled loop and re-seeds numba's generator per sample from `(seed + rank, epoch, view, index)` right before its draws;
+compiled loop and re-seeds numba's generator per sample from `(seed, rank, epoch, view, index)` right before its draws;
 `SeededEpochIterator` writes the epoch's seed into the decoder's buffer before FFCV's epoch thread starts (compiled
 code cannot see a Python attribute change without a 13-31 s recompilation).
 """
@@ -36,7 +36,7 @@ with keep_torch_threads():
     from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.state import State
 
-from pipeline.sharding import mix_seed
+from pipeline.sharding import mix_seed, rank_seed
 
 _U64 = np.uint64
 
@@ -85,7 +85,7 @@ def _flip_columns(img: np.ndarray) -> None:
 
 def view_seed(seed: int, rank: int, epoch: int, view: int) -> int:
     """The 63-bit seed of one view's crops and flips in one epoch on one rank (each sample mixes in its index)."""
-    return mix_seed(seed + rank, epoch, view)
+    return mix_seed(rank_seed(seed, rank), epoch, view)
 
 
 class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):

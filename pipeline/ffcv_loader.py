@@ -10,11 +10,11 @@ Where this departs from stock FFCV 1.0.2, and why:
   - Seeding. FFCV's `Loader(seed=...)` seeds only the sample order. Its crop (`get_random_crop`) and flip
     (`RandomHorizontalFlip`) draw from numba's `np.random`, whose per-thread state numba seeds from OS entropy, so
     stock FFCV crops differ from run to run and a resumed run cannot replay them. Here one decoder does the crop and
-    the flip, and re-seeds numba's generator per sample from `(seed + rank, epoch, view, index)` right before its
+    the flip, and re-seeds numba's generator per sample from `(seed, rank, epoch, view, index)` right before its
     draws: the crops are reproducible, independent of the thread count and of the resume point, and new each epoch.
     The epoch enters through a small per-epoch buffer of the decoder (compiled code cannot see a Python attribute
     change without a 13-31 s recompilation). The device augmentation re-seeds its generator per batch from
-    `(seed + rank, epoch, batch)`, so `set_epoch(e, start_batch)` replays exactly the batches of an uninterrupted run.
+    `(seed, rank, epoch, batch)`, so `set_epoch(e, start_batch)` replays exactly the batches of an uninterrupted run.
   - Sharding. FFCV's `distributed=True` builds a `DistributedSampler` (it needs an initialised process group at
     construction, pads the epoch by repeating samples, and ignores the other backends' permutation) and is refused
     for quasi-random order. Instead every epoch's order comes from `pipeline.sharding.rank_indices` (the permutation
@@ -51,7 +51,7 @@ from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to
 from pipeline.convert_report import skipped_at_convert
 from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
 from pipeline.ffcv_format import load_beton_meta
-from pipeline.sharding import mix_seed, num_batches, rank_indices
+from pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
     from ffcv.fields import IntField, RGBImageField
@@ -248,7 +248,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
                     num_workers=workers,
                     order=ORDERS["quasi_random"] if self._quasi else OrderOption.SEQUENTIAL,  # else: our orders
                     distributed=False,  # sharding by explicit orders, see the module docstring
-                    seed=ctx.seed + ctx.rank if self._quasi else ctx.seed,  # quasi: each rank orders its own shard
+                    seed=rank_seed(ctx.seed, ctx.rank) % 2**31 if self._quasi else ctx.seed,  # quasi: each rank orders its own shard
                     indices=shard,
                     pipelines=pipelines,
                     drop_last=True,
@@ -346,7 +346,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
         # FFCV's buffers are reused a few batches later: everything handed out is a fresh tensor.
         ctx = self.ctx
         if self.device_augment:
-            self._generator.manual_seed(mix_seed(ctx.seed + ctx.rank, epoch, batch, 2))  # a host-side call, no sync
+            self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))  # a host-side call, no sync
             view1 = self._augment[0](out["image"], self._generator)
             view2 = self._augment[1](out["image2"], self._generator)
         else:

@@ -36,6 +36,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed(seed, epoch, index)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A rank's own 63-bit stream seed: mixed, so that (seed 1, rank 0) draws nothing of (seed 0, rank 1)."""
+    return mix_seed(seed, rank)
+
+
 def mix_seed(*xs: int) -> int:
     """A 63-bit seed mixed from integers (splitmix64 steps): cheap, well spread, stable across platforms."""
     h = 0x9E3779B97F4A7C15

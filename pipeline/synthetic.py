@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.sharding import num_batches
+from pipeline.sharding import num_batches, rank_seed
 
 
 class SyntheticTwoViewLoader(TwoViewLoader):
@@ -43,7 +43,7 @@ class SyntheticTwoViewLoader(TwoViewLoader):
 
     def _make_pool(self) -> None:
         ctx, size = self.ctx, self.cfg.image_size
-        gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + ctx.rank)
+        gen = torch.Generator(device=ctx.device).manual_seed(rank_seed(ctx.seed, ctx.rank))
         mean = torch.tensor(self.cfg.augment.mean, dtype=torch.float32, device=ctx.device)
         std = torch.tensor(self.cfg.augment.std, dtype=torch.float32, device=ctx.device)
 

@@ -94,7 +94,7 @@ class TwoViewFolderDataset(Dataset):
     Args:
         samples: `(path, class_index)` pairs, as from `scan_image_folder`.
         transforms: the two views' pipelines (`build_view_transform`).
-        seed: the augmentation seed of this rank (`seed + rank`).
+        seed: the run's seed (samples are told apart by their global index, so no rank is mixed in).
     """
 
     def __init__(self, samples: list[tuple[str, int]], transforms: tuple[v2.Compose, v2.Compose], seed: int):

@@ -107,3 +107,20 @@ def test_image_folder_layouts(tmp_path):
     touch("voc/car/b.jpg")
     samples, classes = scan_image_folder(tmp_path / "voc")
     assert classes == ["car", "train"] and len(samples) == 2
+
+
+def test_rank_streams_do_not_repeat_across_seeds():
+    """Run (seed 1, rank 0) must not draw what run (seed 0, rank 1) draws, as `seed + rank` streams did."""
+    from pipeline.ffcv_decode import view_seed
+    from pipeline.sharding import rank_seed
+
+    assert len({rank_seed(s, r) for s in range(8) for r in range(8)}) == 64
+    assert view_seed(1, 0, 0, 0) != view_seed(0, 1, 0, 0)
+    cfg = DataConfig(backend="synthetic", image_size=SIZE, synthetic_size=32)
+    first = []
+    for seed, rank in ((1, 0), (0, 1)):
+        loader = build_two_view_loader(cfg, LoaderContext(batch_size=BATCH, rank=rank, world_size=2, seed=seed))
+        loader.set_epoch(0)
+        first.append(next(iter(loader)).view1)
+        loader.close()
+    assert not torch.equal(*first)

@@ -41,7 +41,7 @@ class TrainConfig:
             has native bf16 — GPUs from Ampere on, CPUs with AVX512-BF16/AMX —, fp16 on older GPUs, else fp32).
         compile: wrap the model in `torch.compile`.
         device: `auto` (cuda when present), `cpu`, `cuda` or `cuda:N`.
-        seed: base seed; each rank uses seed + rank for its augmentation and dropout-free model init is shared.
+        seed: base seed; each rank mixes its rank into it for its augmentation and dropout-free model init is shared.
         out_dir: the run folder (config, checkpoints, TensorBoard, summary).
         log_every: steps between logged scalars (the only host-device syncs of the loop, apart from fp16's grad
             scaler, which reads its overflow flag every step).

@@ -148,3 +148,27 @@ def test_a_killed_rank_ends_the_job(digits16, tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 150
     assert "rank" in out.lower() or "failed" in out.lower()
+
+
+def _exchange_flags(rank: int, init: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from train.distributed import FlagAgreement
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        agreement = FlagAgreement(torch.device("cpu"))
+        seen = [agreement.exchange(rank == 1 and k >= 2) for k in range(5)]   # rank 1 raises its flag at call 2
+        results[rank] = seen + [agreement.finish()]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flag_agreement_gives_every_rank_the_same_answer_one_exchange_late(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_exchange_flags, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
+    # call 2 starts the reduction that sees the flag and call 3 reads it; a True answer starts no new exchange, so
+    # call 4 reads nothing and starts one that `finish` reads
+    assert results[0] == results[1] == [False, False, False, True, False, True]

@@ -129,6 +129,48 @@ def check_weights_agree(module: torch.nn.Module, step: int, buffers: bool = True
                            "this is a bug or a hardware fault, the run cannot continue")
 
 
+class FlagAgreement:
+    """The ranks' agreement on a flag (a pending preemption) without stalling the device queue.
+
+    Each `exchange` starts a MAX all-reduce of this rank's flag and returns the result of the one started at the
+    previous call, which has long finished: every rank reads the same value at the same call, so all ranks act at
+    one step, one exchange interval later than a blocking all-reduce would. On CUDA the result comes back through
+    pinned memory and an event, so reading it never waits for the queued training work (an all-reduce followed by
+    `.item()` would drain the whole queue); on the CPU (gloo) the reduction runs on gloo's threads.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending = None   # (work, device value, pinned host copy, event) of the exchange in flight
+
+    def exchange(self, local: bool) -> bool:
+        agreed = self.finish()
+        if not agreed:
+            value = torch.full((1,), int(local), dtype=torch.int32, device=self.device)
+            work = dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True)
+            host = event = None
+            if self.device.type == "cuda":
+                work.wait()   # NCCL: the current stream waits for the reduction, the host does not
+                host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+                host.copy_(value, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            self._pending = (work, value, host, event)
+        return agreed
+
+    def finish(self) -> bool:
+        """Wait for the exchange in flight, if any, and return its result (every rank must call this together)."""
+        if self._pending is None:
+            return False
+        work, value, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+            return bool(host.item())
+        work.wait()
+        return bool(value.item())
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -2,9 +2,9 @@
 
 Per step (`Trainer.train_step`): two views from the loader -> online (both views) and target (both views) forward
 under autocast -> the symmetrised loss in float32 -> backward (DDP all-reduces gradients) -> LARS step with the
-scheduled LR -> fused EMA of the target with the scheduled tau. Host-device syncs happen only on logging, checkpoint,
-evaluation and preemption-check steps (and every step with `train.on_nonfinite=skip`, which must decide before
-updating). `byol profile` and `byol bench` time this same step.
+scheduled LR -> fused EMA of the target with the scheduled tau. Host-device syncs happen only on logging, checkpoint
+and evaluation steps (and every step with `train.on_nonfinite=skip`, which must decide before updating, or fp16's
+scaler); the ranks' preemption agreement is asynchronous. `byol profile` and `byol bench` time this same step.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
 from pipeline.contract import skipped_images
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
-from train.distributed import DistInfo, check_weights_agree, cleanup, init_distributed
+from train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
 from train.optim import build_optimizer
 from train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
 from train.schedules import scaled_lr
@@ -34,7 +34,7 @@ from train.step import Forward, NonFiniteError, StageHook, StepOutput, no_stage,
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again" — cluster scripts requeue on it
-PREEMPT_CHECK_EVERY = 10     # steps between the ranks' agreement on a pending preemption (a collective)
+PREEMPT_CHECK_EVERY = 10     # steps between the ranks' exchanges of a pending preemption (an async collective)
 
 
 class Preempted(SystemExit):
@@ -221,14 +221,13 @@ class Trainer:
                 f"{self.run_dir} is kept. Lower train.base_lr, use train.precision=bf16/fp32, or set "
                 "train.on_nonfinite=skip to skip such steps")
 
-    def _preempt_pending(self, flag: _PreemptFlag) -> bool:
+    def _preempt_pending(self, flag: _PreemptFlag, agreement: FlagAgreement) -> bool:
         if not self.dist.distributed:
             return flag.signum is not None
         if self.state.step % PREEMPT_CHECK_EVERY:
             return False
-        pending = torch.tensor([1 if flag.signum is not None else 0], device=self.device)
-        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)   # all ranks stop at one step
-        return bool(pending.item())
+        # All ranks stop at one step: the MAX over the ranks' flags, read one exchange later (no host sync).
+        return agreement.exchange(flag.signum is not None)
 
     def train_step(self, batch: Batch, step: int, *, stage: StageHook = no_stage, forward: Optional[Forward] = None,
                    ema: str = "fused") -> StepOutput:
@@ -272,6 +271,7 @@ class Trainer:
         from tqdm import tqdm
         bar = tqdm(total=sched.stop_step, initial=self.state.step, disable=not self.dist.is_main,
                    desc="byol", unit="step", dynamic_ncols=True)
+        agreement = FlagAgreement(self.device)
         while self.state.step < sched.stop_step:
             epoch, start_batch = divmod(self.state.step, sched.steps_per_epoch)
             self.loader.set_epoch(epoch, start_batch)
@@ -327,7 +327,7 @@ class Trainer:
                     self.save()
                     saved = True
                 # On the last step the run finishes normally (final checkpoint, summary) whatever the signal.
-                if not end and self._preempt_pending(flag):
+                if not end and self._preempt_pending(flag, agreement):
                     self._check_finite()
                     path = ckpt.checkpoint_path(self.run_dir, self.state.step) if saved else self.save()
                     bar.close()
@@ -338,6 +338,7 @@ class Trainer:
                 raise RuntimeError(f"the {self.cfg.data.backend} loader yielded no batch in epoch {epoch} although "
                                    f"it reports {sched.steps_per_epoch} per epoch")
         bar.close()
+        agreement.finish()   # the exchange still in flight, before any other collective
         self._check_finite()
         final = self.save()
         stats = self.loader.stats()

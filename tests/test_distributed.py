@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 
@@ -151,7 +152,6 @@ def test_a_killed_rank_ends_the_job(digits16, tmp_path):
 
 
 def _exchange_flags(rank: int, init: str, results) -> None:
-    import torch
     import torch.distributed as dist
 
     from train.distributed import FlagAgreement
@@ -172,3 +172,19 @@ def test_flag_agreement_gives_every_rank_the_same_answer_one_exchange_late(tmp_p
     # call 2 starts the reduction that sees the flag and call 3 reads it; a True answer starts no new exchange, so
     # call 4 reads nothing and starts one that `finish` reads
     assert results[0] == results[1] == [False, False, False, True, False, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flag_agreement_on_cuda_reads_through_pinned_memory(tmp_path):
+    # The NCCL twin of the gloo test above, in one process: the answer comes back through pinned memory + an event.
+    import torch.distributed as dist
+
+    from train.distributed import FlagAgreement
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        agreement = FlagAgreement(torch.device("cuda"))
+        assert [agreement.exchange(k == 1) for k in range(4)] == [False, False, True, False]
+        assert agreement.finish() is False
+    finally:
+        dist.destroy_process_group()

@@ -2,13 +2,19 @@
 
 Layout of a shard folder (`<out>/dali/`):
 
-    shard-000000.tar   up to `shard_size` samples in index order; per sample, key `%08d` of its global index:
+    shard-000000.tar   up to `shard_size` samples in the shard order (below); per sample, key `%08d` of its global index:
                        `<key>.jpg` (RGB JPEG bytes), `<key>.cls` (ASCII decimal class index, webdataset's convention),
                        `<key>.label` (int64 little-endian class index), `<key>.index` (int64 little-endian global index)
     shard-000000.idx   DALI's webdataset index (the text format `wds2idx` writes, version v1.2)
     manifest.json      {"format": "byolfast-wds-v1", "classes", "num_samples", "shard_size", "shards": [{"tar",
                        "index", "count", "sha256", "bytes"}], ...}; written last, so its presence means complete
     progress.jsonl     completed shards of an unfinished run (a re-run skips them); removed once the manifest is written
+
+Shard order: the samples are dealt to the shards in one fixed random permutation of the global indices
+(`shard_order`), not in index order. The listing is sorted by class, and the reader only shuffles the tars and a
+window of a few thousand samples, so shards in index order gave batches of a few classes (~16 of ImageNet's 1000 in a
+batch of 256): a shuffled shard holds a sample of the whole dataset. The permutation depends only on the sample count,
+so a resumed conversion deals the same shards.
 
 Read it with `fn.readers.webdataset(paths=..., index_paths=..., ext=["jpg", "label", "index"],
 dtypes=[types.UINT8, types.INT64, types.INT64])`. Tars are plain ustar with fixed owner and mtime, so a shard's bytes
@@ -25,12 +31,16 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from pipeline.contract import DataError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "byolfast-wds-v1"
 MANIFEST = "manifest.json"
+ORDER = "shuffled"            # `settings["order"]` of a folder written in `shard_order` (older folders lack the key)
+ORDER_SEED = 0x5EED5A3D
 PROGRESS = "progress.jsonl"
 EXTENSIONS = ("jpg", "cls", "label", "index")  # member order inside each sample
 INDEX_VERSION = "v1.2"  # the version line DALI's wds2idx writes
@@ -60,13 +70,18 @@ def read_ref(ref: SampleRef) -> bytes:
     return data
 
 
-def build_shard(first_index: int, refs: Sequence[SampleRef]) -> tuple[bytes, str]:
-    """One shard's tar bytes and its DALI index text, for samples `first_index, first_index + 1, ...`."""
+def shard_order(num_samples: int) -> np.ndarray:
+    """The global indices in the order they are dealt to the shards: a fixed permutation of `range(num_samples)`."""
+    return np.random.default_rng([ORDER_SEED, num_samples]).permutation(num_samples)
+
+
+def build_shard(indices: Sequence[int], refs: Sequence[SampleRef]) -> tuple[bytes, str]:
+    """One shard's tar bytes and its DALI index text, for the samples of global indices `indices`."""
     buf = io.BytesIO()
     lines = [f"{INDEX_VERSION} {len(refs)}"]
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, ref in enumerate(refs):
-            index, label = first_index + i, ref[3]
+        for index, ref in zip(indices, refs):
+            index, label = int(index), ref[3]
             key = f"{index:08d}"
             payloads = (read_ref(ref), str(label).encode("ascii"), label.to_bytes(8, "little", signed=True),
                         index.to_bytes(8, "little", signed=True))
@@ -82,17 +97,17 @@ def build_shard(first_index: int, refs: Sequence[SampleRef]) -> tuple[bytes, str
     return buf.getvalue(), "\n".join(lines) + "\n"
 
 
-def _write_shard_task(task: tuple[str, int, int, list[SampleRef]]) -> dict:
+def _write_shard_task(task: tuple[str, int, list[int], list[SampleRef]]) -> dict:
     """Worker: write one shard (temporary names, then rename) and return its manifest record."""
-    folder, shard_id, first_index, refs = task
-    tar_bytes, idx_text = build_shard(first_index, refs)
+    folder, shard_id, indices, refs = task
+    tar_bytes, idx_text = build_shard(indices, refs)
     base = Path(folder) / shard_name(shard_id)
     tar_path, idx_path = base.with_suffix(".tar"), base.with_suffix(".idx")
     write_bytes_atomic(idx_path, idx_text.encode("ascii"))
     write_bytes_atomic(tar_path, tar_bytes)  # the tar last: a tar without its progress record is redone anyway
     return {"tar": tar_path.name, "index": idx_path.name, "count": len(refs),
             "sha256": hashlib.sha256(tar_bytes).hexdigest(), "bytes": len(tar_bytes),
-            "index_bytes": len(idx_text), "first_index": first_index}
+            "index_bytes": len(idx_text), "shard": shard_id}
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -145,13 +160,12 @@ def _load_finished(folder: Path, settings: dict) -> dict[int, dict]:
         shards = manifest["shards"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return {}
-    done, first = {}, 0
+    done = {}
     for k, s in enumerate(shards):
         tar, idx = folder / s["tar"], folder / s["index"]
         if (tar.is_file() and tar.stat().st_size == s["bytes"] and _sha256(tar) == s["sha256"] and idx.is_file()
                 and not index_problem(idx, s["count"])):
-            done[k] = {**s, "shard": k, "first_index": first, "index_bytes": idx.stat().st_size}
-        first += s["count"]
+            done[k] = {**s, "shard": k, "index_bytes": idx.stat().st_size}
     return done
 
 
@@ -177,7 +191,7 @@ def index_problem(path: Path, count: int) -> str:
 def write_shards(folder: str | os.PathLike, refs: Sequence[SampleRef], classes: Sequence[str], shard_size: int,
                  settings: dict, task_map: TaskMap = map,
                  on_samples: Callable[[int], None] | None = None) -> tuple[dict, int]:
-    """Write (or finish writing) the shard folder for `refs`, sample i being global index i.
+    """Write (or finish writing) the shard folder for `refs`, sample i being global index i, in `shard_order`.
 
     Shards are independent tasks run through `task_map` (a process pool's imap_unordered: one shard per task). Each
     finished shard is appended to `progress.jsonl`; a re-run with the same `settings` skips shards whose files still
@@ -192,8 +206,9 @@ def write_shards(folder: str | os.PathLike, refs: Sequence[SampleRef], classes: 
     if shard_size < 1:
         raise DataError(f"shard_size must be >= 1, got {shard_size}")
     num_shards = (len(refs) + shard_size - 1) // shard_size
+    order = shard_order(len(refs))
     done = {k: v for k, v in _load_progress(folder, settings).items() if k < num_shards
-            and v["count"] == len(refs[k * shard_size:(k + 1) * shard_size]) and v["first_index"] == k * shard_size}
+            and v["count"] == len(order[k * shard_size:(k + 1) * shard_size])}
     (folder / MANIFEST).unlink(missing_ok=True)  # being written: never looks finished
     resumed = len(done)
     if done:
@@ -207,11 +222,13 @@ def write_shards(folder: str | os.PathLike, refs: Sequence[SampleRef], classes: 
             f.write(json.dumps(rec) + "\n")
     if on_samples is not None and done:
         on_samples(sum(r["count"] for r in done.values()))
-    tasks = [(str(folder), k, k * shard_size, list(refs[k * shard_size:(k + 1) * shard_size]))
-             for k in range(num_shards) if k not in done]
+    tasks = []
+    for k in range(num_shards):
+        if k not in done:
+            indices = order[k * shard_size:(k + 1) * shard_size].tolist()
+            tasks.append((str(folder), k, indices, [refs[i] for i in indices]))
     with open(folder / PROGRESS, "a", encoding="utf-8") as progress:
         for rec in task_map(_write_shard_task, tasks):
-            rec["shard"] = rec["first_index"] // shard_size
             done[rec["shard"]] = rec
             progress.write(json.dumps(rec) + "\n")
             progress.flush()

@@ -177,6 +177,21 @@ def test_shards_hold_normalised_samples(tree, converted):
     assert np.abs(cmyk - np.asarray(Image.open(tree / "cat" / "0.jpg"), dtype=float)).mean() < 8  # colours kept
 
 
+def test_shards_deal_the_samples_in_a_fixed_shuffled_order(tree, converted):
+    # Index order is class order: shards in index order made the reader's batches few-class (its shuffle only mixes
+    # the tars and a window of samples). Each shard must hold a spread of classes, in `shard_order`.
+    _, out = converted
+    manifest = load_manifest(out)
+    keys = []
+    for tar_path in manifest["tar_paths"]:
+        with tarfile.open(tar_path) as tar:
+            keys.append(list(dict.fromkeys(int(m.name.split(".")[0]) for m in tar.getmembers())))
+    assert sum(keys, []) == dali_format.shard_order(22).tolist()
+    labels = [label for _, label in expected_kept(tree)]
+    assert all(len({labels[i] for i in shard}) >= 2 for shard in keys)
+    assert dali_format.shard_order(22).tolist() == dali_format.shard_order(22).tolist() != list(range(22))
+
+
 def test_index_files_match_wds2idx(converted, tmp_path):
     site = next(p for p in map(Path, sys.path) if (p / "wds2idx.py").is_file())  # shipped with the DALI wheel
     sys.path.insert(0, str(site))

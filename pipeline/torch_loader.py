@@ -81,11 +81,17 @@ def load_rgb(path: str) -> torch.Tensor:
 
 
 class _Sample(NamedTuple):
-    view1: torch.Tensor
-    view2: torch.Tensor
+    view1: torch.Tensor | None
+    view2: torch.Tensor | None
     label: int
     index: int  # the sample actually shown (a substitute's index when the requested one was undecodable)
     bad: tuple[tuple[str, str], ...]  # (path, reason) of each file that failed on the way
+    error: str = ""  # why neither it nor any substitute decodes (no views then): raised by the main process
+
+
+class _Failure(NamedTuple):
+    """A batch that cannot be made; the main process raises `message` as a `DataError`."""
+    message: str
 
 
 class TwoViewFolderDataset(Dataset):
@@ -108,7 +114,12 @@ class TwoViewFolderDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> _Sample:
         epoch, index = key
         seed = sample_seed(self.seed, epoch, index)
-        image, src, bad = self._decode(index, seed)
+        try:
+            image, src, bad = self._decode(index, seed)
+        except DataError as e:
+            # Returned, not raised: a DataLoader worker's exception reaches the main process re-raised with the
+            # worker's traceback folded into its message, where the message alone is what the user needs.
+            return _Sample(None, None, -1, index, (), str(e))
         # The global CPU generator is what transforms.v2 draws from; fork_rng restores it afterwards, so the
         # per-sample seeding does not touch the caller's stream when there are no workers. CPU only: the CUDA
         # generators are never reseeded. One intra-op thread, as in a DataLoader worker: the contrast's mean is a
@@ -167,7 +178,10 @@ class EpochBatchSampler(Sampler):
             yield [(self.epoch, int(i)) for i in idx[b * c.batch_size:(b + 1) * c.batch_size]]
 
 
-def _collate(samples: list[_Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
+def _collate(samples: list[_Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list] | _Failure:
+    error = next((s.error for s in samples if s.error), "")
+    if error:
+        return _Failure(error)
     return (torch.stack([s.view1 for s in samples]), torch.stack([s.view2 for s in samples]),
             torch.tensor([s.label for s in samples], dtype=torch.int64),
             torch.tensor([s.index for s in samples], dtype=torch.int64),
@@ -186,7 +200,8 @@ class TorchTwoViewLoader(TwoViewLoader):
 
     Raises:
         DataError: the tree is missing/empty (see `scan_image_folder`), smaller than one global batch, or more than
-            `cfg.max_bad_fraction` of an epoch fails to decode.
+            `cfg.max_bad_fraction` of an epoch fails to decode, or a sample and its substitutes all fail to decode
+            (raised in this process, with worker processes too).
     """
 
     def __init__(self, cfg: DataConfig, ctx: LoaderContext):
@@ -223,7 +238,10 @@ class TorchTwoViewLoader(TwoViewLoader):
         self._sampler.set_epoch(epoch, start_batch)
         allowed = self.cfg.max_bad_fraction * len(self) * ctx.batch_size
         epoch_bad: list[str] = []
-        for view1, view2, labels, index, bad in self._loader:
+        for batch in self._loader:
+            if isinstance(batch, _Failure):
+                raise DataError(batch.message)
+            view1, view2, labels, index, bad = batch
             if bad:
                 self._record_bad(bad)
                 epoch_bad.extend(p for p, _ in bad)

@@ -208,6 +208,22 @@ def test_bad_images_are_substituted_counted_and_logged_once(tmp_path, caplog):
         list(strict)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_batch_is_a_one_line_data_error(tmp_path, workers):
+    for cname in ("a", "b"):
+        (tmp_path / cname).mkdir()
+        for n in range(3):
+            (tmp_path / cname / f"{n}.jpg").write_text("a caption, not a picture\n")
+    loader = TorchTwoViewLoader(_cfg(tmp_path, workers=workers), LoaderContext(batch_size=2))
+    message = f"^cannot decode .* nor {torch_loader.SUBSTITUTE_TRIES} substitutes"
+    try:
+        with pytest.raises(DataError, match=message) as err:
+            list(loader)
+    finally:
+        loader.close()
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
 def test_load_rgb_converts_modes(tmp_path):
     sixteen = tmp_path / "sixteen.png"
     Image.fromarray(np.array([[0, 32768], [65535, 1000]], dtype=np.uint16)).save(sixteen)

@@ -56,11 +56,10 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise SkipImage(f"too small: {w}x{h} px (min side {MIN_SIDE})")
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in ("JPEG", "MPO") else 1
-        bad_exif = False
-    except Exception:  # malformed EXIF raises assorted errors; re-encoding drops it, so every decoder agrees
-        orientation, bad_exif = 1, True
+    orientation = exif_orientation(img)
+    bad_exif = orientation is None  # re-encoding drops the malformed EXIF, so every decoder agrees
+    if bad_exif:
+        orientation = 1
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     scale = max_side / max(w, h) if max_side and max(w, h) > max_side else 1.0
@@ -89,7 +88,7 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
     else:
         return None, None, len(data), (w, h)
     try:
-        rgb = ImageOps.exif_transpose(to_rgb(img)) if orientation not in (0, 1) else to_rgb(img)
+        rgb = upright_rgb(img, orientation)
         if rgb.size != (tw, th):
             rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)  # antialiased in PIL; ~Lanczos quality, faster
         buf = io.BytesIO()
@@ -97,6 +96,22 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
     except (OSError, ValueError, MemoryError) as e:   # e.g. a side JPEG cannot store (65,535 px), odd modes
         raise SkipImage(f"cannot be re-encoded as JPEG ({reason}): {e}") from None
     return buf.getvalue(), reason, len(data), (tw, th)
+
+
+def exif_orientation(img: Image.Image) -> int | None:
+    """A JPEG's EXIF orientation (1, as stored, for other formats or without the tag); None if the EXIF is malformed."""
+    if img.format not in ("JPEG", "MPO"):
+        return 1
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # malformed EXIF raises assorted errors
+        return None
+
+
+def upright_rgb(img: Image.Image, orientation: int) -> Image.Image:
+    """`to_rgb`, turned as the EXIF `orientation` says (as DALI's decoders do). Shared by `byol convert` and the
+    `torch` loader."""
+    return ImageOps.exif_transpose(to_rgb(img)) if orientation not in (0, 1) else to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -27,7 +27,7 @@ from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.device_augment import blur_kernel_size
 from pipeline.folder import scan_image_folder
-from pipeline.image_normalise import to_rgb
+from pipeline.image_normalise import exif_orientation, upright_rgb
 from pipeline.sharding import num_batches, rank_indices, sample_seed
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float],
 
 
 def load_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to a uint8 (3, H, W) RGB tensor, whatever its mode (CMYK, gray, palette, 16-bit).
+    """Decode an image file to a uint8 (3, H, W) RGB tensor, whatever its mode (CMYK, gray, palette, 16-bit), turned
+    upright as a JPEG's EXIF orientation says (as `byol convert` and the DALI decoders do).
 
     Raises:
         OSError, ValueError, ...: the file cannot be decoded (see `_DECODE_ERRORS`).
@@ -73,7 +74,7 @@ def load_rgb(path: str) -> torch.Tensor:
                 raise ValueError(f"{w}x{h} image is larger than {MAX_DECODE_PIXELS} pixels")
             scale = int(np.ceil(np.sqrt(w * h / MAX_DECODE_PIXELS)))
             img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
-        rgb = to_rgb(img)
+        rgb = upright_rgb(img, exif_orientation(img) or 1)  # malformed EXIF: as stored, like `byol convert`
         arr = np.array(rgb, dtype=np.uint8)  # forces the decode inside the `with`
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"decoded to an unexpected shape {arr.shape}")

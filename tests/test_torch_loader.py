@@ -237,6 +237,17 @@ def test_load_rgb_converts_modes(tmp_path):
     assert x.shape == (3, 6, 8) and x.dtype == torch.uint8 and x.min() >= 250  # no ink: white
 
 
+def test_load_rgb_applies_the_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view, as `byol convert` and DALI do
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = 255  # left half white: the top half once upright
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    x = load_rgb(str(tmp_path / "rotated.jpg"))
+    assert x.shape == (3, 40, 20)
+    assert x[:, :18].float().mean() > 240 and x[:, 22:].float().mean() < 15
+
+
 def test_huge_images_are_reduced_or_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_loader, "MAX_DECODE_PIXELS", 32 * 32)
     photo = Image.fromarray(data.astronaut()).resize((256, 192))

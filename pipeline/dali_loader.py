@@ -64,6 +64,7 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x0
                b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
 _TAIL = 1024  # a complete JPEG / PNG ends with its end marker within this many bytes
 _DECODE_FAILURES = ("Failed to decode", "nvImageCodec failure", "decoders.image", "peek_image_shape")
+CHECK_CHUNK = 2048  # paths per task of the start-up file check
 SHUFFLE_BUFFER = 2048  # samples in the webdataset reader's shuffle buffer (per rank)
 DEBUG_DRAWS = ("flip", "jitter", "order", "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma",
                "solarize", "crop_anchor", "crop_shape")
@@ -96,10 +97,28 @@ def image_file_ok(path: str) -> bool:
     return not image_file_problem(path)
 
 
-def check_image_files(paths: list[str], threads: int = 16) -> list[str]:
-    """`image_file_problem` of every path, in order (threaded: the cost is file opens, not CPU)."""
+def check_image_files(paths: list[str], threads: int = 16, chunk: int = CHECK_CHUNK) -> list[str]:
+    """`image_file_problem` of every path, in order (threaded: the cost is file opens, not CPU).
+
+    The paths go to the threads in chunks of up to `chunk`, at most two chunks per thread in flight, so memory stays
+    flat: one future per path, all submitted up front (`ThreadPoolExecutor.map`), took +331 MB and 20 s for 200k files
+    against +2 MB and 5.5 s chunked (2 cores, local disk); ImageNet has 1.28 M.
+    """
+    size = max(1, min(chunk, -(-len(paths) // threads)))  # small folders still spread over every thread
+    problems: list[str] = []
+    pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(image_file_problem, paths, chunksize=256))
+        for start in range(0, len(paths), size):
+            if len(pending) == 2 * threads:
+                problems.extend(pending.popleft().result())
+            pending.append(pool.submit(_check_chunk, paths[start:start + size]))
+        while pending:
+            problems.extend(pending.popleft().result())
+    return problems
+
+
+def _check_chunk(paths: list[str]) -> list[str]:
+    return [image_file_problem(p) for p in paths]
 
 
 class StreamHold:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,41 @@ def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     assert loader.stats()["bad_reasons"] == {"empty file": 1, "not an image (unknown signature)": 1,
                                              "cut short (no end marker)": 1}
     assert len(_epoch(loader, 0)) == 5
+
+
+def test_file_check_keeps_the_order_with_few_tasks_in_flight(tmp_path, monkeypatch):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(good)
+    jpeg = good.read_bytes()
+    paths = [str(tmp_path / f"{n}.jpg") for n in range(5000)]
+    for p in paths:
+        Path(p).write_bytes(jpeg)
+    Path(paths[0]).write_bytes(b"")
+    Path(paths[1234]).write_bytes(b"not an image at all")
+    Path(paths[4999]).write_bytes(jpeg[: len(jpeg) // 2])
+    paths[2048] = str(tmp_path / "missing.jpg")
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+
+    def done(_) -> None:
+        with lock:
+            in_flight[0] -= 1
+
+    class CountingPool(dali_loader.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            future.add_done_callback(done)
+            return future
+
+    monkeypatch.setattr(dali_loader, "ThreadPoolExecutor", CountingPool)
+    problems = dali_loader.check_image_files(paths, threads=3, chunk=64)
+    assert problems == [dali_loader.image_file_problem(p) for p in paths]
+    assert {i: why for i, why in enumerate(problems) if why} == {
+        0: "empty file", 1234: "not an image (unknown signature)", 2048: "unreadable (No such file or directory)",
+        4999: "cut short (no end marker)"}
+    assert peak[0] <= 2 * 3 + 1, "a few chunks in flight, not one task per path"
 
 
 def test_corrupt_image_data_raises_data_error(tmp_path, tree):

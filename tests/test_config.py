@@ -46,6 +46,10 @@ def test_overrides_apply_with_types():
     ("data.augment.view1.blur_p=2", "view1.blur_p=2.*probability"),
     ("model.arch=vgg16", "model.arch.*resnet50"),
     ("train.batch_size", "not of the form section.key=value"),
+    ("train.seed=-1", r"train.seed=-1.*out of range"),
+    ("data.ffcv.batches_ahead=0", r"batches_ahead=0.*out of range"),
+    ("data.dali.prefetch_queue_depth=0", r"prefetch_queue_depth=0.*out of range"),
+    ("train.preempt_signals=[SIGTERM, SIGKILL]", "preempt_signals.*signals a process can catch"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -303,6 +303,8 @@ def validate(cfg: Config) -> None:
     _check(d.dali.decoder in ("mixed", "cpu"), "data.dali.decoder", "mixed or cpu", d.dali.decoder)
     _check(d.dali.num_threads >= 1, "data.dali.num_threads", ">= 1", d.dali.num_threads)
     _check(0.0 <= d.dali.hw_decoder_load <= 1.0, "data.dali.hw_decoder_load", "[0, 1]", d.dali.hw_decoder_load)
+    _check(d.dali.prefetch_queue_depth >= 1, "data.dali.prefetch_queue_depth", ">= 1", d.dali.prefetch_queue_depth)
+    _check(d.ffcv.batches_ahead >= 1, "data.ffcv.batches_ahead", ">= 1", d.ffcv.batches_ahead)
     _check(d.ffcv.order in ("random", "quasi_random", "sequential"), "data.ffcv.order",
            "random, quasi_random or sequential", d.ffcv.order)
     for name in ("view1", "view2"):
@@ -341,11 +343,12 @@ def validate(cfg: Config) -> None:
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "stop or skip", t.on_nonfinite)
     _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", ">= 0", t.max_skipped_steps)
     _check(t.num_threads >= 0, "train.num_threads", ">= 0", t.num_threads)
+    _check(0 <= t.seed < 2**63, "train.seed", "[0, 2^63)", t.seed)
     _check(bool(t.out_dir), "train.out_dir", "a folder path", t.out_dir)
     import signal
     for s in t.preempt_signals:
-        _check(isinstance(getattr(signal, s, None), signal.Signals), "train.preempt_signals",
-               "signal names such as SIGTERM, SIGINT, SIGUSR1", s)
+        _check(isinstance(getattr(signal, s, None), signal.Signals) and s not in ("SIGKILL", "SIGSTOP"),
+               "train.preempt_signals", "names of signals a process can catch, such as SIGTERM, SIGINT, SIGUSR1", s)
     validate_eval(e)
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto, nccl or gloo", cfg.dist.backend)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", ">= 1", cfg.dist.timeout_s)

@@ -90,8 +90,40 @@ def test_checkpoints_of_another_run_are_never_deleted(tmp_path):
     _, trainer = _train(tiny_overrides(run, steps=2) + ["train.resume=" + str(run / "ckpt-00000002.pt")])
     assert sorted(p.name for p in run.glob("*.superseded")) == [
         "ckpt-00000003.pt.sha256.superseded", "ckpt-00000003.pt.superseded",
-        "ckpt-00000004.pt.sha256.superseded", "ckpt-00000004.pt.superseded"]
+        "ckpt-00000004.pt.sha256.superseded", "ckpt-00000004.pt.superseded", "metrics.jsonl.superseded"]
     assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt"]
+    # the metrics of the abandoned steps are set aside too: no step is logged twice
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    later = [json.loads(line)["step"] for line in (run / "metrics.jsonl.superseded").read_text().splitlines()]
+    assert later == [3, 3, 4]
+
+
+def test_resume_takes_allowed_changes_of_the_optimizer_and_precision(tmp_path):
+    # load_state_dict restores the saved hyper-parameters: an allowed change must win over them
+    run = tmp_path / "run"
+    _train(tiny_overrides(run, steps=2))
+    changed = ["train.weight_decay=0.1", "train.momentum=0.5", "train.lars_eta=0.02"]
+    _, trainer = _train(tiny_overrides(run, steps=3) + ["train.resume=auto", *changed,
+                        "train.allow_changed=[train.weight_decay,train.momentum,train.lars_eta]"])
+    groups = trainer.optimizer.param_groups
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]
+    assert {g["momentum"] for g in groups} == {0.5} and {g["eta"] for g in groups} == {0.02}
+    assert any(trainer.optimizer.state.values())   # the momentum buffers were loaded
+    # another optimizer starts fresh; an fp32 checkpoint (empty scaler state) resumes as fp16
+    summary, trainer = _train(tiny_overrides(run, steps=4) + [
+        "train.resume=auto", "train.optimizer=sgd", "train.precision=fp16", *changed,
+        "train.allow_changed=[train.weight_decay,train.momentum,train.lars_eta,train.optimizer,train.precision]"])
+    assert summary["steps"] == 4 and trainer.scaler.is_enabled()
+
+
+def test_a_failed_start_closes_the_loader(tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "run") + ["train.resume=" + str(tmp_path / "no.pt")]))
+    closed = []
+    trainer.loader.close = lambda: closed.append(True)
+    with pytest.raises(CheckpointError):
+        trainer.run()
+    assert closed
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -255,6 +287,38 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
     assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(odd), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "different class folders (10 and 9)" in err and "Traceback" not in err
+
+    # a file that is not an image, read in a worker process: one line naming it
+    broken = tmp_path / "broken"
+    shutil.copytree(digits16, broken)
+    bad = sorted((broken / "val").glob("*/*.jpg"))[0]
+    bad.write_text("not an image")
+    assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(broken), "--workers", "1", "--k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+    # one image per class leaves no held-out image; negative workers
+    single = tmp_path / "single"
+    for d in sorted((digits16 / "train").iterdir())[:3]:
+        (single / d.name).mkdir(parents=True)
+        shutil.copy(sorted(d.iterdir())[0], single / d.name)
+    assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(single), "--workers", "0"]) == 2
+    assert "held-out split is empty" in capsys.readouterr().err
+    assert byol(["eval", "--checkpoint", str(ckpt), "--data", str(digits16), "--workers", "-1"]) == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err
+
+
+def test_evaluation_normalises_as_the_training_did(tmp_path):
+    from PIL import Image
+
+    from train.evaluate import extract_features
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (20, 20), (255, 255, 255)).save(tmp_path / "a" / "white.png")
+    seen = []
+    encoder = torch.nn.Module()
+    encoder.forward = lambda x: (seen.append(x), x.flatten(1))[1]
+    extract_features(encoder, [(str(tmp_path / "a" / "white.png"), 0)], 16, 1, torch.device("cpu"),
+                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert torch.allclose(seen[0], torch.ones_like(seen[0]))   # (1 - 0.5) / 0.5, not ImageNet's constants
 
 
 def test_knn_and_linear_monitor_during_training(tmp_path, digits16):

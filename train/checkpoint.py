@@ -6,6 +6,7 @@ loads with `weights_only=True`; `--resume auto` walks from the newest to older o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -117,7 +118,31 @@ def set_aside_later(run_dir: str | Path, step: int) -> list[Path]:
     if moved:
         log.warning("resumed at step %d: set aside the later checkpoint(s) of the abandoned run as *.superseded: %s",
                     step, ", ".join(p.name for p in moved))
+    _set_aside_later_metrics(Path(run_dir) / "metrics.jsonl", step)
     return moved
+
+
+def _set_aside_later_metrics(path: Path, step: int) -> None:
+    """Keep in `metrics.jsonl` the rows up to `step`; append the abandoned run's later rows (and any torn line) to
+    `metrics.jsonl.superseded`, so that the resumed run's rows do not repeat steps."""
+    if not path.is_file():
+        return
+    keep, later = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            row_step = None
+        (keep if isinstance(row_step, int) and row_step <= step else later).append(line + "\n")
+    if not later:
+        return
+    with open(path.with_name(path.name + ".superseded"), "a", encoding="utf-8") as f:
+        f.writelines(later)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+    log.warning("resumed at step %d: %d later row(s) of metrics.jsonl moved to %s.superseded", step, len(later),
+                path.name)
 
 
 def set_aside_previous_run(run_dir: str | Path) -> Path | None:

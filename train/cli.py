@@ -29,8 +29,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
     from train.checkpoint import load_checkpoint
-    from train.config import EvalConfig, validate_eval
+    from train.config import ConfigError, EvalConfig, validate_eval
     from train.distributed import resolve_device
     from train.evaluate import encoder_from_checkpoint, evaluate_encoder
 
@@ -41,8 +42,12 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(data=args.data, image_size=image_size, batch_size=args.batch_size, k=args.k,
                      linear_epochs=args.linear_epochs)
     validate_eval(cfg, prefix="--")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    augment = state["config"].get("data", {}).get("augment", {})   # normalise as the encoder was trained
     result = evaluate_encoder(encoder, cfg, device, meta["channels_last"], linear=args.linear,
-                              num_workers=args.workers)
+                              num_workers=args.workers, mean=augment.get("mean", IMAGENET_MEAN),
+                              std=augment.get("std", IMAGENET_STD))
     result.update({"checkpoint": str(args.checkpoint), "step": state["step"], "data": args.data, **meta})
     print(json.dumps(result, indent=2))
     if args.out:

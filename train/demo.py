@@ -77,11 +77,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: Optional[str] 
     log.info("kNN of a randomly initialised %s on held-out digits", cfg.model.arch)
     enc = random_init_encoder(cfg.model.arch, cfg.model.small_stem, device, seed=cfg.train.seed,
                               channels_last=cfg.model.channels_last)
-    knn_random = evaluate_encoder(enc, cfg.eval, device, cfg.model.channels_last)
+    knn_random = evaluate_encoder(enc, cfg.eval, device, cfg.model.channels_last, mean=cfg.data.augment.mean, std=cfg.data.augment.std)
 
     log.info("BYOL pretraining (%s, %d px, batch %d)", cfg.model.arch, size, cfg.train.batch_size)
     byol_summary, trainer = _run(cfg)
-    knn_byol = evaluate_encoder(trainer.model.encoder, cfg.eval, trainer.device, cfg.model.channels_last)
+    knn_byol = evaluate_encoder(trainer.model.encoder, cfg.eval, trainer.device, cfg.model.channels_last,
+                                mean=cfg.data.augment.mean, std=cfg.data.augment.std)
 
     log.info("ablation: the same run without the predictor")
     ablation = copy.deepcopy(cfg)

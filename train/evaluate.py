@@ -44,40 +44,54 @@ def split_samples(root: str, val_fraction: float = 0.2, seed: int = 0
         n_val = max(1, round(len(items) * val_fraction)) if len(items) > 1 else 0
         val += [items[i] for i in order[:n_val]]
         train += [items[i] for i in order[n_val:]]
+    if not val:
+        raise DataError(f"{root}: no class has two images, so the held-out split is empty; give the evaluation data "
+                        "more images per class, or train/ and val/ subfolders")
     return train, val, classes
 
 
 class _EvalImages(Dataset):
-    """Resize the shorter side to size * 8/7, centre-crop `size`, normalise (the standard evaluation transform)."""
+    """Resize the shorter side to size * 8/7, centre-crop `size`, normalise with the training's mean/std (the
+    standard evaluation transform). An unreadable image yields a zero image and its error, which the caller raises
+    (from a worker, an exception would reach the user as a worker traceback)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int):
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, mean: Sequence[float], std: Sequence[float]):
         from torchvision.transforms import v2
-        self.samples = list(samples)
+        self.samples, self.size = list(samples), size
         self.transform = v2.Compose([
             v2.PILToTensor(), v2.Resize(round(size * 8 / 7), antialias=True), v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+            v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        return self.transform(img), label
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return torch.zeros(3, self.size, self.size), label, f"{path}: {e}"
+        return self.transform(img), label, ""
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, samples: Sequence[tuple[str, int]], image_size: int, batch_size: int,
-                     device: torch.device, channels_last: bool = True, num_workers: int = 0
+                     device: torch.device, channels_last: bool = True, num_workers: int = 0,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised float32 features and labels of `samples`, with the encoder in eval mode."""
     was_training = encoder.training
     encoder.eval()
-    loader = DataLoader(_EvalImages(samples, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_EvalImages(samples, image_size, mean, std), batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y in loader:
+    for x, y, errors in loader:
+        bad = [e for e in errors if e]
+        if bad:
+            encoder.train(was_training)
+            raise DataError(f"evaluation image {bad[0]}: remove or replace it"
+                            + (f" ({len(bad) - 1} more in the same batch)" if len(bad) > 1 else ""))
         x = x.to(device, non_blocking=True).to(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             f = encoder(x)
@@ -126,13 +140,15 @@ def linear_probe_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torc
 
 
 def evaluate_encoder(encoder: nn.Module, cfg: EvalConfig, device: torch.device, channels_last: bool = True,
-                     linear: bool = False, num_workers: int = 0) -> dict:
-    """kNN top-1 for each k (and the linear probe when asked) on `cfg.data`."""
+                     linear: bool = False, num_workers: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> dict:
+    """kNN top-1 for each k (and the linear probe when asked) on `cfg.data`; `mean`/`std`: the training's
+    normalisation (`data.augment.mean/std`)."""
     train_s, val_s, classes = split_samples(cfg.data, cfg.val_fraction)
     tr_f, tr_y = extract_features(encoder, train_s, cfg.image_size, cfg.batch_size, device, channels_last,
-                                  num_workers)
+                                  num_workers, mean, std)
     va_f, va_y = extract_features(encoder, val_s, cfg.image_size, cfg.batch_size, device, channels_last,
-                                  num_workers)
+                                  num_workers, mean, std)
     result: dict = {"num_train": len(train_s), "num_val": len(val_s), "num_classes": len(classes)}
     for k in cfg.k:
         result[f"knn_top1_k{k}"] = knn_top1(tr_f, tr_y, va_f, va_y, k, cfg.temperature)
@@ -146,12 +162,14 @@ class KnnMonitor:
     """The kNN evaluation (and, with `eval.linear_epochs` > 0, the linear probe) as a periodic monitor during
     training (rank 0)."""
 
-    def __init__(self, cfg: EvalConfig, device: torch.device, channels_last: bool = True):
-        self.cfg, self.device, self.channels_last = cfg, device, channels_last
+    def __init__(self, cfg: EvalConfig, device: torch.device, channels_last: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.cfg, self.device, self.channels_last, self.mean, self.std = cfg, device, channels_last, mean, std
         split_samples(cfg.data, cfg.val_fraction)   # a missing or empty folder stops the run now, not hours later
 
     def __call__(self, encoder: nn.Module) -> dict:
-        r = evaluate_encoder(encoder, self.cfg, self.device, self.channels_last, linear=self.cfg.linear_epochs > 0)
+        r = evaluate_encoder(encoder, self.cfg, self.device, self.channels_last, linear=self.cfg.linear_epochs > 0,
+                             mean=self.mean, std=self.std)
         scores = {k: v for k, v in r.items() if k.startswith(("knn", "linear"))}
         log.info("kNN monitor: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         return scores

@@ -194,12 +194,27 @@ class Trainer:
         if self.dist.is_main:
             ckpt.set_aside_later(self.run_dir, int(state["step"]))
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_optimizer(state, path)
+        if state.get("scaler") and self.scaler.is_enabled():   # an fp16 run's scaler; bf16/fp32 saved `{}`
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], self.device)
         self.state = RunState(step=state["step"], skipped_steps=state.get("skipped_steps", 0),
                               history=list(state.get("history", [])))
         log.info("resumed from %s at step %d", path, self.state.step)
+
+    def _load_optimizer(self, state: dict, path: Path) -> None:
+        """The saved momentum buffers; the hyper-parameters stay this run's (`train.allow_changed` may change them;
+        the LR is set by the schedule every step)."""
+        t = self.cfg.train
+        saved = state.get("config", {}).get("train", {}).get("optimizer", t.optimizer)
+        if saved != t.optimizer:
+            log.warning("%s was trained with train.optimizer=%s: the %s optimizer starts with fresh momentum",
+                        path, saved, t.optimizer)
+            return
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])   # it restores the saved hyper-parameters too: undo that
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            group.update(settings)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
@@ -237,28 +252,32 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
-        if self.dist.is_main and not t.resume:
-            ckpt.set_aside_previous_run(self.run_dir)
-        if self.dist.is_main:
-            write_run_info(self.run_dir, to_dict(cfg), {"world_size": self.dist.world_size,
-                                                        "steps_per_epoch": sched.steps_per_epoch,
-                                                        "precision": self.precision})
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        if t.resume:
-            self.resume(t.resume)
-        if cfg.eval.every and cfg.eval.data and self.dist.is_main:
-            from train.evaluate import KnnMonitor
-            self.eval_monitor = KnnMonitor(cfg.eval, self.device, cfg.model.channels_last)
-        flag = _PreemptFlag(t.preempt_signals)
+        flag = None
         try:
-            summary = self._train(flag)
+            if self.dist.is_main and not t.resume:
+                ckpt.set_aside_previous_run(self.run_dir)
+            if self.dist.is_main:
+                write_run_info(self.run_dir, to_dict(cfg), {"world_size": self.dist.world_size,
+                                                            "steps_per_epoch": sched.steps_per_epoch,
+                                                            "precision": self.precision})
+            if t.resume:
+                self.resume(t.resume)
+            if self.dist.is_main:
+                from torch.utils.tensorboard import SummaryWriter
+                # resumed: events logged after the checkpoint's step by the abandoned run are dropped
+                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1 if self.state.step else None)
+            if cfg.eval.every and cfg.eval.data and self.dist.is_main:
+                from train.evaluate import KnnMonitor
+                self.eval_monitor = KnnMonitor(cfg.eval, self.device, cfg.model.channels_last,
+                                               cfg.data.augment.mean, cfg.data.augment.std)
+            flag = _PreemptFlag(t.preempt_signals)
+            return self._train(flag)
         finally:
-            flag.restore()
+            if flag is not None:
+                flag.restore()
             self.loader.close()
             if self.writer is not None:
                 self.writer.close()
-        return summary
 
     def _train(self, flag: _PreemptFlag) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
@@ -353,8 +372,7 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Train BYOL as configured; the summary dict on every rank."""
-    trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        return Trainer(cfg).run()
     finally:
         cleanup()

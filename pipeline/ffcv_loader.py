@@ -40,7 +40,7 @@ import json
 import logging
 import queue
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numba
 import numpy as np
@@ -217,6 +217,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
                         self._convert_skips["convert_skipped"], self._convert_skips["convert_report"])
 
         self._quasi = cfg.ffcv.order == "quasi_random"
+        self._pristine_pages: Optional[np.ndarray] = None   # quasi_random: FFCV's page table before any shuffle
         self._shuffle = ctx.shuffle and cfg.ffcv.order != "sequential"
         if num_batches(self._num_samples, ctx.batch_size, ctx.world_size) == 0:
             raise DataError(f"{str(self.path)!r} holds {self._num_samples} images, fewer than one global batch "
@@ -257,6 +258,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
                 )
         except _READ_ERRORS as e:
             raise DataError(f"FFCV cannot read {str(self.path)!r} ({e}): delete it and run `byol convert` again") from e
+        if self._quasi:
+            self._pristine_pages = self._loader.traversal_order.page_to_samples_array.copy()
         graph = self._loader.graph
         self._decoder_nodes = [graph.operation_to_node[d][0].id for d in self._decoders]
         self._outputs = list(self._loader.pipeline_specs)  # FFCV returns one tensor per pipeline, in this order
@@ -315,8 +318,11 @@ class FfcvTwoViewLoader(TwoViewLoader):
         """The dataset indices this rank visits in `epoch`, in order, `len(self) * batch_size` of them."""
         ctx = self.ctx
         if self._quasi:
-            return np.asarray(self._loader.traversal_order.sample_order(epoch),
-                              dtype=np.int64)[:len(self) * ctx.batch_size]
+            # FFCV's quasi-random order shuffles its page table in place, so each call would start from the state
+            # the previous one left: restore the table first, so that an epoch's order depends on the epoch only.
+            traversal = self._loader.traversal_order
+            traversal.page_to_samples_array[...] = self._pristine_pages
+            return np.asarray(traversal.sample_order(epoch), dtype=np.int64)[:len(self) * ctx.batch_size]
         return rank_indices(self._num_samples, ctx.batch_size, ctx.rank, ctx.world_size, ctx.seed, epoch,
                             self._shuffle)
 

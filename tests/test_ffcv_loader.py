@@ -268,6 +268,22 @@ def test_two_emulated_ranks_are_disjoint_and_cover_the_kept_samples(loader: Ffcv
     assert len(set(seen[0]) | set(seen[1])) == kept
 
 
+def test_quasi_random_order_depends_on_the_epoch_only(beton: Path, ctx: LoaderContext) -> None:
+    # FFCV shuffles its page table in place: without restoring it, a resumed run (a fresh loader) would visit
+    # another order than the run it continues.
+    cfg = DataConfig(backend="ffcv", path=str(beton.parent.parent), image_size=SIZE, num_workers=1)
+    cfg.ffcv.order = "quasi_random"
+    running, fresh = FfcvTwoViewLoader(cfg, ctx), FfcvTwoViewLoader(cfg, ctx)
+    try:
+        first = running.epoch_order(0)
+        assert np.array_equal(first, running.epoch_order(0))
+        assert np.array_equal(running.epoch_order(1), fresh.epoch_order(1))
+        assert not np.array_equal(first, running.epoch_order(1))
+    finally:
+        running.close()
+        fresh.close()
+
+
 @pytest.mark.parametrize("damage", ["missing", "folder", "empty", "not_beton", "truncated", "unfinished",
                                     "classes_json"])
 def test_bad_files_raise_data_error(beton: Path, tmp_path: Path, damage: str) -> None:

@@ -39,6 +39,9 @@ class LoaderContext:
         channels_last: deliver views in `channels_last` memory format.
         drop_last: drop the last incomplete batch (always True for training).
         shuffle: reshuffle per epoch (False gives the dataset order, for evaluation).
+        worker_ignored_signals: signal names the backend's worker processes ignore: the trainer's preemption
+            signals, which it handles itself. A signal sent to the whole process group (`timeout`, a scheduler's
+            cancel) would otherwise kill a worker, and the training step with it, before the checkpoint.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -50,6 +53,7 @@ class LoaderContext:
     channels_last: bool = True
     drop_last: bool = True
     shuffle: bool = True
+    worker_ignored_signals: tuple[str, ...] = ()
 
 
 class DataError(RuntimeError):

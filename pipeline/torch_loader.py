@@ -11,7 +11,9 @@ on [0, 1] floats, as the on-device backends do, and solarisation's threshold kee
 """
 from __future__ import annotations
 
+import functools
 import logging
+import signal
 import struct
 import zlib
 from typing import Iterator, NamedTuple, Sequence
@@ -93,6 +95,13 @@ class _Sample(NamedTuple):
 class _Failure(NamedTuple):
     """A batch that cannot be made; the main process raises `message` as a `DataError`."""
     message: str
+
+
+def _ignore_signals(names: tuple[str, ...], worker_id: int) -> None:
+    """DataLoader worker start: ignore the trainer's preemption signals (run after torch's own worker handlers, which
+    would make a SIGTERM to the process group kill the worker). The main process still stops the workers."""
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class TwoViewFolderDataset(Dataset):
@@ -220,7 +229,8 @@ class TorchTwoViewLoader(TwoViewLoader):
         workers = cfg.num_workers
         self._loader = DataLoader(self.dataset, batch_sampler=self._sampler, num_workers=workers,
                                   collate_fn=_collate, pin_memory=ctx.device.type == "cuda",
-                                  persistent_workers=workers > 0)
+                                  persistent_workers=workers > 0,
+                                  worker_init_fn=functools.partial(_ignore_signals, ctx.worker_ignored_signals))
         self._bad: dict[str, str] = {}  # path -> reason, each logged once
 
     @property

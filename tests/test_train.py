@@ -214,14 +214,16 @@ def _run_cli(args, env_extra=None, **kw):
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, digits16):
+    # SIGTERM to the whole process group, as `timeout` and schedulers send it: the loader's worker processes get it
+    # too and must leave the stopping to the trainer (torch's worker handler killed them, and the step with them).
     data = str(digits16 / "train")
     run = tmp_path / "run"
-    proc = _run_cli(tiny_overrides(run, data, "torch", steps=200))
+    proc = _run_cli(tiny_overrides(run, data, "torch", steps=200) + ["data.num_workers=2"], start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out
     stopped = int(list_checkpoints(run)[-1].name[5:13])

@@ -126,7 +126,8 @@ class Trainer:
         self.dtype = DTYPES[self.precision]
 
         ctx = LoaderContext(device=self.device, dtype=self.dtype, batch_size=per_rank_batch, rank=self.dist.rank,
-                            world_size=self.dist.world_size, seed=t.seed, channels_last=cfg.model.channels_last)
+                            world_size=self.dist.world_size, seed=t.seed, channels_last=cfg.model.channels_last,
+                            worker_ignored_signals=tuple(t.preempt_signals))
         self.loader = loader or build_two_view_loader(cfg.data, ctx)
         self.schedule = build_schedule(cfg, len(self.loader))
 

@@ -17,8 +17,10 @@ and round after each op, so results agree within 1.5 grey levels, most pixels ex
   - blur: a separable gaussian with a per-sample sigma; torchvision's window (`blur_kernel_frac` of the size, made
     odd: 23 taps at 224 px) is cut to 2 ceil(4 sigma) + 1 taps when that is shorter (the cut taps weigh < 1e-4).
   - solarize: exact (`x >= ceil(255 t) -> 255 - x` on uint8).
-  - crop: `random_crop_generator` draws the window as `RandomResizedCrop` does (area, log-uniform aspect, ten tries,
-    then a centre crop); the window is resized with antialiased bicubic interpolation.
+  - crop: `random_crop_generator` draws the window as `RandomResizedCrop` does (area, log-uniform aspect, ten tries);
+    when all ten fail (only images far outside the aspect range), DALI's fallback window (the largest one in the
+    aspect range) sits at a random position where torchvision centres it. The window is resized with antialiased
+    bicubic interpolation.
 The flip is applied last, inside the normalising op: it commutes with every op in between.
 
 Where the images are on the CPU (`data.dali.cpu_kernels`, the default), colour jitter and grayscale run instead as one

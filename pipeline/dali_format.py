@@ -7,7 +7,8 @@ Layout of a shard folder (`<out>/dali/`):
                        `<key>.label` (int64 little-endian class index), `<key>.index` (int64 little-endian global index)
     shard-000000.idx   DALI's webdataset index (the text format `wds2idx` writes, version v1.2)
     manifest.json      {"format": "byolfast-wds-v1", "classes", "num_samples", "shard_size", "shards": [{"tar",
-                       "index", "count", "sha256", "bytes"}], ...}; written last, so its presence means complete
+                       "index", "count", "sha256", "bytes"}], "order", ...}; written last, so its presence means
+                       complete
     progress.jsonl     completed shards of an unfinished run (a re-run skips them); removed once the manifest is written
 
 Shard order: the samples are dealt to the shards in one fixed random permutation of the global indices
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "byolfast-wds-v1"
 MANIFEST = "manifest.json"
-ORDER = "shuffled"            # `settings["order"]` of a folder written in `shard_order` (older folders lack the key)
+ORDER = "shuffled"            # the manifest's "order" (and convert's settings) for shards in `shard_order`
 ORDER_SEED = 0x5EED5A3D
 PROGRESS = "progress.jsonl"
 EXTENSIONS = ("jpg", "cls", "label", "index")  # member order inside each sample
@@ -237,7 +238,7 @@ def write_shards(folder: str | os.PathLike, refs: Sequence[SampleRef], classes: 
                 on_samples(rec["count"])
     shards = [{k: done[s][k] for k in ("tar", "index", "count", "sha256", "bytes")} for s in range(num_shards)]
     manifest = {"format": FORMAT, "classes": list(classes), "num_samples": len(refs), "shard_size": shard_size,
-                "shards": shards, "extensions": list(EXTENSIONS), "settings": settings}
+                "shards": shards, "extensions": list(EXTENSIONS), "order": ORDER, "settings": settings}
     write_json_atomic(folder / MANIFEST, manifest)
     (folder / PROGRESS).unlink()
     return manifest, resumed

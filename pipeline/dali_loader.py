@@ -53,7 +53,7 @@ from pipeline.config import AugmentConfig, DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.convert_report import skipped_at_convert
 from pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
-from pipeline.dali_format import MANIFEST, load_manifest
+from pipeline.dali_format import MANIFEST, ORDER, load_manifest
 from pipeline.folder import scan_image_folder
 from pipeline.sharding import num_batches, rank_indices
 
@@ -253,6 +253,10 @@ class DaliTwoViewLoader(TwoViewLoader):
         self._num_samples = int(m["num_samples"])
         self._tars, self._indices = list(m["tar_paths"]), list(m["index_paths"])
         self._convert_skips = skipped_at_convert(m["dir"], self._num_samples)
+        if m.get("order") != ORDER and self.ctx.rank == 0:
+            logger.warning("%s: these shards hold the samples in class order (written by an earlier byol convert), so "
+                           "the reader's shuffle gives batches of few classes; convert again with --overwrite",
+                           m["dir"])
         if self._convert_skips.get("convert_skipped"):
             logger.info("%s: %d images were skipped at convert time (see %s)", m["dir"],
                         self._convert_skips["convert_skipped"], self._convert_skips["convert_report"])

@@ -8,8 +8,10 @@ and the op checks run the default exact hue.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -355,6 +357,19 @@ def test_bad_settings_and_paths(tree, shards):
         DaliTwoViewLoader(_cfg(tree / "missing"), LoaderContext())
     assert is_shard_folder(str(shards)) and is_shard_folder(str(shards.parent))
     assert is_shard_folder(str(shards / "manifest.json")) and not is_shard_folder(str(tree))
+
+
+def test_class_ordered_shards_are_pointed_out(shards, tmp_path, caplog):
+    # shards of an earlier convert, in class order: still read, with advice to convert again
+    DaliTwoViewLoader(_cfg(shards), LoaderContext(batch_size=BATCH))
+    assert "class order" not in caplog.text
+    old = tmp_path / "dali"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["order"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    DaliTwoViewLoader(_cfg(old), LoaderContext(batch_size=BATCH))
+    assert "class order" in caplog.text and "--overwrite" in caplog.text
 
 
 class _Event:

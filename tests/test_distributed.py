@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from train.loop import PREEMPT_CHECK_EVERY
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def _launch(nproc: int, overrides: list[str]) -> subprocess.Popen:
+def _launch(nproc: int, overrides: list[str], torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "train", *overrides]
+           *torchrun_args, "-m", "train", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -125,10 +126,32 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resumes(digits16, tmp_p
     assert proc.returncode == 1 and out.count("exitcode  : 75") == 2, out[-3000:]   # torchrun itself exits 1
     stopped = max(_losses(run))
     assert out.count(f"preempted at step {stopped}:") == 2, out[-3000:]
-    assert 1 <= stopped < 400 and stopped % 10 == 0    # the ranks' agreement point
+    assert 1 <= stopped < 400 and stopped % PREEMPT_CHECK_EVERY == 0    # the ranks' agreement point
     assert (run / f"ckpt-{stopped:08d}.pt").is_file()
-    _run(2, _cfg(run, str(digits16 / "train"), stopped + 2) + ["train.resume=auto"])
-    assert max(_losses(run)) == stopped + 2
+    marker = json.loads((run / "preempted.json").read_text())   # the requeue script's cue (torchrun exits 1)
+    assert marker["step"] == stopped and marker["exit_status"] == 75
+
+    # SIGUSR1 to torchrun alone, as a scheduler's warning signal reaches it: with the README's --signals-to-handle
+    # it passes the signal on to the ranks (by default SIGUSR1 kills torchrun and leaves the ranks running)
+    proc = _launch(2, _cfg(run, str(digits16 / "train"), 400) + ["train.log_every=1", "train.resume=auto"],
+                   ("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",))
+    deadline = time.time() + 180
+    while time.time() < deadline and max(_losses(run)) <= stopped:
+        time.sleep(0.5)
+    assert not (run / "preempted.json").exists()         # a resumed run is no longer the preempted one
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        for pid in _rank_pids(proc.pid).values():   # the ranks run in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop after SIGUSR1 to torchrun")
+    again = json.loads((run / "preempted.json").read_text())
+    assert again["step"] > stopped and again["signal"] == "SIGUSR1"
+    assert out.count(f"preempted at step {again['step']}:") == 2, out[-3000:]   # both ranks, at one step
+    _run(2, _cfg(run, str(digits16 / "train"), again["step"] + 2) + ["train.resume=auto"])
+    assert max(_losses(run)) == again["step"] + 2 and not (run / "preempted.json").exists()
 
 
 def test_a_killed_rank_ends_the_job(digits16, tmp_path):
@@ -188,3 +211,14 @@ def test_flag_agreement_on_cuda_reads_through_pinned_memory(tmp_path):
         assert agreement.finish() is False
     finally:
         dist.destroy_process_group()
+
+
+def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
+    # `train.device=cuda:0` under torchrun would stack every rank of a node on GPU 0 (checked before CUDA is touched)
+    from train import distributed
+    from train.config import ConfigError
+    monkeypatch.setattr(distributed, "resolve_device", lambda name, local_rank=0: torch.device("cuda", 0))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="every rank of this node on one GPU"):
+        distributed.init_distributed("cuda:0")

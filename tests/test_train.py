@@ -338,6 +338,14 @@ def test_knn_and_linear_monitor_during_training(tmp_path, digits16):
     with pytest.raises(DataError, match="evaluation data"):
         _train(base + [f"eval.data={tmp_path / 'missing'}", f"train.out_dir={tmp_path / 'run2'}"])
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()         # refused before the first step
+    # an evaluation image that breaks during the run costs that evaluation, not the training
+    broken = tmp_path / "broken"
+    shutil.copytree(digits16, broken)
+    sorted((broken / "val").glob("*/*.jpg"))[0].write_text("not an image")
+    summary, _ = _train(base + [f"eval.data={broken}", f"train.out_dir={tmp_path / 'run3'}"])
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run3" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "knn_top1" in r]
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

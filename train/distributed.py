@@ -61,6 +61,11 @@ def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 6
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and local_world > 1 and device.index != local_rank:
+        from train.config import ConfigError
+        raise ConfigError(f"train.device={device_name!r} puts every rank of this node on one GPU: under torchrun use "
+                          "train.device=cuda or auto (each rank takes the GPU of its LOCAL_RANK)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

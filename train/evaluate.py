@@ -168,8 +168,13 @@ class KnnMonitor:
         split_samples(cfg.data, cfg.val_fraction)   # a missing or empty folder stops the run now, not hours later
 
     def __call__(self, encoder: nn.Module) -> dict:
-        r = evaluate_encoder(encoder, self.cfg, self.device, self.channels_last, linear=self.cfg.linear_epochs > 0,
-                             mean=self.mean, std=self.std)
+        """The scores; {} when the evaluation data has become unusable (the training goes on, with a warning)."""
+        try:
+            r = evaluate_encoder(encoder, self.cfg, self.device, self.channels_last,
+                                 linear=self.cfg.linear_epochs > 0, mean=self.mean, std=self.std)
+        except DataError as e:
+            log.warning("kNN monitor skipped: %s", e)
+            return {}
         scores = {k: v for k, v in r.items() if k.startswith(("knn", "linear"))}
         log.info("kNN monitor: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         return scores

@@ -34,7 +34,8 @@ from train.step import Forward, NonFiniteError, StageHook, StepOutput, no_stage,
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again" — cluster scripts requeue on it
-PREEMPT_CHECK_EVERY = 10     # steps between the ranks' exchanges of a pending preemption (an async collective)
+PREEMPT_CHECK_EVERY = 5      # steps between the ranks' exchanges of a pending preemption (an async collective)
+PREEMPT_MARKER = "preempted.json"   # in the run folder while the run stands preempted: a requeue script's cue
 
 
 class Preempted(SystemExit):
@@ -261,6 +262,8 @@ class Trainer:
                 write_run_info(self.run_dir, to_dict(cfg), {"world_size": self.dist.world_size,
                                                             "steps_per_epoch": sched.steps_per_epoch,
                                                             "precision": self.precision})
+            if self.dist.is_main:   # this run is no longer the preempted one, whatever happens next
+                (self.run_dir / PREEMPT_MARKER).unlink(missing_ok=True)
             if t.resume:
                 self.resume(t.resume)
             if self.dist.is_main:
@@ -339,7 +342,8 @@ class Trainer:
                 if self.eval_monitor is not None and (self.state.step % cfg.eval.every == 0 or end):
                     t_eval = time.perf_counter()
                     acc = self.eval_monitor(self.model.encoder)
-                    self._log({"step": self.state.step, **acc})
+                    if acc:
+                        self._log({"step": self.state.step, **acc})
                     paused += time.perf_counter() - t_eval
                 saved = False
                 if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not end:
@@ -350,6 +354,13 @@ class Trainer:
                 if not end and self._preempt_pending(flag, agreement):
                     self._check_finite()
                     path = ckpt.checkpoint_path(self.run_dir, self.state.step) if saved else self.save()
+                    if self.dist.is_main:
+                        signame = signal.Signals(flag.signum).name if flag.signum is not None else None
+                        marker = self.run_dir / PREEMPT_MARKER
+                        marker.with_suffix(".tmp").write_text(json.dumps({
+                            "step": self.state.step, "checkpoint": str(path), "signal": signame,
+                            "exit_status": EXIT_PREEMPTED}) + "\n")
+                        marker.with_suffix(".tmp").replace(marker)
                     bar.close()
                     log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue",
                                 self.state.step, EXIT_PREEMPTED)

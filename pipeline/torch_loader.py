@@ -161,8 +161,9 @@ class TwoViewFolderDataset(Dataset):
                 break
             # A deterministic other sample: depends on (seed, epoch, index, attempt) only, never on the worker.
             src = (index + 1 + sample_seed(seed, attempt, 1) % (n - 1)) % n
-        raise DataError(f"cannot decode {', '.join(p for p, _ in bad)} nor {SUBSTITUTE_TRIES} substitutes "
-                        f"({bad[-1][1]}): check the images under the data path (e.g. with PIL's Image.open)")
+        raise DataError(f"cannot decode {', '.join(dict.fromkeys(p for p, _ in bad))} (a sample and "
+                        f"{len(bad) - 1} substitutes; last error {bad[-1][1]}): check the images under the data path "
+                        "(e.g. with PIL's Image.open)")
 
 
 class EpochBatchSampler(Sampler):

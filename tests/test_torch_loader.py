@@ -215,7 +215,7 @@ def test_undecodable_batch_is_a_one_line_data_error(tmp_path, workers):
         for n in range(3):
             (tmp_path / cname / f"{n}.jpg").write_text("a caption, not a picture\n")
     loader = TorchTwoViewLoader(_cfg(tmp_path, workers=workers), LoaderContext(batch_size=2))
-    message = f"^cannot decode .* nor {torch_loader.SUBSTITUTE_TRIES} substitutes"
+    message = f"^cannot decode .* \\(a sample and {torch_loader.SUBSTITUTE_TRIES} substitutes; last error"
     try:
         with pytest.raises(DataError, match=message) as err:
             list(loader)

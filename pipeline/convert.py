@@ -16,7 +16,9 @@ Three steps, each in parallel worker processes:
   2. DALI shards (`pipeline.dali_format`): one shard per task, resumable.
   3. FFCV beton (`pipeline.ffcv_format`): FFCV's own writer processes.
 Sample i is the i-th image that survived step 1, in the sorted listing (class, then path): its global index. The
-beton stores the samples in that order; the shards deal them out in a fixed shuffled order (`dali_format.shard_order`).
+shards and the beton both store the samples in one fixed shuffled order (`dali_format.shard_order`), each sample
+carrying its global index, so that a reader's local shuffle (DALI's buffer, FFCV's quasi-random pages) still mixes
+the classes.
 Every output appears under its final name only once complete; a second run reports it complete or resumes.
 """
 from __future__ import annotations
@@ -92,7 +94,8 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     listing = hashlib.sha256("\n".join([*classes, *(f"{os.path.relpath(p, src_path)}\t{y}" for p, y in samples)])
                              .encode("utf-8")).hexdigest()
     base = {"source": listing, "num_candidates": len(samples), "max_side": max_side, "jpeg_quality": jpeg_quality}
-    settings = {"dali": {**base, "shard_size": shard_size, "order": dali_format.ORDER}, "ffcv": {**base, "write_mode": ffcv_write_mode}}
+    settings = {"dali": {**base, "shard_size": shard_size, "order": dali_format.ORDER},
+                "ffcv": {**base, "write_mode": ffcv_write_mode, "order": ffcv_format.ORDER}}
     if overwrite:
         for fmt in formats:
             shutil.rmtree(out_path / fmt, ignore_errors=True)

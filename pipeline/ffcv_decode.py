@@ -2,9 +2,11 @@
 
 FFCV 1.0.2 seeds only its sample order: its crop (`get_random_crop`) and flip draw from numba's per-thread
 `np.random`, which numba seeds from OS entropy. `SeededCropFlipDecoder` does the decode, the crop and the flip in one
-compiled loop and re-seeds numba's generator per sample from `(seed, rank, epoch, view, index)` right before its draws;
-`SeededEpochIterator` writes the epoch's seed into the decoder's buffer before FFCV's epoch thread starts (compiled
-code cannot see a Python attribute change without a 13-31 s recompilation).
+compiled loop and re-seeds numba's generator per sample from `(seed, rank, epoch, view, index)` right before its draws,
+`index` being the sample's global index, not its position in the beton (`byol convert` stores the samples shuffled):
+the draws do not depend on the storage order. `SeededEpochIterator` writes the epoch's seed into the decoder's buffer
+before FFCV's epoch thread starts, and each batch's global indices before that batch is decoded (compiled code cannot
+see a Python attribute change without a 13-31 s recompilation, and FFCV hands a decoder only the positions).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def _sample_seed32(view_seed: int, index: int) -> np.uint32:
 @numba.njit
 def crop_flip_params(view_seed: int, index: int, height: int, width: int, scale: np.ndarray, ratio: np.ndarray,
                      flip_p: float) -> tuple[int, int, int, int, bool]:
-    """The crop `(top, left, h, w)` and flip of sample `index` under `view_seed` (see `view_seed`), as the loader draws.
+    """The crop `(top, left, h, w)` and flip of the sample of global index `index` under `view_seed` (see
+    `view_seed`), as the loader draws.
 
     Seeds numba's generator of the calling thread, then draws the crop with FFCV's `get_random_crop` and the flip.
     Callable from Python: the tests replay the loader's draws with it.
@@ -96,7 +99,8 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         scale, ratio: the crop's area fraction and aspect-ratio ranges (as `RandomResizedCropRGBImageDecoder`).
         flip_p: probability of a horizontal flip.
 
-    The seed of an epoch is written into the decoder's third buffer before the epoch starts (`SeededEpochIterator`).
+    The decoder's third buffer holds, per batch slot, `(view seed, global index)` of each sample: the seed is written
+    before the epoch starts, the indices before each batch (`SeededEpochIterator`).
     """
 
     def __init__(self, output_size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], flip_p: float):
@@ -105,7 +109,7 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         state, (out, temp) = super().declare_state_and_memory(previous_state)
-        return state, (out, temp, AllocationQuery((1,), np.dtype("<i8")))
+        return state, (out, temp, AllocationQuery((2,), np.dtype("<i8")))
 
     def generate_code(self):
         # FFCV's ResizedCropRGBImageDecoder.generate_code, with the seeded draws and the flip.
@@ -121,7 +125,7 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         flip_p = self.flip_p
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, seeds = my_storage
+            destination, temp_storage, draws = my_storage
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -134,7 +138,7 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w, flip = draw(seeds[dst_ix, 0], source_ix, height, width, scale, ratio, flip_p)
+                i, j, h, w, flip = draw(draws[dst_ix, 0], draws[dst_ix, 1], height, width, scale, ratio, flip_p)
                 resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
                 if flip:
                     flip_columns(destination[dst_ix])
@@ -145,14 +149,23 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
 
 
 class SeededEpochIterator(EpochIterator):
-    # FFCV's epoch thread, with each seeded decoder's seed buffer filled after allocation and before the thread starts
-    # (EpochIterator.__init__ allocates the epoch's buffers, then calls start()).
+    """FFCV's epoch thread over the beton positions `order`, filling each seeded decoder's buffer: the view seed
+    after allocation and before the thread starts (EpochIterator.__init__ allocates the epoch's buffers, then calls
+    start()), and the global indices `index_of[positions]` of each batch in its slot right before it is decoded."""
 
-    def __init__(self, loader: Loader, order: np.ndarray, seeds: dict[int, int]):
+    def __init__(self, loader: Loader, order: np.ndarray, seeds: dict[int, int], index_of: np.ndarray):
         self._seeds = seeds
+        self._index_of = index_of
         super().__init__(loader, order)
 
     def start(self) -> None:
         for node_id, value in self._seeds.items():
-            self.memory_allocations["operation"][node_id][2][...] = value
+            self.memory_allocations["operation"][node_id][2][..., 0] = value
         super().start()
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        # In the epoch thread, right before this batch's decode, the only reader of these entries.
+        index = self._index_of[batch_indices]
+        for node_id in self._seeds:
+            self.memory_allocations["operation"][node_id][2][batch_slot, :len(index), 1] = index
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)

@@ -21,7 +21,13 @@ Where this departs from stock FFCV 1.0.2, and why:
     all backends share, dealt round-robin to the ranks, cut to whole global batches) and is handed to FFCV's
     `EpochIterator` directly; a mid-epoch resume simply starts that order at `start_batch * batch_size`.
     `order=quasi_random` (page-wise reads, for datasets larger than RAM with `os_cache=False`) instead gives each rank
-    a fixed round-robin shard and lets FFCV's `QuasiRandom` order it per epoch (seeded by `seed`).
+    a fixed round-robin shard of the beton's positions and lets FFCV's `QuasiRandom` order it per epoch (seeded by
+    `seed`); it mixes the classes only as well as the pages do, hence the shuffled storage of `byol convert`.
+  - Storage order. `byol convert` stores the samples in a fixed shuffled order (see `pipeline.ffcv_format`), with
+    each sample's global index in the `index` field. Orders are computed over global indices (the same permutation as
+    the other backends; `sequential` is the dataset order, read all over the file) and mapped to beton positions for
+    FFCV; `Batch.index`, `epoch_order` and the crop seeds are global indices. A beton without an `index` field is
+    taken to be in index order.
   - Interpolation. FFCV 1.0.2 resizes every crop with OpenCV's `INTER_AREA` (hard-coded in its C library), not
     torchvision's bicubic. Downscaling, INTER_AREA is box averaging, within about 1-1.5 grey levels (mean abs) of
     PIL's antialiased bicubic on photographs. Upscaling, INTER_AREA is nearest-neighbour-like (exactly nearest at
@@ -50,7 +56,7 @@ from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.convert_report import skipped_at_convert
 from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
-from pipeline.ffcv_format import load_beton_meta
+from pipeline.ffcv_format import load_beton_meta, stored_in_class_order, stored_indices
 from pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
@@ -211,12 +217,21 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self._jpeg_fraction = float((images["mode"] == IMAGE_MODES["jpg"]).mean())
         self._check_image_size(images, cfg.image_size)
         self._has_index = "index" in reader.handlers
+        # position -> global index (see `ffcv_format`), and back
+        self._index_of = (stored_indices(_field_metadata(reader, "index"), self.path) if self._has_index
+                          else np.arange(self._num_samples, dtype=np.int64))
+        self._position_of = np.empty_like(self._index_of)
+        self._position_of[self._index_of] = np.arange(self._num_samples)
         self._convert_skips = skipped_at_convert(self.path, self._num_samples)
         if self._convert_skips.get("convert_skipped"):
             logger.info("%s: %d images were skipped at convert time (see %s)", self.path,
                         self._convert_skips["convert_skipped"], self._convert_skips["convert_report"])
 
         self._quasi = cfg.ffcv.order == "quasi_random"
+        if self._quasi and ctx.rank == 0 and stored_in_class_order(_field_metadata(reader, "label")):
+            logger.warning("%s stores its samples in class order (written by an earlier byol convert, or another tool):"
+                           " data.ffcv.order=quasi_random then gives batches of fewer classes; convert again with "
+                           "--overwrite, or use data.ffcv.order=random", self.path)
         self._pristine_pages: Optional[np.ndarray] = None   # quasi_random: FFCV's page table before any shuffle
         self._shuffle = ctx.shuffle and cfg.ffcv.order != "sequential"
         if num_batches(self._num_samples, ctx.batch_size, ctx.world_size) == 0:
@@ -315,22 +330,34 @@ class FfcvTwoViewLoader(TwoViewLoader):
         return num_batches(self._num_samples, self.ctx.batch_size, self.ctx.world_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The dataset indices this rank visits in `epoch`, in order, `len(self) * batch_size` of them."""
-        ctx = self.ctx
+        """The dataset (global) indices this rank visits in `epoch`, in order, `len(self) * batch_size` of them."""
         if self._quasi:
-            # FFCV's quasi-random order shuffles its page table in place, so each call would start from the state
-            # the previous one left: restore the table first, so that an epoch's order depends on the epoch only.
-            traversal = self._loader.traversal_order
-            traversal.page_to_samples_array[...] = self._pristine_pages
-            return np.asarray(traversal.sample_order(epoch), dtype=np.int64)[:len(self) * ctx.batch_size]
+            return self._index_of[self._quasi_positions(epoch)]
+        return self._rank_indices(epoch)
+
+    def _epoch_positions(self, epoch: int) -> np.ndarray:
+        """The beton positions this rank reads in `epoch`, in order (`epoch_order` mapped to the file)."""
+        if self._quasi:
+            return self._quasi_positions(epoch)
+        return self._position_of[self._rank_indices(epoch)]
+
+    def _rank_indices(self, epoch: int) -> np.ndarray:
+        ctx = self.ctx
         return rank_indices(self._num_samples, ctx.batch_size, ctx.rank, ctx.world_size, ctx.seed, epoch,
                             self._shuffle)
+
+    def _quasi_positions(self, epoch: int) -> np.ndarray:
+        # FFCV's quasi-random order shuffles its page table in place, so each call would start from the state the
+        # previous one left: restore the table first, so that an epoch's order depends on the epoch only.
+        traversal = self._loader.traversal_order
+        traversal.page_to_samples_array[...] = self._pristine_pages
+        return np.asarray(traversal.sample_order(epoch), dtype=np.int64)[:len(self) * self.ctx.batch_size]
 
     def _iter_epoch(self) -> Iterator[Batch]:
         # Runs eagerly (the base class resets start_batch once this returns); the generator below does the work.
         epoch, first = self.epoch, self.start_batch
         # contiguous int64 always: another dtype or memory layout would make numba compile the pipeline again
-        order = np.ascontiguousarray(self.epoch_order(epoch)[first * self.ctx.batch_size:], dtype=np.int64)
+        order = np.ascontiguousarray(self._epoch_positions(epoch)[first * self.ctx.batch_size:], dtype=np.int64)
         return self._batches_of(epoch, first, order)
 
     def _batches_of(self, epoch: int, first: int, order: np.ndarray) -> Iterator[Batch]:
@@ -340,7 +367,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
         seeds = {node: view_seed(ctx.seed, ctx.rank, epoch, v) for v, node in enumerate(self._decoder_nodes)}
         self.close()  # one epoch thread at a time: numba's workqueue threading layer is not thread-safe
         with keep_torch_threads():
-            it = self._iterator = SeededEpochIterator(self._loader, order, seeds)
+            it = self._iterator = SeededEpochIterator(self._loader, order, seeds, self._index_of)
         try:
             for b, out in enumerate(it, start=first):
                 yield self._to_batch(dict(zip(self._outputs, out)), epoch, b)

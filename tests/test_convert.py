@@ -282,15 +282,19 @@ def test_beton_reads_back(tree, converted):
     reader = Reader(str(path))
     image_meta, labels, indices = (reader.metadata[f"f{i}"] for i in range(3))
     kept = expected_kept(tree)
-    assert list(labels) == [y for _, y in kept] and list(indices) == list(range(22))
+    # stored in the shards' shuffled order, each sample with its global index and its label
+    assert list(indices) == dali_format.shard_order(22).tolist()
+    assert list(labels) == [kept[i][1] for i in indices]
+    assert json.loads((path.parent / ffcv_format.META).read_text())["order"] == "shuffled"
     shards = _read_shards(load_manifest(converted[1]))
     raw = path.read_bytes()
     for row in reader.alloc_table:
-        i = int(row["sample_id"])
+        p = int(row["sample_id"])   # the position in the beton
+        i = int(indices[p])
         jpg = raw[int(row["ptr"]):int(row["ptr"]) + int(row["size"])]  # write_mode jpg: FFCV's own JPEG
         ffcv_img = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=float)
         dali_img = np.asarray(Image.open(io.BytesIO(shards[i]["jpg"])).convert("RGB"), dtype=float)
-        assert ffcv_img.shape == dali_img.shape == (image_meta["height"][i], image_meta["width"][i], 3)
+        assert ffcv_img.shape == dali_img.shape == (image_meta["height"][p], image_meta["width"][p], 3)
         assert np.abs(ffcv_img - dali_img).mean() < 4  # the same image, re-encoded once more by FFCV
 
 
@@ -326,6 +330,18 @@ def test_second_run_says_complete_and_rejects_other_settings(tree, converted, ca
         convert_dataset(str(tree), str(out), formats=["dali"], max_side=128, shard_size=8, progress=False)
     with pytest.raises(DataError, match="overwrite"):
         convert_dataset(str(tree), str(out), formats=["ffcv"], jpeg_quality=80, progress=False)
+
+
+def test_a_class_ordered_beton_of_an_earlier_convert_asks_for_overwrite(tree, converted, tmp_path):
+    """A beton written before the shuffled order (its settings have no "order") is not taken for a complete one."""
+    out = tmp_path / "out"
+    shutil.copytree(converted[1] / "ffcv", out / "ffcv")
+    meta_path = out / "ffcv" / ffcv_format.META
+    meta = json.loads(meta_path.read_text())
+    del meta["settings"]["order"], meta["order"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"class order \(written by an earlier byol convert\).*--overwrite"):
+        convert_dataset(str(tree), str(out), formats=["ffcv"], workers=2, shard_size=8, progress=False)
 
 
 _WRITE_SHARD = dali_format._write_shard_task  # captured before any test patches it

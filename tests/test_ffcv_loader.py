@@ -1,5 +1,8 @@
 """The FFCV backend on a tiny beton of real photographs: contract, views, labels, sharding, seeded crops, bad files.
 
+The beton stores its samples shuffled, as `byol convert` writes it: the loader must report global indices (the
+`index` field) and seed the crops from them, whatever the storage order.
+
 FFCV's numba code compiles on a loader's first epoch (15-30 s here), so one loader is built per module and shared;
 tests that change its state (epoch, device_augment, ctx) put it back. The crop check replays the loader's own draws
 (`crop_flip_params`) on the stored JPEGs and compares with OpenCV's INTER_AREA resize: the only difference left is
@@ -28,11 +31,13 @@ from ffcv.fields import IntField, RGBImageField  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.writer import DatasetWriter  # noqa: E402
 
+from pipeline import ffcv_format  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.contract import DataError, LoaderContext, check_batch  # noqa: E402
+from pipeline.dali_format import shard_order  # noqa: E402
 from pipeline.ffcv_decode import crop_flip_params, view_seed  # noqa: E402
 from pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
-from pipeline.sharding import num_batches  # noqa: E402
+from pipeline.sharding import num_batches, rank_indices  # noqa: E402
 
 NUM_IMAGES = 48
 MAX_SIDE = 64
@@ -40,6 +45,7 @@ SIZE = 32
 BATCH = 8
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 CLASSES = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
+logger = logging.getLogger(__name__)
 
 
 def _photos(n: int, max_side: int) -> list[np.ndarray]:
@@ -60,20 +66,25 @@ def _photos(n: int, max_side: int) -> list[np.ndarray]:
 
 
 class _Photos:
-    def __init__(self, images: list[np.ndarray]):
+    """Position p holds sample `order[p]`: its image, its label (index % 5) and its global index."""
+
+    def __init__(self, images: list[np.ndarray], order: np.ndarray):
         self.images = images
+        self.order = order
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+    def __getitem__(self, p: int) -> tuple[np.ndarray, int, int]:
+        i = int(self.order[p])
         return self.images[i], i % len(CLASSES), i
 
 
-def write_beton(path: Path, images: list[np.ndarray]) -> Path:
-    """A beton with the fields of `byol convert`: image (JPEG), label, index."""
+def write_beton(path: Path, images: list[np.ndarray], order: np.ndarray | None = None) -> Path:
+    """A beton with the fields of `byol convert`: image (JPEG), label, index; stored in `order` (default: by index)."""
+    order = np.arange(len(images)) if order is None else order
     fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=90), "label": IntField(), "index": IntField()}
-    DatasetWriter(str(path), fields, num_workers=1, page_size=1 << 21).from_indexed_dataset(_Photos(images))
+    DatasetWriter(str(path), fields, num_workers=1, page_size=1 << 21).from_indexed_dataset(_Photos(images, order))
     return path
 
 
@@ -81,7 +92,7 @@ def write_beton(path: Path, images: list[np.ndarray]) -> Path:
 def beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ffcv") / "data"
     (root / "ffcv").mkdir(parents=True)
-    path = write_beton(root / "ffcv" / "train.beton", _photos(NUM_IMAGES, MAX_SIDE))
+    path = write_beton(root / "ffcv" / "train.beton", _photos(NUM_IMAGES, MAX_SIDE), shard_order(NUM_IMAGES))
     (root / "ffcv" / "classes.json").write_text(json.dumps(CLASSES))
     return path
 
@@ -107,20 +118,21 @@ def epoch0(loader: FfcvTwoViewLoader) -> list:
     return list(loader)
 
 
-def _stored_images(beton: Path) -> list[np.ndarray]:
-    """Decode the stored JPEGs with OpenCV, by sample index."""
+def _stored_images(beton: Path) -> dict[int, np.ndarray]:
+    """Decode the stored JPEGs with OpenCV, by global index (the `index` field)."""
     reader = Reader(str(beton))
     meta = reader.metadata["f0"]
     raw = np.fromfile(beton, dtype=np.uint8)
     size_of = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    out = []
-    for ptr in meta["data_ptr"].tolist():
+    out = {}
+    for ptr, index in zip(meta["data_ptr"].tolist(), reader.metadata["f2"].tolist()):
         bgr = cv2.imdecode(raw[ptr:ptr + size_of[ptr]], cv2.IMREAD_COLOR)
-        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        out[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return out
 
 
-def test_contract_and_labels(loader: FfcvTwoViewLoader, epoch0: list, ctx: LoaderContext) -> None:
+def test_contract_and_labels(loader: FfcvTwoViewLoader, beton: Path, epoch0: list, ctx: LoaderContext) -> None:
+    assert Reader(str(beton)).metadata["f2"].tolist() == shard_order(NUM_IMAGES).tolist()  # stored shuffled
     assert len(loader) == NUM_IMAGES // BATCH == len(epoch0)
     assert loader.classes == CLASSES
     for b in epoch0:
@@ -128,6 +140,7 @@ def test_contract_and_labels(loader: FfcvTwoViewLoader, epoch0: list, ctx: Loade
         assert torch.equal(b.labels, b.index % len(CLASSES))  # the writer's label of sample i is i % 5
     index = torch.cat([b.index for b in epoch0])
     assert torch.equal(index, torch.from_numpy(loader.epoch_order(0)))  # the shared permutation, in order
+    assert np.array_equal(loader.epoch_order(0), rank_indices(NUM_IMAGES, BATCH, 0, 1, ctx.seed, 0))
     assert sorted(index.tolist()) == list(range(NUM_IMAGES))
     assert loader.stats()["samples"] == NUM_IMAGES and loader.stats()["stored_max_side"] == MAX_SIDE
 
@@ -284,6 +297,54 @@ def test_quasi_random_order_depends_on_the_epoch_only(beton: Path, ctx: LoaderCo
         fresh.close()
 
 
+def _classes_per_batch(labels: np.ndarray) -> float:
+    return float(np.mean([len(set(b)) for b in labels.reshape(-1, BATCH).tolist()]))
+
+
+def test_quasi_random_batches_mix_classes(tmp_path: Path, ctx: LoaderContext, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """FFCV's quasi-random order draws a batch from a window of 2 x batch-size pages. A beton of `byol convert`
+    stores the samples shuffled, so its batches hold about as many classes as uniform ones; the same pages in class
+    order (as convert wrote them before) give fewer, and the loader says so."""
+    num_classes, per_class, side = 30, 8, 280   # raw 280 px images: 8 to a 2 MiB page, 30 pages, a window of 16
+    n = num_classes * per_class
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(data.astronaut()).resize((side, side)).save(jpeg, quality=90)
+    refs = [(str(jpeg), 0, jpeg.stat().st_size, i // per_class) for i in range(n)]
+
+    def classes_per_batch(folder: Path) -> tuple[float, np.ndarray]:
+        ffcv_format.write_beton(folder, refs, [str(c) for c in range(num_classes)], max_side=0, jpeg_quality=90,
+                                write_mode="raw", workers=1, max_image_bytes=side * side * 3,
+                                total_bytes=n * side * side * 3, settings={}, progress=False)
+        reader = Reader(str(folder / "train.beton"))
+        assert len(np.unique(reader.alloc_table["ptr"] >> 21)) == n // 8   # 8 samples to a page
+        stored = reader.metadata["f2"]
+        assert reader.metadata["f1"].tolist() == (stored // per_class).tolist()   # each label with its index
+        cfg = DataConfig(backend="ffcv", path=str(folder), image_size=SIZE, num_workers=1)
+        cfg.ffcv.order = "quasi_random"
+        ld = FfcvTwoViewLoader(cfg, ctx)
+        try:
+            orders = [ld.epoch_order(e) for e in range(20)]
+        finally:
+            ld.close()
+        for order in orders:
+            assert sorted(order.tolist()) == list(range(n))   # global indices, each once
+        return _classes_per_batch(np.concatenate(orders) // per_class), stored
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.ffcv_loader"):
+        shuffled, stored = classes_per_batch(tmp_path / "shuffled")
+    assert stored.tolist() == shard_order(n).tolist() and "class order" not in caplog.text
+    monkeypatch.setattr(ffcv_format, "shard_order", np.arange)   # the layout of an earlier convert
+    with caplog.at_level(logging.WARNING, logger="pipeline.ffcv_loader"):
+        class_ordered, stored = classes_per_batch(tmp_path / "class_ordered")
+    assert stored.tolist() == list(range(n)) and "class order" in caplog.text
+    uniform = num_classes * (1 - (1 - 1 / num_classes) ** BATCH)   # expected classes in a uniform batch: 7.13
+    logger.info("classes per batch of %d: %.2f shuffled, %.2f class-ordered, %.2f uniform", BATCH, shuffled,
+                class_ordered, uniform)
+    assert abs(shuffled - uniform) < 0.3
+    assert shuffled > class_ordered + 0.5
+
+
 @pytest.mark.parametrize("damage", ["missing", "folder", "empty", "not_beton", "truncated", "unfinished",
                                     "classes_json"])
 def test_bad_files_raise_data_error(beton: Path, tmp_path: Path, damage: str) -> None:
@@ -317,6 +378,12 @@ def test_labels_beyond_classes_json_and_tiny_dataset(beton: Path, tmp_path: Path
     with pytest.raises(DataError, match="fewer than one global batch"):
         FfcvTwoViewLoader(DataConfig(backend="ffcv", path=str(copy), image_size=SIZE),
                           LoaderContext(batch_size=32, world_size=2))
+
+
+def test_an_index_field_that_is_not_a_permutation_is_refused(tmp_path: Path) -> None:
+    bad = write_beton(tmp_path / "bad.beton", _photos(BATCH, MAX_SIDE), np.array([0, 1, 2, 3, 4, 5, 6, 6]))
+    with pytest.raises(DataError, match=r"field `index` does not hold each of 0..7 once.*byol convert"):
+        FfcvTwoViewLoader(DataConfig(backend="ffcv", path=str(bad), image_size=SIZE), LoaderContext(batch_size=BATCH))
 
 
 def test_image_size_above_every_stored_side_is_refused(beton: Path) -> None:

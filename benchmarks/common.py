@@ -70,23 +70,28 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
                 warm_each_repeat: bool = True, budget_s: float = 0.0) -> tuple[list[float], float]:
     """Seconds per batch of `consume(batch)` for each repeat (a new epoch each), and the first batch's latency.
 
-    Each repeat starts an epoch, consumes `warmup` batches untimed (pipeline start, queues filling), then times
-    `steps` batches (fewer if the epoch is shorter). `warm_each_repeat=False` warms up in the first repeat only.
+    Each repeat starts an epoch, consumes `warmup` batches plus the loader's `read_ahead` untimed (pipeline start;
+    the batches its queues prepared before anyone counted: timed, they would make a slow loader look fast), then times
+    `steps` batches. An epoch too short for that is an error. `warm_each_repeat=False` warms up in the first repeat
+    only (for the synthetic loader, which has no queues).
     `budget_s` > 0 bounds the timed batches of all repeats together to about that many seconds, judged by the warm-up
     batches (at least one timed batch, fewer repeats first): a slow variant (bf16 on a CPU without bf16 units) then
     costs seconds, not minutes. The number of repeats actually run is the length of the returned list.
     """
     per_batch, first_latency = [], math.nan
+    ahead = int(getattr(loader, "read_ahead", 0))
     r = 0
     while r < repeats:
-        w = warmup if r == 0 or warm_each_repeat else 0
+        w = (warmup if r == 0 or warm_each_repeat else 0) + (ahead if r == 0 or warm_each_repeat else 0)
         n = min(steps, len(loader) - w)
-        if n < 1:
+        if n < min(steps, 2):
             from pipeline.contract import DataError
-            raise DataError(f"{len(loader)} batches per epoch leave none to time after {w} warm-up batches: "
-                            "lower --warmup or the batch size, or raise --images")
+            raise DataError(f"{len(loader)} batches per epoch leave {max(n, 0)} to time after {w} warm-up batches "
+                            f"({ahead} of them the loader's read-ahead): raise --images, or lower --warmup or "
+                            "the batch size")
         loader.set_epoch(r)
         it = iter(loader)
+        judged = False
         try:
             for i in range(w):
                 t_batch = time.perf_counter()
@@ -96,13 +101,16 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
                 if r == 0 and i == 0:
                     first_latency = batch_s
                 # judged after the second batch at the earliest: the first one pays for start-up (FFCV compiles)
-                if r == 0 and budget_s > 0 and (i == w - 1 or (i >= 1 and 2 * batch_s > budget_s)):
+                if (r == 0 and budget_s > 0 and not judged
+                        and (i == w - 1 or (i >= 1 and 2 * batch_s > budget_s))):
+                    judged = True
                     affordable = max(1, int(budget_s / batch_s))
                     if affordable < repeats * n:   # the budget binds: fewer repeats and batches, a short warm-up
                         repeats = max(1, min(repeats, affordable // 2))
                         steps = n = max(1, min(n, affordable // repeats))
                         warmup = min(warmup, 1)
-                    break
+                    if i + 1 >= ahead:   # the rest of the warm-up may go, never the read-ahead
+                        break
             t0 = time.perf_counter()
             for _ in range(n):
                 consume(next(it))
@@ -117,11 +125,20 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
-def requested_device(overrides: Sequence[str]) -> torch.device:
-    """The device a run with these overrides trains on (`train.device`, default `auto`), for choosing default sizes."""
+def requested_device(overrides: Sequence[str], config: str | None = None) -> torch.device:
+    """The device a run with this YAML file and these overrides trains on (`train.device`, default `auto`), for
+    choosing default sizes."""
+    import yaml
+
     from train.distributed import resolve_device
 
     name = "auto"
+    try:
+        loaded = yaml.safe_load(Path(config).read_text()) if config and Path(config).is_file() else None
+    except yaml.YAMLError:
+        loaded = None   # load_config reports the file's problem
+    if isinstance(loaded, dict) and isinstance(loaded.get("train"), dict) and loaded["train"].get("device"):
+        name = str(loaded["train"]["device"])
     for text in overrides:
         if text.split("=", 1)[0].strip() == "train.device" and "=" in text:
             name = text.split("=", 1)[1].strip() or "auto"

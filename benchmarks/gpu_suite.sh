@@ -5,21 +5,22 @@
 #                                             (and, when BENCH_COPY_TO is set, as <card>-<date>.tar.gz plus
 #                                             suite.log in that folder, rewritten after every part)
 #
-# Parts, each in its own process with its own time cap (a part that fails or runs out of time leaves the others, and
-# its JSON keeps every record measured before it stopped):
+# Parts, in this order, each in its own process with its own time cap (a part that fails or runs out of time leaves
+# the others, and its JSON keeps every record measured before it stopped); the caps add up to the default budget:
+#   ema      the target update of ResNet-50 + projector: fused, loop, and the bandwidth bound
+#   e2e      the model fed by each loader, against model-only measured in the same run
 #   model    BYOL steps on synthetic data: bf16 / fp16 / fp32(TF32), channels-last vs contiguous, fused vs loop EMA,
 #            flops per image and the fraction of a measured 8192^3 bf16 matmul
-#   ema      the target update of ResNet-50 + projector: fused, loop, and the bandwidth bound
 #   loader   dali / ffcv / torch on the same real JPEGs (whichever import), and the batched device augmentation
-#   e2e      the model fed by each loader, against model-only
-#   profile  a short torch.profiler run with the bottleneck report
 #   tests    the test suite's GPU-marked tests (DALI's `mixed` decoder, the GPU ops against the CPU ones, ...)
+#   profile  a short torch.profiler run with the bottleneck report
 #   compile  the torch.compile variant (only with BENCH_COMPILE=1; compiling takes minutes)
 # Extra Python packages come as wheels in .whl/ (installed with --no-index into /tmp/site), and DALI as the parts in
 # .whl/pack-*/ that benchmarks/pack_wheels.sh writes (joined and unpacked into /tmp/site-packed). Knobs: PYTHON,
-# BENCH_BUDGET_S (seconds for all parts, default 420), BENCH_BATCH (default 128), BENCH_COMPILE, BENCH_DEVICE
-# (default cuda), BENCH_DATA (image folder, default /tmp/byol-bench-data), BENCH_ARGS (more overrides, e.g.
-# "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
+# BENCH_BUDGET_S (seconds for all parts, default 420), BENCH_BATCH (default 128), BENCH_IMAGES (benchmark JPEGs;
+# default enough batches for the warm-up, the torch loader's read-ahead of 2 batches per core and the timed batches,
+# at least 64), BENCH_COMPILE, BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default /tmp/byol-bench-data),
+# BENCH_ARGS (more overrides, e.g. "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -50,6 +51,9 @@ CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda
 SLUG=$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
 RES="benchmarks/results/${SLUG:-unknown}-$(date +%Y%m%d)"
 DATA=${BENCH_DATA:-/tmp/byol-bench-data}
+if [ -e "$RES" ]; then   # an earlier run of the day: set aside whole, so that no file of it passes for this run's
+    mv "$RES" "$RES.before-$(date +%H%M%S)"
+fi
 mkdir -p "$RES"
 LOG="$RES/suite.log"
 
@@ -102,16 +106,19 @@ for name in ("torch", "torchvision", "numpy", "PIL", "yaml", "matplotlib", "skim
 EOF
 } | tee "$LOG"
 
-BENCH=("$PY" -m benchmarks.bench --data "$DATA" train.batch_size="$BATCH" train.device="$DEVICE"
+CORES=$(nproc 2>/dev/null || echo 16)
+BATCHES=$(( 2 * CORES + 20 > 64 ? 2 * CORES + 20 : 64 ))
+IMAGES=${BENCH_IMAGES:-$(( BATCHES * BATCH ))}   # one count for every part: the JPEGs and their conversions are reused
+BENCH=("$PY" -m benchmarks.bench --data "$DATA" --images "$IMAGES" train.batch_size="$BATCH" train.device="$DEVICE"
        ${EXTRA[@]+"${EXTRA[@]}"})
-part tests    90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu -rs tests/
-part model   150 "${BENCH[@]}" --what model --out "$RES/model.json" --warmup 8 --steps 15 --repeats 3
-part ema      60 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
-part loader  120 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 8
-part e2e     100 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 8 --repeats 2
+part ema      40 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
+part e2e     120 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 10 --repeats 2
+part model    95 "${BENCH[@]}" --what model --out "$RES/model.json" --warmup 8 --steps 15 --repeats 3
+part loader   70 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 10
+part tests    60 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu -rs tests/
 # The trace (tens of MB) stays on the machine; the report comes back.
 rm -rf "$DATA/profile"
-part profile  60 "$PY" -m benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
+part profile  35 "$PY" -m benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
     train.batch_size="$BATCH" train.device="$DEVICE" ${EXTRA[@]+"${EXTRA[@]}"}
 mkdir -p "$RES/profile" && cp "$DATA"/profile/report.* "$DATA"/profile/ops.txt "$RES/profile/" 2>/dev/null && copy_out
 if [ "${BENCH_COMPILE:-0}" = "1" ]; then

@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.steps < 1 or args.wait < 0 or args.warmup < 0:
         from train.config import ConfigError
         raise ConfigError("--steps must be >= 1, --wait and --warmup >= 0")
-    device = common.requested_device(args.overrides)
+    device = common.requested_device(args.overrides, args.config)
     defaults = [] if args.no_defaults else common.default_overrides(device)
     cfg = common.load_bench_config(args.config, args.overrides, defaults)
     report = profile_run(cfg, args.out, args.steps, args.wait, args.warmup, args.with_stack, args.ema)

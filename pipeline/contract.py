@@ -91,6 +91,12 @@ class TwoViewLoader(abc.ABC):
         self.start_batch = 0
         return it
 
+    @property
+    def read_ahead(self) -> int:
+        """Batches the backend may hold ready ahead of its consumer (its prefetch queues): a benchmark must consume
+        that many before its clock starts, or it times batches prepared while nobody was counting."""
+        return 0
+
     def stats(self) -> dict:
         """Counters worth logging, e.g. {"bad_images": 3}."""
         return {}

@@ -386,6 +386,10 @@ class DaliTwoViewLoader(TwoViewLoader):
     def _iter_epoch(self) -> Iterator[Batch]:
         return (batch for batch, _ in self.iter_with_params())
 
+    @property
+    def read_ahead(self) -> int:
+        return self.cfg.dali.prefetch_queue_depth + 1   # the executor's queue, and the batch being handed out
+
     def stats(self) -> dict:
         """`bad_images` left out at start (their paths, and counts per reason), what `byol convert` left out of a
         shard folder (`convert_skipped`, its reasons and report), the decoder, the last pipeline build time, the

@@ -391,6 +391,10 @@ class FfcvTwoViewLoader(TwoViewLoader):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return x.float().div_(255.0).sub_(self._mean).div_(self._std)
 
+    @property
+    def read_ahead(self) -> int:
+        return self.cfg.ffcv.batches_ahead + 1   # FFCV's epoch thread runs that far ahead of the batch handed out
+
     def stats(self) -> dict:
         """The beton's size and storage, and what `byol convert` left out of it (`convert_skipped`, its reasons and
         report; absent when no report describes the beton)."""

@@ -272,6 +272,12 @@ class TorchTwoViewLoader(TwoViewLoader):
                 self._bad[path] = reason
                 logger.warning("cannot decode %s (%s): substituting another image", path, reason)
 
+    @property
+    def read_ahead(self) -> int:
+        # DataLoader's default prefetch_factor (2 batches per worker), plus the pinning thread's batch on CUDA
+        workers = self._loader.num_workers
+        return 2 * workers + (1 if workers and self._loader.pin_memory else 0)
+
     def stats(self) -> dict:
         """`bad_images`: distinct undecodable files met so far; `bad_paths`: their paths."""
         return {"bad_images": len(self._bad), "bad_paths": sorted(self._bad)}

@@ -188,7 +188,7 @@ def _convert(samples: list[tuple[str, int]], classes: list[str], src: Path, out:
     # fork: workers inherit the listing instead of unpickling it; they run PIL and numpy only.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     outputs: dict[str, dict] = {}
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
+    with _Workers(workers, ctx) as pool:
         records = _normalise_all(samples, work, base, pool, progress)
         refs: list[SampleRef] = []
         skipped, reencoded, passthrough, max_bytes, total_bytes = [], Counter(), 0, 0, 0
@@ -228,6 +228,45 @@ def _convert(samples: list[tuple[str, int]], classes: list[str], src: Path, out:
     return ConvertReport(src=str(src), out=str(out), num_candidates=len(samples), num_samples=len(refs),
                          classes=classes, skipped=skipped, reencoded=dict(reencoded), passthrough=passthrough,
                          outputs=outputs)
+
+
+class _Workers:
+    """The conversion's worker processes, with `imap_unordered(fn, tasks)` as `multiprocessing.Pool` has it, except
+    that a worker that dies (killed: out of memory, a crashing decoder) is an error naming what to do: `Pool` replaces
+    the process and waits forever for the task it lost. Leaving on an exception (Ctrl-C included) stops the workers
+    at once; what they finished stays on disk for the rerun."""
+
+    def __init__(self, workers: int, ctx):
+        from concurrent.futures import ProcessPoolExecutor
+        self._executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._executor.shutdown(wait=True)
+            return
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.join(5)
+
+    def imap_unordered(self, fn, tasks):
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+        futures = [self._executor.submit(fn, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool:
+            raise DataError("a conversion worker process died (killed, e.g. out of memory: lower --workers or "
+                            "--max-side); the finished part is kept: run the same command again to resume") from None
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _init_worker() -> None:

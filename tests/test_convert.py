@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -375,6 +376,22 @@ def test_interrupted_dali_run_resumes(tree, converted, tmp_path, monkeypatch):
     resumed = load_manifest(folder, verify=True)
     assert resumed["shards"] == load_manifest(converted[1])["shards"]  # byte-identical to an uninterrupted run
     logger.info("resumed DALI conversion: %d images in %.2f s", report.num_candidates, seconds)
+
+
+def _killed_on_shard_1(task):
+    if task[1] == 1:   # as the kernel's out-of-memory killer would
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _WRITE_SHARD(task)
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(tree, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(dali_format, "_write_shard_task", _killed_on_shard_1)
+    with pytest.raises(DataError, match="worker process died.*run the same command again"):
+        convert_dataset(str(tree), str(out), formats=["dali"], workers=2, shard_size=8, progress=False)
+    monkeypatch.undo()
+    report = convert_dataset(str(tree), str(out), formats=["dali"], workers=2, shard_size=8, progress=False)
+    assert report.outputs["dali"]["num_samples"] == 22
 
 
 def test_dali_only_conversion_speed(tree, tmp_path):

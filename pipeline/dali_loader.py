@@ -70,9 +70,44 @@ DEBUG_DRAWS = ("flip", "jitter", "order", "brightness", "contrast", "saturation"
                "solarize", "crop_anchor", "crop_shape")
 
 
+def jpeg_reaches_its_end(data: bytes) -> bool:
+    """Whether a JPEG's image data runs to its end marker (EOI), whatever follows it (phones append videos or
+    metadata). Walks the segments by their lengths (an EXIF thumbnail's own EOI sits inside one), then scans each
+    scan's entropy-coded data, where 0xFF is always followed by 0x00, a restart marker or the next marker."""
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return False
+        m = data[i + 1]
+        if m == 0xFF:                      # fill byte before a marker
+            i += 1
+        elif m == 0xD9:
+            return True
+        elif 0xD0 <= m <= 0xD7 or m == 0x01:   # markers without a length
+            i += 2
+        elif i + 3 >= n:
+            return False
+        elif m != 0xDA:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        else:                              # start of scan: skip its header, then its entropy-coded data
+            j = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            while True:
+                k = data.find(b"\xff", j)
+                if k < 0 or k + 1 >= n:
+                    return False
+                x = data[k + 1]
+                if x == 0x00 or 0xD0 <= x <= 0xD7 or x == 0xFF:
+                    j = k + (1 if x == 0xFF else 2)
+                    continue
+                i = k                      # a marker: the next table, scan, or the end
+                break
+    return False
+
+
 def image_file_problem(path: str) -> str:
     """Cheap check of one image file: why DALI could not read it ("" if it looks fine): empty, not a known image
-    signature, a JPEG/PNG cut short (no end marker), or unreadable."""
+    signature, a JPEG/PNG cut short (no end marker), or unreadable. A JPEG whose last bytes hold no end marker is
+    read whole and parsed (`jpeg_reaches_its_end`): data appended after a complete image is not damage."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -86,7 +121,13 @@ def image_file_problem(path: str) -> str:
                 size = f.seek(0, 2)
                 f.seek(max(0, size - _TAIL))
                 marker = b"\xff\xd9" if head[0] == 0xFF else b"IEND"
-                return "" if marker in f.read(_TAIL) else "cut short (no end marker)"
+                if marker in f.read(_TAIL):
+                    return ""
+                if head[0] == 0xFF:   # rare: read it whole
+                    f.seek(0)
+                    if jpeg_reaches_its_end(f.read()):
+                        return ""
+                return "cut short (no end marker)"
             return ""
     except OSError as e:
         return f"unreadable ({e.strerror or e})"

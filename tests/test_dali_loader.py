@@ -8,6 +8,7 @@ and the op checks run the default exact hue.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -288,13 +289,21 @@ def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     (root / "a" / "empty.jpg").write_bytes(b"")
     (root / "a" / "text.jpg").write_bytes(b"not an image at all")
     (root / "b" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    # a complete JPEG followed by 5 kB of something else, as phones write them: not damage, and DALI decodes it
+    (root / "b" / "appended.jpg").write_bytes(good + b"\x00\x00\x00\x18ftypmp42" + bytes(5000))
     assert image_file_ok(str(root / "a" / "0.jpg")) and not image_file_ok(str(root / "b" / "cut.jpg"))
+    assert image_file_ok(str(root / "b" / "appended.jpg"))
+    progressive = io.BytesIO()
+    Image.open(root / "a" / "0.jpg").save(progressive, "JPEG", progressive=True, quality=90)
+    data = progressive.getvalue()
+    assert dali_loader.jpeg_reaches_its_end(data + bytes(2000))
+    assert not any(dali_loader.jpeg_reaches_its_end(data[:k]) for k in (len(data) // 3, len(data) - 2))
     with pytest.raises(DataError, match="max_bad_fraction"):
         DaliTwoViewLoader(_cfg(root), LoaderContext(batch_size=4))
     cfg = _cfg(root)
     cfg.max_bad_fraction = 0.2
     loader = DaliTwoViewLoader(cfg, LoaderContext(batch_size=4), exact_hue=False)
-    assert loader.stats()["bad_images"] == 3 and loader.num_samples == 20
+    assert loader.stats()["bad_images"] == 3 and loader.num_samples == 21
     assert sorted(Path(p).name for p in loader.stats()["bad_paths"]) == ["cut.jpg", "empty.jpg", "text.jpg"]
     assert loader.stats()["bad_reasons"] == {"empty file": 1, "not an image (unknown signature)": 1,
                                              "cut short (no end marker)": 1}

@@ -26,7 +26,9 @@ from pipeline.config import DaliConfig, DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, check_batch
 from pipeline.dali_format import write_shards
 from pipeline import dali_loader
-from pipeline.dali_loader import DaliTwoViewLoader, StreamHold, image_file_ok, is_shard_folder
+from pipeline import image_files
+from pipeline.dali_loader import DaliTwoViewLoader, StreamHold, is_shard_folder
+from pipeline.image_files import image_file_ok
 from pipeline.folder import scan_image_folder
 from pipeline.sharding import epoch_permutation
 
@@ -296,8 +298,8 @@ def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     progressive = io.BytesIO()
     Image.open(root / "a" / "0.jpg").save(progressive, "JPEG", progressive=True, quality=90)
     data = progressive.getvalue()
-    assert dali_loader.jpeg_reaches_its_end(data + bytes(2000))
-    assert not any(dali_loader.jpeg_reaches_its_end(data[:k]) for k in (len(data) // 3, len(data) - 2))
+    assert image_files.jpeg_reaches_its_end(data + bytes(2000))
+    assert not any(image_files.jpeg_reaches_its_end(data[:k]) for k in (len(data) // 3, len(data) - 2))
     with pytest.raises(DataError, match="max_bad_fraction"):
         DaliTwoViewLoader(_cfg(root), LoaderContext(batch_size=4))
     cfg = _cfg(root)
@@ -327,7 +329,7 @@ def test_file_check_keeps_the_order_with_few_tasks_in_flight(tmp_path, monkeypat
         with lock:
             in_flight[0] -= 1
 
-    class CountingPool(dali_loader.ThreadPoolExecutor):
+    class CountingPool(image_files.ThreadPoolExecutor):
         def submit(self, *args, **kwargs):
             future = super().submit(*args, **kwargs)
             with lock:
@@ -336,9 +338,9 @@ def test_file_check_keeps_the_order_with_few_tasks_in_flight(tmp_path, monkeypat
             future.add_done_callback(done)
             return future
 
-    monkeypatch.setattr(dali_loader, "ThreadPoolExecutor", CountingPool)
-    problems = dali_loader.check_image_files(paths, threads=3, chunk=64)
-    assert problems == [dali_loader.image_file_problem(p) for p in paths]
+    monkeypatch.setattr(image_files, "ThreadPoolExecutor", CountingPool)
+    problems = image_files.check_image_files(paths, threads=3, chunk=64)
+    assert problems == [image_files.image_file_problem(p) for p in paths]
     assert {i: why for i, why in enumerate(problems) if why} == {
         0: "empty file", 1234: "not an image (unknown signature)", 2048: "unreadable (No such file or directory)",
         4999: "cut short (no end marker)"}

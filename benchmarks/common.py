@@ -128,16 +128,11 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
 def requested_device(overrides: Sequence[str], config: str | None = None) -> torch.device:
     """The device a run with this YAML file and these overrides trains on (`train.device`, default `auto`), for
     choosing default sizes."""
-    import yaml
-
     from train.distributed import resolve_device
 
     name = "auto"
-    try:
-        loaded = yaml.safe_load(Path(config).read_text()) if config and Path(config).is_file() else None
-    except yaml.YAMLError:
-        loaded = None   # load_config reports the file's problem
-    if isinstance(loaded, dict) and isinstance(loaded.get("train"), dict) and loaded["train"].get("device"):
+    loaded = _yaml_mapping(config)
+    if isinstance(loaded.get("train"), dict) and loaded["train"].get("device"):
         name = str(loaded["train"]["device"])
     for text in overrides:
         if text.split("=", 1)[0].strip() == "train.device" and "=" in text:
@@ -155,6 +150,17 @@ def default_overrides(device: torch.device) -> list[str]:
     return ["model.arch=resnet18", "data.image_size=64", "train.batch_size=32", "data.dali.decoder=cpu", *shared]
 
 
+def _yaml_mapping(path: str | None) -> dict:
+    """The YAML file's top-level mapping; {} when there is none or it does not parse (`load_config` reports that)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) if path and Path(path).is_file() else None
+    except yaml.YAMLError:
+        loaded = None
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def _flat_keys(data: dict, prefix: str = "") -> set[str]:
     keys = set()
     for k, v in data.items():
@@ -168,18 +174,9 @@ def _flat_keys(data: dict, prefix: str = "") -> set[str]:
 def load_bench_config(path: str | None, overrides: Sequence[str], defaults: Sequence[str] = ()):
     """`train.config.load_config` with `defaults` underneath: a default applies only to a key that neither the YAML
     file nor an override sets. Raises `ConfigError` like `byol train` does."""
-    import yaml
-
     from train.config import load_config
 
-    taken = {o.split("=", 1)[0].strip() for o in overrides}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-        except yaml.YAMLError:
-            loaded = None   # load_config reports the file's problem
-        if isinstance(loaded, dict):
-            taken |= _flat_keys(loaded)
+    taken = {o.split("=", 1)[0].strip() for o in overrides} | _flat_keys(_yaml_mapping(path))
     kept = [d for d in defaults if d.split("=", 1)[0] not in taken]
     return load_config(path, [*kept, *overrides])
 

@@ -7,8 +7,8 @@ A backend is built by `build_two_view_loader(cfg, ctx)` and is an iterable of `B
   - `index`: int64 (N,) dataset indices of the samples, on any device, or None where a backend cannot tell.
 Every batch has exactly `ctx.batch_size` samples (drop_last). The loader shards by `ctx.rank` / `ctx.world_size`,
 reshuffles per epoch from `ctx.seed` (the same on every rank, so shards are disjoint), and draws its augmentation
-randomness per sample, from generators seeded with `rank_seed(ctx.seed, ctx.rank)` or, better, from (seed, epoch, global index),
-which makes the views independent of the world size.
+randomness per sample, from generators seeded with `rank_seed(ctx.seed, ctx.rank)` or, better, from (seed, epoch,
+global index), which makes the views independent of the world size.
 """
 from __future__ import annotations
 

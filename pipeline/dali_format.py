@@ -2,7 +2,8 @@
 
 Layout of a shard folder (`<out>/dali/`):
 
-    shard-000000.tar   up to `shard_size` samples in the shard order (below); per sample, key `%08d` of its global index:
+    shard-000000.tar   up to `shard_size` samples in the shard order (below); per sample, key `%08d` of its global
+                       index:
                        `<key>.jpg` (RGB JPEG bytes), `<key>.cls` (ASCII decimal class index, webdataset's convention),
                        `<key>.label` (int64 little-endian class index), `<key>.index` (int64 little-endian global index)
     shard-000000.idx   DALI's webdataset index (the text format `wds2idx` writes, version v1.2)

@@ -264,7 +264,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
                     num_workers=workers,
                     order=ORDERS["quasi_random"] if self._quasi else OrderOption.SEQUENTIAL,  # else: our orders
                     distributed=False,  # sharding by explicit orders, see the module docstring
-                    seed=rank_seed(ctx.seed, ctx.rank) % 2**31 if self._quasi else ctx.seed,  # quasi: each rank orders its own shard
+                    # quasi: each rank orders its own shard
+                    seed=rank_seed(ctx.seed, ctx.rank) % 2**31 if self._quasi else ctx.seed,
                     indices=shard,
                     pipelines=pipelines,
                     drop_last=True,
@@ -379,7 +380,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
         # FFCV's buffers are reused a few batches later: everything handed out is a fresh tensor.
         ctx = self.ctx
         if self.device_augment:
-            self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))  # a host-side call, no sync
+            # a host-side call, no sync
+            self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))
             view1 = self._augment[0](out["image"], self._generator)
             view2 = self._augment[1](out["image2"], self._generator)
         else:

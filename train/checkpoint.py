@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import torch
 
+from pipeline.dali_format import write_bytes_atomic
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -138,9 +140,7 @@ def _set_aside_later_metrics(path: Path, step: int) -> None:
         return
     with open(path.with_name(path.name + ".superseded"), "a", encoding="utf-8") as f:
         f.writelines(later)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(keep).encode("utf-8"))
     log.warning("resumed at step %d: %d later row(s) of metrics.jsonl moved to %s.superseded", step, len(later),
                 path.name)
 

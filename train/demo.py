@@ -77,7 +77,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: Optional[str] 
     log.info("kNN of a randomly initialised %s on held-out digits", cfg.model.arch)
     enc = random_init_encoder(cfg.model.arch, cfg.model.small_stem, device, seed=cfg.train.seed,
                               channels_last=cfg.model.channels_last)
-    knn_random = evaluate_encoder(enc, cfg.eval, device, cfg.model.channels_last, mean=cfg.data.augment.mean, std=cfg.data.augment.std)
+    knn_random = evaluate_encoder(enc, cfg.eval, device, cfg.model.channels_last, mean=cfg.data.augment.mean,
+                                  std=cfg.data.augment.std)
 
     log.info("BYOL pretraining (%s, %d px, batch %d)", cfg.model.arch, size, cfg.train.batch_size)
     byol_summary, trainer = _run(cfg)

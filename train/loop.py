@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model import Byol, build_byol, collapse_std
 from pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
 from pipeline.contract import skipped_images
+from pipeline.dali_format import write_json_atomic
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
@@ -269,7 +270,8 @@ class Trainer:
             if self.dist.is_main:
                 from torch.utils.tensorboard import SummaryWriter
                 # resumed: events logged after the checkpoint's step by the abandoned run are dropped
-                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1 if self.state.step else None)
+                self.writer = SummaryWriter(str(self.run_dir / "tb"),
+                                            purge_step=self.state.step + 1 if self.state.step else None)
             if cfg.eval.every and cfg.eval.data and self.dist.is_main:
                 from train.evaluate import KnnMonitor
                 self.eval_monitor = KnnMonitor(cfg.eval, self.device, cfg.model.channels_last,
@@ -356,11 +358,9 @@ class Trainer:
                     path = ckpt.checkpoint_path(self.run_dir, self.state.step) if saved else self.save()
                     if self.dist.is_main:
                         signame = signal.Signals(flag.signum).name if flag.signum is not None else None
-                        marker = self.run_dir / PREEMPT_MARKER
-                        marker.with_suffix(".tmp").write_text(json.dumps({
+                        write_json_atomic(self.run_dir / PREEMPT_MARKER, {
                             "step": self.state.step, "checkpoint": str(path), "signal": signame,
-                            "exit_status": EXIT_PREEMPTED}) + "\n")
-                        marker.with_suffix(".tmp").replace(marker)
+                            "exit_status": EXIT_PREEMPTED})
                     bar.close()
                     log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue",
                                 self.state.step, EXIT_PREEMPTED)

@@ -68,9 +68,10 @@ class DaliConfig:
         num_threads: CPU threads of the DALI pipeline.
         decoder: `mixed` (nvJPEG on the GPU; falls back to `cpu` with a warning when no GPU is present) or `cpu`.
         random_crop_decoder: decode each view's crop window separately (`decoders.image_slice`) instead of decoding
-            once and cropping twice; measured no faster on CPUs and ~5 % slower with nvJPEG on an H200, so off.
+            once and cropping twice; measured no faster on CPUs (not yet measured with nvJPEG), so off.
         exact_hue: torchvision's hue (an exact HSV shift in DALI arithmetic) rather than DALI's `fn.hsv`, whose hue
-            differs from torchvision's by more than the shift itself; ~40 % more CPU time, no measurable GPU cost.
+            differs from torchvision's by more than the shift itself; ~40 % more CPU time with the graph ops (its GPU
+            cost is not measured yet).
         cpu_kernels: where images are augmented on the CPU, run colour jitter and grayscale as one operator of
             per-pixel numba kernels (`pipeline.cpu_augment`, exact hue included) instead of DALI's per-op graph (the
             GPU's); the same draws, rounded once instead of after every op.

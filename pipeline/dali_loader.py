@@ -15,15 +15,16 @@ channels-last NCHW tensor without a copy.
 
 Epochs and resume: DALI's readers cannot be re-seeded, so the pipeline is rebuilt every epoch with a seed derived from
 (seed, rank, epoch). A build costs 0.6-1.7 s on the CPU (2-3 s for the first in a process, which converts the graph's
-conditionals), 1.9-3.2 s with the GPU decoder: noise next to an ImageNet epoch. `set_epoch(e, start_batch)` then resumes
-exactly: the folder source drops the first `start_batch` batches from its list (same order; the augmentation draws of
-the rest are fresh, from a seed that also takes `start_batch`); the shard source runs and discards them, which
-reproduces the order and the augmentation draws of an uninterrupted epoch at the cost of processing those batches.
+conditionals; `stats()["pipeline_build_s"]` reports it on any device): noise next to an ImageNet epoch.
+`set_epoch(e, start_batch)` then resumes exactly: the folder source drops the first `start_batch` batches from its list
+(same order; the augmentation draws of the rest are fresh, from a seed that also takes `start_batch`); the shard source
+runs and discards them, which reproduces the order and the augmentation draws of an uninterrupted epoch at the cost of
+processing those batches.
 
-Measured, loader only, two views at 224 px with the exact hue: on the CPU (2 threads, batch 32, 320x240 JPEGs)
-23.5 ms of CPU time per image with the graph ops whether decoding once or with the crop decoder, and 148 images/s on
-2 cores with the CPU kernels (`data.dali.cpu_kernels`, 69 with the graph ops); on an H200 (nvJPEG, 8-12 threads, batch
-256, 500x375 JPEGs, bfloat16 out) 5.6-5.9k img/s decoding once vs 5.3-5.6k with the crop decoder: decode once.
+Decoding once is the default because the crop decoder saved nothing where it was measured (on the CPU, two views at
+224 px: the same CPU time per image either way): each partial decode still parses the compressed data up to its
+window. On a GPU the choice is not measured yet; `byol bench --what loader data.dali.random_crop_decoder=true` measures
+it, and the numbers live in `benchmarks/results/`.
 
 Bad data: shards were validated by `byol convert`. A folder is checked at start (`pipeline.image_files`) for empty
 files, unknown signatures and JPEG/PNG files without their end marker (cut short); those are left out and counted

@@ -98,3 +98,84 @@ def test_no_parts_and_no_backend_for_the_target_python(tmp_path):
     dest = tmp_path / "packs"
     r = _run("pack_wheels.sh", env={"PACK_SITE": str(site), "PACK_DEST": str(dest), "PACK_PYTHON": "3.12"})
     assert r.returncode == 1 and "no DALI backend for Python 3.12" in r.stderr and not dest.exists()
+
+
+def _ffcv_site(root: Path) -> Path:
+    """A small tree shaped like the FFCV kit: the extension for 3.12 (a real ELF file, so that the MANIFEST states a
+    glibc), its vendored libraries, a pure-Python requirement."""
+    ffcv = root / "ffcv"
+    ffcv.mkdir(parents=True)
+    elf = Path(shutil.which("xz")).resolve()   # any dynamically linked ELF file of this system
+    shutil.copyfile(elf, ffcv / "_libffcv.cpython-312-x86_64-linux-gnu.so")
+    (ffcv / "__init__.py").write_text("from .loader import Loader\n")
+    (root / "ffcv.libs").mkdir()
+    (root / "ffcv.libs" / "libopencv_core-5be06549.so.4.6.0").write_bytes(os.urandom(300_000))
+    (root / "terminaltables").mkdir()
+    (root / "terminaltables" / "__init__.py").write_text("VERSION = 1\n")
+    return root
+
+
+def _manifest(dest: Path, name: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in (dest / f"{name}-1" / "MANIFEST").read_text().splitlines())
+
+
+def test_a_named_pack_sits_beside_dali_and_unpacks_on_its_own(tmp_path):
+    dest = _pack(tmp_path, "packs", _site(tmp_path / "dali-site"))
+    site = _ffcv_site(tmp_path / "ffcv-site")
+    env = {"PACK_SITE": str(site), "PACK_DEST": str(dest), "PACK_PYTHON": "3.12", "PACK_NAME": "ffcv-pack",
+           "PACK_REQUIRE": "ffcv/_libffcv.cpython-312-*.so", "PACK_WHAT": "FFCV extension",
+           "PACK_PACKAGES": "ffcv==1.0.2 terminaltables==3.1.10"}
+    r = _run("pack_wheels.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["ffcv-pack-1", "pack-1", "pack-2", "pack-3"]
+    manifest = _manifest(dest, "ffcv-pack")
+    assert manifest["parts"] == "1" and manifest["packages"] == "ffcv==1.0.2 terminaltables==3.1.10"
+    if shutil.which("readelf"):   # the copied ELF file asks for some glibc symbol version
+        assert manifest["glibc"].startswith("2.")
+    # DALI's pack holds no ELF file here: no requirement
+    assert _manifest(dest, "pack")["glibc"] == "0"
+
+    out = tmp_path / "site-ffcv"
+    r = _run("unpack_wheels.sh", str(dest), str(out), "ffcv-pack")
+    assert r.returncode == 0 and r.stdout.strip() == str(out), r.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ffcv", "ffcv.libs",
+                                                                                     "terminaltables"]
+    for rel in ("ffcv/_libffcv.cpython-312-x86_64-linux-gnu.so", "ffcv.libs/libopencv_core-5be06549.so.4.6.0"):
+        assert (out / rel).read_bytes() == (site / rel).read_bytes()
+
+    # packing FFCV again leaves DALI's parts alone; DALI's unpack never picks up FFCV's parts
+    assert _run("pack_wheels.sh", env=env).returncode == 0
+    assert (dest / "pack-3").is_dir()
+    r = _run("unpack_wheels.sh", str(dest), str(tmp_path / "site-dali"))
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "site-dali" / "ffcv").exists()
+    assert _run("unpack_wheels.sh", str(tmp_path / "none"), str(out), "ffcv-pack").stderr.strip() \
+        == f"no packed packages under {tmp_path / 'none'}/ffcv-pack-*"
+
+    # the file the pack must hold is missing: named, nothing written
+    (site / "ffcv" / "_libffcv.cpython-312-x86_64-linux-gnu.so").unlink()
+    r = _run("pack_wheels.sh", env={**env, "PACK_DEST": str(tmp_path / "other")})
+    assert r.returncode == 1 and "no FFCV extension for Python 3.12" in r.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_machine_with_an_older_glibc_unpacks_nothing(tmp_path):
+    dest = _pack(tmp_path, "packs", _site(tmp_path / "site"))
+    for manifest in dest.glob("pack-*/MANIFEST"):   # as if the tree needed a glibc from the future
+        manifest.write_text(manifest.read_text().replace("glibc 0\n", "glibc 99.1\n"))
+    out = tmp_path / "out"
+    r = _run("unpack_wheels.sh", str(dest), str(out))
+    assert r.returncode == 3 and not out.exists(), r.stderr
+    assert "need glibc 99.1 or newer, this machine has glibc 2." in r.stderr
+
+
+def test_an_older_libstdcxx_is_a_warning(tmp_path):
+    if subprocess.run("ldconfig -p | grep -q 'libstdc++.so.6 .*x86-64'", shell=True).returncode != 0:
+        pytest.skip("no x86-64 libstdc++ in the linker cache")
+    dest = _pack(tmp_path, "packs", _site(tmp_path / "site"))
+    for manifest in dest.glob("pack-*/MANIFEST"):
+        manifest.write_text(manifest.read_text().replace("glibcxx 0\n", "glibcxx 3.4.999\n"))
+    out = tmp_path / "out"
+    r = _run("unpack_wheels.sh", str(dest), str(out))
+    assert r.returncode == 0 and (out / "makefun" / "__init__.py").exists(), r.stderr
+    assert "warning: they ask for libstdc++ GLIBCXX_3.4.999" in r.stderr

@@ -44,6 +44,13 @@ if compgen -G ".whl/pack-*/MANIFEST" > /dev/null; then   # DALI, packed in parts
         echo "the packed packages were not unpacked (see above): the suite runs without them"
     fi
 fi
+if compgen -G ".whl/ffcv-pack-*/MANIFEST" > /dev/null; then   # FFCV, built and packed by benchmarks/build_ffcv_kit.sh
+    if bash benchmarks/unpack_wheels.sh .whl /tmp/site-ffcv ffcv-pack > /dev/null; then
+        export PYTHONPATH="/tmp/site-ffcv${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "the FFCV kit was not unpacked (see above): the suite runs without FFCV"
+    fi
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the repository is not installed there: import it from here
 
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" \

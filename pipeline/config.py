@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The maths of colour jitter (`AugmentConfig.color_ops`); the formulas are in `pipeline.device_augment`.
+COLOR_OPS = ("deepmind", "torchvision")
 
 
 @dataclass
@@ -20,7 +22,9 @@ class ViewSpec:
         crop_ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         flip_p: probability of a horizontal flip.
         jitter_p: probability of applying colour jitter (its four ops then run in a random order per sample).
-        brightness, contrast, saturation: jitter strengths s, factors uniform in [max(0, 1 - s), 1 + s].
+        brightness, contrast, saturation: jitter strengths s; the draws' ranges depend on `AugmentConfig.color_ops`
+            (`deepmind`: brightness delta in [-s, s], factors in [1 - s, 1 + s]; `torchvision`: factors in
+            [max(0, 1 - s), 1 + s]).
         hue: hue jitter strength as a fraction of the hue circle, shift uniform in [-hue, hue] (0.1 = +-36 degrees).
         grayscale_p: probability of converting to grayscale (luma, replicated to three channels).
         blur_p: probability of a gaussian blur.
@@ -52,12 +56,21 @@ def _view2_default() -> ViewSpec:
 
 @dataclass
 class AugmentConfig:
-    """BYOL's pair of view distributions plus the normalisation both share."""
+    """BYOL's pair of view distributions plus the normalisation both share.
+
+    Args:
+        color_ops: the maths of colour jitter, on every backend: `deepmind` (the paper's, DeepMind's BYOL reference:
+            brightness adds a delta, contrast blends with each channel's mean, saturation scales HSV saturation,
+            clipped after each op) or `torchvision` (`ColorJitter`'s: brightness multiplies, contrast and
+            saturation blend with the grayscale image's mean and the grayscale image). Hue is the same HSV shift in
+            both. See `pipeline.device_augment`.
+    """
 
     view1: ViewSpec = field(default_factory=ViewSpec)
     view2: ViewSpec = field(default_factory=_view2_default)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    color_ops: str = "deepmind"
 
 
 @dataclass

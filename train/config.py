@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from model.config import ModelConfig
-from pipeline.config import DataConfig
+from pipeline.config import COLOR_OPS, DataConfig
 
 
 class ConfigError(ValueError):
@@ -323,6 +323,8 @@ def validate(cfg: Config) -> None:
     _check(all(s > 0 for s in d.augment.std), "data.augment.std", "positive values", list(d.augment.std))
     _check(m.arch in RESNETS, "model.arch", f"one of {', '.join(RESNETS)}", m.arch)
     _check(m.bn in ("sync", "local"), "model.bn", "sync or local", m.bn)
+    _check(d.augment.color_ops in COLOR_OPS, "data.augment.color_ops", f"one of {', '.join(COLOR_OPS)}",
+           d.augment.color_ops)
     for k in ("projector_hidden", "projector_out", "predictor_hidden"):
         _check(getattr(m, k) >= 1, f"model.{k}", ">= 1", getattr(m, k))
     _check(t.batch_size >= 2, "train.batch_size", ">= 2 (BatchNorm needs two samples)", t.batch_size)

@@ -17,7 +17,8 @@ class ModelConfig:
         use_predictor: False gives the paper's ablation without predictor (which collapses).
         bn: `sync` (SyncBatchNorm across ranks, the paper's choice) or `local`; irrelevant with one process.
         channels_last: keep activations in `channels_last` memory format (faster convolutions on GPUs and CPUs).
-        zero_init_residual: start each residual branch's last BN at zero (torchvision's option; off in the paper).
+        zero_init_residual: start each residual branch's last BN at zero, so every block starts as the identity (the
+            reference's ResNet: haiku's residual blocks initialise their last BatchNorm's scale to zero).
     """
 
     arch: str = "resnet50"
@@ -28,4 +29,4 @@ class ModelConfig:
     use_predictor: bool = True
     bn: str = "sync"
     channels_last: bool = True
-    zero_init_residual: bool = False
+    zero_init_residual: bool = True

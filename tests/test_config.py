@@ -24,6 +24,31 @@ def test_paper_preset_values():
     assert cfg.data.augment.view1.blur_p == 1.0 and cfg.data.augment.view2.blur_p == 0.1
     assert cfg.data.augment.view1.solarize_p == 0.0 and cfg.data.augment.view2.solarize_p == 0.2
     assert cfg.model.arch == "resnet50" and cfg.model.projector_hidden == 4096
+    assert cfg.model.zero_init_residual
+
+
+# The paper's hyper-parameters by schedule length (Grill et al., 2020): 1000 epochs in Sec. 3.3, 300 in Sec. 5.
+PAPER_BY_EPOCHS = {1000: (0.2, 1.5e-6, 0.996), 300: (0.3, 1e-6, 0.99)}
+
+
+@pytest.mark.parametrize("source", ["defaults", "imagenet_r50_paper.yaml", "small_gpu.yaml"])
+def test_lr_wd_tau_agree_with_the_epochs(source):
+    cfg = Config() if source == "defaults" else load_config(CONFIGS / source)
+    t = cfg.train
+    assert t.epochs in PAPER_BY_EPOCHS, f"{source}: no paper recipe for {t.epochs} epochs"
+    assert (t.base_lr, t.weight_decay, t.base_tau) == PAPER_BY_EPOCHS[t.epochs]
+
+
+def test_heads_and_blocks_start_as_the_reference():
+    """No bias on the heads' last Linear; each residual block's last BN scale starts at zero (the default)."""
+    from model import build_byol
+    from model.config import ModelConfig
+    m = build_byol(ModelConfig(arch="resnet18", projector_hidden=32, projector_out=8, predictor_hidden=32,
+                               bn="local", channels_last=False), device_type="cpu")
+    assert m.online["projector"][-1].bias is None and m.predictor[-1].bias is None
+    for block in (m.encoder.layer1[0], m.encoder.layer4[1]):
+        assert float(block.bn2.weight.abs().sum()) == 0.0
+        assert float(block.bn1.weight.abs().sum()) > 0.0
 
 
 def test_overrides_apply_with_types():

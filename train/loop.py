@@ -196,7 +196,14 @@ class Trainer:
                 "accept the jump with train.allow_changed=[data.size]")
         if self.dist.is_main:
             ckpt.set_aside_later(self.run_dir, int(state["step"]))
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:   # another architecture, or heads of an older layout
+            first = str(err).strip().splitlines()
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0]}): "
+                "resume it with the model settings it was trained with, or start a fresh run in another "
+                "train.out_dir") from None
         self._load_optimizer(state, path)
         if state.get("scaler") and self.scaler.is_enabled():   # an fp16 run's scaler; bf16/fp32 saved `{}`
             self.scaler.load_state_dict(state["scaler"])

@@ -28,21 +28,29 @@ class EmaPairs:
         target_buffers = dict(target.named_buffers())
         self.online_buffers = [online_buffers[k] for k in online_buffers]
         self.target_buffers = [target_buffers[k] for k in online_buffers]
-        # One list per dtype: a `_foreach_` call over mixed dtypes (float statistics and int64
-        # `num_batches_tracked`) leaves the fused path for one kernel per tensor.
-        groups: dict[torch.dtype, tuple[list, list]] = {}
-        for t, o in zip(self.target_buffers, self.online_buffers):
-            dst, src = groups.setdefault(t.dtype, ([], []))
-            dst.append(t)
-            src.append(o)
-        self.buffer_groups = list(groups.values())
+        # One list per (device, dtype): a `_foreach_` call over mixed dtypes (float statistics and int64
+        # `num_batches_tracked`) or devices leaves the fused path for one kernel per tensor.
+        self.param_groups = _by_device_and_dtype(self.target_params, self.online_params)
+        self.buffer_groups = _by_device_and_dtype(self.target_buffers, self.online_buffers)
+
+
+def _by_device_and_dtype(dst: list[torch.Tensor], src: list[torch.Tensor]) -> list[tuple[list, list]]:
+    """`(dst, src)` sub-lists, one per (device, dtype) of `dst`, in first-seen order."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for d, s in zip(dst, src):
+        dsts, srcs = groups.setdefault((d.device, d.dtype), ([], []))
+        dsts.append(d)
+        srcs.append(s)
+    return list(groups.values())
 
 
 @torch.no_grad()
 def ema_update_(pairs: EmaPairs, tau: float | torch.Tensor) -> None:
-    """Fused in-place update: every target parameter moves toward its online twin by `1 - tau`; buffers are copied."""
+    """Fused in-place update: every target parameter moves toward its online twin by `1 - tau`; buffers are copied.
+    One `_foreach_lerp_` and one `_foreach_copy_` per (device, dtype), whatever the number of tensors."""
     weight = 1.0 - tau
-    torch._foreach_lerp_(pairs.target_params, pairs.online_params, weight)
+    for dst, src in pairs.param_groups:
+        torch._foreach_lerp_(dst, src, weight)
     for dst, src in pairs.buffer_groups:
         torch._foreach_copy_(dst, src)
 

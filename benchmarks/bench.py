@@ -1,6 +1,6 @@
 """`byol bench`: images/sec of the loaders alone, the model alone, both together, and the target EMA.
 
-    byol bench --what loader|model|e2e|ema|all --out runs/bench/bench.json [--config FILE] [section.key=value ...]
+    byol bench --what loader|model|e2e|ema|optim|all --out runs/bench/bench.json [--config FILE] [section.key=value ...]
 
 - loader: two-view images/s of each backend (dali, ffcv, torch) on the same real JPEGs (~320x240 crops of
   scikit-image's photographs, built once under `--data`, converted with `byol convert` into shards and a beton, kept
@@ -12,6 +12,8 @@
   (1.0: the input pipeline is completely hidden).
 - ema: milliseconds per target update, fused (`_foreach_lerp_`) and per-parameter loop, against the time a copy
   needs to move the same bytes (lerp reads two tensors and writes one).
+- optim: milliseconds per LARS step of the same model on random gradients, the fused step against the per-tensor
+  reference (`lars_step_per_tensor_`: the trust ratios as a list of 0-d tensors), timed alternately.
 Timing: warm-up batches/steps first, then `--steps` timed ones per repeat (each repeat a new epoch for loaders), the
 device synchronised around the clock, the median over `--repeats`. images/s counts images (each gives two views).
 """
@@ -34,7 +36,7 @@ from benchmarks.report import format_table, hidden_ratio, summary_lines
 log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "ffcv", "torch")
-WHATS = ("loader", "model", "e2e", "ema")
+WHATS = ("loader", "model", "e2e", "ema", "optim")
 
 
 def _record(what: str, name_key: str, name: str, cfg, device: torch.device, **fields) -> dict:
@@ -320,6 +322,40 @@ def bench_ema(cfg, device: torch.device, args, overrides: list[str]) -> list[dic
     return records
 
 
+# --- optimizer -------------------------------------------------------------------------------------------------------
+def bench_optim(cfg, device: torch.device, args, overrides: list[str]) -> list[dict]:
+    """ms per LARS step of the configured model (ResNet-50 + heads unless `model.arch` is given, also on CPUs) on
+    random gradients: the fused step and the per-tensor reference, alternating repeats on one model."""
+    from model import build_byol
+    from train.optim import build_optimizer, lars_step_per_tensor_
+
+    cfg = common.load_bench_config(args.config, overrides, [d for d in args.defaults if not d.startswith("model.")])
+    common.free_memory(device)
+    model = build_byol(cfg.model).to(device)
+    t = cfg.train
+    optimizer = build_optimizer(model, "lars", t.momentum, t.weight_decay, t.lars_eta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)   # in the parameter's memory format, as autograd makes them
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    steps = {"fused": optimizer.step, "per_tensor": partial(lars_step_per_tensor_, optimizer)}
+    secs: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():   # warm-up: momentum buffers, the fused step's ratio views
+        common.time_repeats(step, device, warmup=1, iters=1, repeats=1)
+    for _ in range(args.repeats):   # alternating, so that both see the same machine
+        for name, step in steps.items():
+            secs[name] += common.time_repeats(step, device, warmup=0, iters=args.optim_iters, repeats=1)
+    base = dict(arch=cfg.model.arch, num_values=sum(p.numel() for p in params), num_tensors=len(params),
+                images_per_sec=None, batch_size=None, resolution=None)
+    records = [{**_record("optim", "variant", name, cfg, device), **base,
+                "ms_per_update": 1000 * common.median(s), "runs_ms": [1000 * x for x in s]} for name, s in secs.items()]
+    records[1]["ratio_to_fused"] = records[1]["ms_per_update"] / records[0]["ms_per_update"]
+    del model, optimizer, params
+    common.free_memory(device)
+    return records
+
+
 # --- the command -----------------------------------------------------------------------------------------------------
 def _config(args, overrides: Sequence[str]):
     return common.load_bench_config(args.config, overrides, args.defaults)
@@ -343,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=-1,
                    help="seconds of timed steps per model/e2e run, fewer when slower (-1: 15 on CPU, 0: off)")
     p.add_argument("--ema-iters", type=int, default=10, help="EMA updates per timed repeat")
+    p.add_argument("--optim-iters", type=int, default=5, help="LARS steps per timed repeat")
     p.add_argument("--matmul-size", type=int, default=0, help="n of the n^3 bf16 matmul (0: 8192 GPU, 1024 CPU)")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile variant (slow to compile)")
     p.add_argument("--variants", default=",".join(VARIANT_KINDS),
@@ -411,7 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sections = {"loader": lambda: bench_loaders(cfg, device, args),
                 "model": lambda: bench_model(cfg, device, args, overrides, matmul_rates),
                 "e2e": lambda: bench_e2e(cfg, device, args, overrides, [r for r in records if r["what"] == "model"]),
-                "ema": lambda: bench_ema(cfg, device, args, overrides)}
+                "ema": lambda: bench_ema(cfg, device, args, overrides),
+                "optim": lambda: bench_optim(cfg, device, args, overrides)}
     for what in WHATS:
         if what in whats:
             for rec in sections[what]():

@@ -5,7 +5,8 @@ that is the right shape for a GPU and the wrong one for a CPU: at 224 px a pass 
 19 MB, the hue alone is ~40 such passes, and a masked sample pays for every op it skips. Here each sample runs only
 its own ops, in its own order, one image at a time while it sits in cache, every op a loop over pixels:
   - `jitter_grayscale_`: uint8 -> float [0, 1], then brightness / contrast / saturation / hue in the sample's order,
-    then grayscale: the same formulas as the torch module (torchvision's), in float32, per pixel;
+    then grayscale: the same formulas as the torch module, in float32, per pixel (its `deepmind` maths, the
+    reference's, when `reference` is set; else torchvision's);
   - (blur: the torch module's separable convolution, run only on the samples that draw it);
   - `solarize_normalise_`: solarize and the mean/std normalisation in one pass.
 The random draws are the torch module's (`BatchedViewAugment.sample_params`), so a seed gives the same views on
@@ -75,6 +76,55 @@ def _saturation(img, factor):
 
 
 @numba.njit
+def _add_brightness(img, delta):
+    # The reference's brightness: x + delta.
+    h, w, _ = img.shape
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                img[y, x, c] = _clamp01(img[y, x, c] + delta)
+
+
+@numba.njit
+def _channel_contrast(img, factor):
+    # The reference's contrast: blend each channel with its own mean (accumulated in float64, rounded once).
+    h, w, _ = img.shape
+    totals = np.zeros(3)
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                totals[c] += img[y, x, c]
+    rest = _ONE - factor
+    terms = np.empty(3, dtype=np.float32)
+    for c in range(3):
+        terms[c] = _F(totals[c] / (h * w)) * rest
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                img[y, x, c] = _clamp01(terms[c] + img[y, x, c] * factor)
+
+
+@numba.njit
+def _hsv_saturation(img, factor):
+    # The reference's saturation, S -> clip(S * f, 0, 1) in HSV, in the torch module's closed form:
+    # out = V - (V - x) * min(max(f, 0), V / (V - min)). Factor 1 is the identity.
+    if factor == _ONE:
+        return
+    f = max(factor, _ZERO)
+    h, w, _ = img.shape
+    for y in range(h):
+        for x in range(w):
+            r, g, b = img[y, x, 0], img[y, x, 1], img[y, x, 2]
+            maxc = max(r, g, b)
+            chroma = maxc - min(r, g, b)
+            if chroma == _ZERO:   # grey: unchanged
+                continue
+            k = min(f, maxc / chroma)
+            for c in range(3):
+                img[y, x, c] = _clamp01(maxc - (maxc - img[y, x, c]) * k)
+
+
+@numba.njit
 def _hue(img, shift):
     # torchvision's _rgb_to_hsv, the hue shift `(h + shift) % 1`, then _hsv_to_rgb, per pixel in float32. The
     # remainders are written as the one subtraction they amount to on these ranges (exact, as fmod/remainder are).
@@ -139,8 +189,10 @@ def _grayscale(img):
 
 
 @numba.njit(nogil=True)
-def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale):
-    # One sample: uint8 (H, W, 3) `src` -> float32 [0, 1] `img`, then its jitter ops in its order, then grayscale.
+def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale,
+                          reference):
+    # One sample: uint8 (H, W, 3) `src` -> float32 [0, 1] `img`, then its jitter ops in its order, then grayscale;
+    # `reference`: the reference's brightness, contrast and saturation (brightness a delta), else torchvision's.
     h, w = src.shape[0], src.shape[1]
     for y in range(h):
         for x in range(w):
@@ -150,11 +202,20 @@ def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturat
         for k in range(4):
             op = order[k]
             if op == 0:
-                _brightness(img, brightness)
+                if reference:
+                    _add_brightness(img, brightness)
+                else:
+                    _brightness(img, brightness)
             elif op == 1:
-                _contrast(img, contrast)
+                if reference:
+                    _channel_contrast(img, contrast)
+                else:
+                    _contrast(img, contrast)
             elif op == 2:
-                _saturation(img, saturation)
+                if reference:
+                    _hsv_saturation(img, saturation)
+                else:
+                    _saturation(img, saturation)
             elif with_hue:
                 _hue(img, hue)
     if grayscale:
@@ -162,10 +223,11 @@ def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturat
 
 
 @numba.njit(nogil=True, cache=True)
-def _jitter_grayscale(samples, src, out, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale):
+def _jitter_grayscale(samples, src, out, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale,
+                      reference):
     for i in samples:
         _jitter_grayscale_one(out[i], src[i], jitter[i], order[i], brightness[i], contrast[i], saturation[i], hue[i],
-                              with_hue, grayscale[i])
+                              with_hue, grayscale[i], reference)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -197,12 +259,13 @@ def _over_samples(kernel, n: int, threads: int, *args) -> None:
 
 def jitter_grayscale_(src: np.ndarray, out: np.ndarray, jitter: np.ndarray, order: np.ndarray,
                       brightness: np.ndarray, contrast: np.ndarray, saturation: np.ndarray, hue: np.ndarray,
-                      with_hue: bool, grayscale: np.ndarray, threads: int = 1) -> None:
+                      with_hue: bool, grayscale: np.ndarray, threads: int = 1, reference: bool = True) -> None:
     """uint8 (N, H, W, 3) `src` -> float32 [0, 1] `out` (same shape), then per sample i: if `jitter[i]`, the ops
     `order[i, 0..3]` (0 brightness, 1 contrast, 2 saturation, 3 hue; hue only when `with_hue`) with sample i's
-    factors (float32 (N,) arrays); then grayscale if `grayscale[i]`. Over `threads` threads."""
+    factors (float32 (N,) arrays; brightness a delta with `reference`); then grayscale if `grayscale[i]`.
+    `reference`: the `deepmind` maths (see `pipeline.device_augment`), else torchvision's. Over `threads` threads."""
     _over_samples(_jitter_grayscale, src.shape[0], threads, src, out, jitter, order, brightness, contrast,
-                  saturation, hue, with_hue, grayscale)
+                  saturation, hue, with_hue, grayscale, reference)
 
 
 def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float, mean: np.ndarray, std: np.ndarray,
@@ -213,19 +276,21 @@ def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float,
 
 
 # --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.color_jitter`) -------
-JITTER_PARAMS = 11   # jitter on, the 4 ops in order, brightness, contrast, saturation, hue shift, hue on, grayscale
+# jitter on, the 4 ops in order, brightness, contrast, saturation, hue shift, hue on, grayscale, reference maths
+JITTER_PARAMS = 12
 
 
 @numba.njit(nogil=True, cache=True)
 def jitter_grayscale_hwc(out, img, params):
     """uint8 (H, W, 3) `img` -> uint8 `out`: colour jitter in the sample's order and grayscale, in float32 on
     [0, 1], rounded once at the end. `params` (float32, JITTER_PARAMS): jitter on (0/1), the op ids in order,
-    brightness, contrast, saturation factors, hue shift (turns), hue on (0/1), grayscale (0/1)."""
+    brightness (a delta with the reference's maths), contrast, saturation factors, hue shift (turns), hue on (0/1),
+    grayscale (0/1), the reference's (`deepmind`) maths (0/1)."""
     h, w = img.shape[0], img.shape[1]
     x = np.empty((h, w, 3), dtype=np.float32)
     order = params[1:5].astype(np.int64)
     _jitter_grayscale_one(x, img, params[0] != 0, order, params[5], params[6], params[7], params[8], params[9] != 0,
-                          params[10] != 0)
+                          params[10] != 0, params[11] != 0)
     for y in range(h):
         for xx in range(w):
             for c in range(3):

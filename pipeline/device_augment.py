@@ -2,14 +2,36 @@
 
 Backends that crop (and possibly flip) elsewhere, e.g. FFCV, hand this module uint8 crops; it draws the per-sample
 parameters of colour jitter (in a random order per sample), grayscale, gaussian blur and solarisation, applies them in
-float32 with no per-sample Python loop, and normalises. The maths follows `torchvision.transforms.v2.functional`
-(adjust_brightness/contrast/saturation/hue, rgb_to_grayscale, gaussian_blur, solarize, normalize) op for op, so the
-torchvision backend and this one sample the same distribution. Measured against torchvision on photographs (float32,
-[0, 1] pixels): brightness, saturation, grayscale, solarize and hue bit-identical (hue uses torchvision's
-`_rgb_to_hsv` / `_hsv_to_rgb` maths with a per-sample shift); contrast within 4e-7 (one fused blend per slot and the
-batched mean's reduction order); blur within 3e-7 (two separable 1-D passes with per-sample kernels instead of
-torchvision's 2-D kernel, the same reflect padding and kernel); whole jitter chains in random order within 1e-6.
-The tests hold each op to atol 1e-6 and chains to 2e-6.
+float32 with no per-sample Python loop, and normalises.
+
+Colour jitter has two sets of maths (`AugmentConfig.color_ops`), the same four ops in the same per-sample order:
+  - `deepmind`, the default: the paper's, as DeepMind's BYOL reference writes it (deepmind-research,
+    `byol/utils/augmentations.py`, `_color_transform_single_image`), on [0, 1] pixels:
+      brightness  x + delta, delta uniform in [-b, b] (additive; the same delta on every channel);
+      contrast    (x - m_c) * f + m_c, m_c the mean of channel c over the image, f uniform in [1 - c, 1 + c];
+      saturation  HSV (TF's rgb_to_hsv) with S -> clip(S * f, 0, 1), back to RGB; f uniform in [1 - s, 1 + s];
+      hue         HSV with H -> (H + delta) mod 1, delta uniform in [-h, h] turns;
+    each op is followed by a clip to [0, 1]; the four run in a uniform random order per sample (`shuffle=True`);
+    an op of strength 0 is skipped; grayscale (luma 0.2989 R + 0.587 G + 0.114 B on all three channels) runs after
+    the jitter, then a final clip. The reference's lower bounds are 1 - s, not clamped at 0 (they differ from
+    torchvision's only for strengths above 1). Its saturation is computed here in closed form,
+    out_c = V - (V - x_c) * clip(f, 0, V / (V - min)), V the channel maximum: the HSV round trip with S scaled, as
+    the hue, V and the channels' order are kept (measured within 1.3e-7 of the float64 round trip, f up to 3).
+  - `torchvision`: `torchvision.transforms.v2.functional` (adjust_brightness/contrast/saturation/hue) op for op, so
+    the torchvision backend and this one sample the same distribution: brightness x * f, contrast and saturation
+    blends with the mean of the grayscale image and with the grayscale image, factors in [max(0, 1 - s), 1 + s].
+The hue is the same HSV shift in both. Grayscale, blur, solarize and normalise follow torchvision's functional ops
+(rgb_to_grayscale, gaussian_blur, solarize, normalize). The draws are one table for both (see `sample_params`): the
+brightness column u gives torchvision's factor max(0, 1 - b) + u (1 + b - max(0, 1 - b)) or the reference's delta
+2 b u - b, which for b <= 1 is that factor minus 1: a seed draws the same views' randomness under either maths.
+
+torchvision maths measured against torchvision on photographs (float32, [0, 1] pixels): brightness, saturation,
+grayscale, solarize and hue bit-identical (hue uses torchvision's `_rgb_to_hsv` / `_hsv_to_rgb` maths with a
+per-sample shift); contrast within 4e-7 (one fused blend per slot and the batched mean's reduction order); blur within
+3e-7 (two separable 1-D passes with per-sample kernels instead of torchvision's 2-D kernel, the same reflect padding
+and kernel); whole jitter chains in random order within 1e-6.
+The tests hold each op to atol 1e-6 and chains to 2e-6; the deepmind ops are held to a float64 numpy transcription of
+the reference's formulas with the same tolerances (`tests/test_color_ops.py`; measured <= 5e-7).
 
 On the CPU, `forward` hands the same draws to the per-pixel kernels of `pipeline.cpu_augment` (`apply_cpu`): each
 sample runs only its own ops there, 4x faster at 224 px on 2 cores; `apply` stays the reference they are tested
@@ -29,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ViewSpec
+from pipeline.config import COLOR_OPS, ViewSpec
 
 # torchvision's luma weights (ITU-R 601-2, as in PIL's "L" conversion).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -38,6 +60,19 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 # Columns of the single uniform draw per sample (one RNG call per batch, a fixed layout so a seed means one thing).
 _FLIP, _JITTER, _B, _C, _S, _H, _PERM, _GRAY, _BLUR, _SIGMA, _SOLAR = 0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13
 _NUM_DRAWS = 14
+
+
+def jitter_ranges(spec: ViewSpec, color_ops: str) -> dict[str, tuple[float, float]]:
+    """The uniform range of each jitter draw: brightness (a delta for `deepmind`, a factor for `torchvision`),
+    contrast and saturation factors, hue shift in turns. Every engine draws from these ranges."""
+    if color_ops not in COLOR_OPS:
+        raise ValueError(f"data.augment.color_ops={color_ops!r}: expected one of {', '.join(COLOR_OPS)}")
+    b, c, s, h = spec.brightness, spec.contrast, spec.saturation, spec.hue
+    if color_ops == "deepmind":
+        return {"brightness": (-b, b), "contrast": (1.0 - c, 1.0 + c), "saturation": (1.0 - s, 1.0 + s),
+                "hue": (-h, h)}
+    return {"brightness": (max(0.0, 1.0 - b), 1.0 + b), "contrast": (max(0.0, 1.0 - c), 1.0 + c),
+            "saturation": (max(0.0, 1.0 - s), 1.0 + s), "hue": (-h, h)}
 
 
 def blur_kernel_size(image_size: int, kernel_frac: float) -> int:
@@ -76,6 +111,29 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Per-sample `F.adjust_saturation`: blend with each image's grayscale. Factor 1 is the identity."""
     return _blend(x, rgb_to_grayscale(x), factor)
+
+
+def add_brightness(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The reference's brightness: x + delta per sample (N,), clipped to [0, 1]. Delta 0 is the identity."""
+    return (x + _per_sample(delta)).clamp_(0.0, 1.0)
+
+
+def channel_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The reference's contrast: blend each channel with its own mean over the image, (x - m_c) f + m_c written as
+    x f + m_c (1 - f), clipped to [0, 1]. Factor 1 is the identity."""
+    f = _per_sample(factor)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return torch.addcmul(mean * (1.0 - f), x, f).clamp_(0.0, 1.0)
+
+
+def hsv_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The reference's saturation: HSV saturation S -> clip(S * f, 0, 1), H and V kept, per sample (N,), in closed
+    form: out_c = V - (V - x_c) g, g = clip(f, 0, V / (V - min)). Grey pixels stay as they are."""
+    minc, maxc = torch.aminmax(x, dim=1, keepdim=True)
+    chroma = maxc - minc
+    limit = maxc / torch.where(chroma > 0, chroma, torch.ones_like(chroma))   # 1 / S; grey pixels: any finite value
+    g = torch.minimum(_per_sample(factor.clamp(min=0.0)), limit)
+    return (maxc - x).mul_(g).neg_().add_(maxc).clamp_(0.0, 1.0)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -162,11 +220,14 @@ class BatchedViewAugment(torch.nn.Module):
         apply_flip: also draw and apply the horizontal flip (when the upstream crop did not flip).
         cpu_kernels: run CPU inputs through `pipeline.cpu_augment`'s per-pixel kernels (False: the batched passes
             everywhere, the reference the kernels are tested against).
+        color_ops: the maths of colour jitter, `deepmind` (the paper's) or `torchvision` (see the module's doc).
     """
 
     def __init__(self, spec: ViewSpec, mean: Sequence[float], std: Sequence[float], image_size: int,
-                 apply_flip: bool = False, cpu_kernels: bool = True):
+                 apply_flip: bool = False, cpu_kernels: bool = True, color_ops: str = "deepmind"):
         super().__init__()
+        self.ranges = jitter_ranges(spec, color_ops)   # checks color_ops
+        self.color_ops = color_ops
         if not 0.0 <= spec.hue <= 0.5:
             raise ValueError(f"hue jitter {spec.hue} must lie in [0, 0.5] (a fraction of the hue circle)")
         if spec.blur_sigma[0] <= 0 or spec.blur_sigma[1] < spec.blur_sigma[0]:
@@ -181,7 +242,8 @@ class BatchedViewAugment(torch.nn.Module):
         self.register_buffer("hsv_select", torch.tensor(_HSV_SELECT, dtype=torch.int64), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"image_size={self.image_size}, kernel_size={self.kernel_size}, apply_flip={self.apply_flip}"
+        return (f"image_size={self.image_size}, kernel_size={self.kernel_size}, apply_flip={self.apply_flip}, "
+                f"color_ops={self.color_ops}")
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x: uint8 images already cropped to image_size, (N,H,W,3) NHWC or (N,3,H,W), on any device.
@@ -209,7 +271,8 @@ class BatchedViewAugment(torch.nn.Module):
         f32 = {k: params[k].to(torch.float32).numpy() for k in ("brightness", "contrast", "saturation", "hue")}
         cpu_augment.jitter_grayscale_(nhwc.numpy(), out.numpy(), params["jitter"].numpy(), params["order"].numpy(),
                                       f32["brightness"], f32["contrast"], f32["saturation"], f32["hue"],
-                                      self.spec.hue > 0, params["grayscale"].numpy(), threads)
+                                      self.spec.hue > 0, params["grayscale"].numpy(), threads,
+                                      self.color_ops == "deepmind")
         nchw = out.permute(0, 3, 1, 2)   # channels_last view of the NHWC buffer
         blurred = params["blur"].nonzero().flatten()   # on the CPU a data-dependent subset costs no sync
         if self.kernel_size > 1 and blurred.numel():
@@ -240,8 +303,9 @@ class BatchedViewAugment(torch.nn.Module):
 
         Returns:
             flip, jitter, grayscale, blur, solarize: bool (n,) masks (flip all False unless `apply_flip`);
-            brightness, contrast, saturation: float (n,) factors, uniform in [max(0, 1 - s), 1 + s];
-            hue: float (n,) shift in turns, uniform in [-hue, hue];
+            brightness, contrast, saturation, hue: float (n,), uniform in `jitter_ranges(spec, color_ops)`:
+                `deepmind` brightness delta in [-b, b], factors in [1 - s, 1 + s]; `torchvision` factors in
+                [max(0, 1 - s), 1 + s]; hue shift in turns in [-hue, hue] for both;
             order: int64 (n, 4), order[i, k] the jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue) that
                 sample i runs k-th, a uniform random permutation per sample;
             sigma: float (n,) blur sigma, uniform in spec.blur_sigma.
@@ -257,13 +321,14 @@ class BatchedViewAugment(torch.nn.Module):
             return u[:, col].mul(hi - lo).add_(lo)
 
         flip = u[:, _FLIP] < sp.flip_p
+        r = self.ranges
         return {
             "flip": flip if self.apply_flip else torch.zeros_like(flip),
             "jitter": u[:, _JITTER] < sp.jitter_p,
-            "brightness": uniform(_B, max(0.0, 1.0 - sp.brightness), 1.0 + sp.brightness),
-            "contrast": uniform(_C, max(0.0, 1.0 - sp.contrast), 1.0 + sp.contrast),
-            "saturation": uniform(_S, max(0.0, 1.0 - sp.saturation), 1.0 + sp.saturation),
-            "hue": uniform(_H, -sp.hue, sp.hue),
+            "brightness": uniform(_B, *r["brightness"]),
+            "contrast": uniform(_C, *r["contrast"]),
+            "saturation": uniform(_S, *r["saturation"]),
+            "hue": uniform(_H, *r["hue"]),
             "order": torch.argsort(u[:, _PERM:_PERM + 4], dim=1),
             "grayscale": u[:, _GRAY] < sp.grayscale_p,
             "blur": u[:, _BLUR] < sp.blur_p,
@@ -295,6 +360,8 @@ class BatchedViewAugment(torch.nn.Module):
         # batch; the three linear ops are split around it: up to 3 slots before it, up to 3 after, each slot a single
         # fused pass (`_linear_slot`) whose factors are exact identities for samples with nothing to do there.
         # Samples without jitter get identities everywhere and are kept out of the hue pass by a mask.
+        # With `deepmind` maths the three ops of the slots are the reference's (`_reference_slot`), the hue the same.
+        slot = self._linear_slot if self.color_ops == "torchvision" else self._reference_slot
         on = params["jitter"]
         order = params["order"]
         is_hue = order == HUE
@@ -304,12 +371,12 @@ class BatchedViewAugment(torch.nn.Module):
         linear = order.gather(1, torch.argsort(positions + 4 * is_hue.to(torch.int64), dim=1)[:, :3])
         none = torch.full_like(hue_pos, -1)
         for j in range(3):
-            x = self._linear_slot(x, torch.where(on & (j < hue_pos), linear[:, j], none), params)
+            x = slot(x, torch.where(on & (j < hue_pos), linear[:, j], none), params)
         if self.spec.hue > 0:  # a config value, not a tensor: no sync
             select = self.hsv_select.to(x.device, non_blocking=True)
             x = torch.where(_per_sample(on), adjust_hue(x, params["hue"], select), x)
         for j in range(3):
-            x = self._linear_slot(x, torch.where(on & (j >= hue_pos), linear[:, j], none), params)
+            x = slot(x, torch.where(on & (j >= hue_pos), linear[:, j], none), params)
         return x
 
     @staticmethod
@@ -325,3 +392,16 @@ class BatchedViewAugment(torch.nn.Module):
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
         y = torch.addcmul(mean * _per_sample(1.0 - c), x, _per_sample(b * c * s))
         return y.addcmul_(gray, _per_sample(1.0 - s)).clamp_(0.0, 1.0)
+
+    @staticmethod
+    def _reference_slot(x: torch.Tensor, op: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The reference's brightness or contrast per sample as one pass, clamp(x * c + (1 - c) * m_c + d, 0, 1) with
+        # the unselected op's terms exact identities (c 1, d 0); its saturation (not linear) computed beside it and
+        # selected per sample, where its factor is not 1 (factor 1 is the identity, kept bit for bit).
+        one = torch.ones_like(params["contrast"])
+        d = torch.where(op == BRIGHTNESS, params["brightness"], torch.zeros_like(one))
+        c = _per_sample(torch.where(op == CONTRAST, params["contrast"], one))
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        y = torch.addcmul(mean * (1.0 - c) + _per_sample(d), x, c).clamp_(0.0, 1.0)
+        sat = (op == SATURATION) & (params["saturation"] != 1.0)
+        return torch.where(_per_sample(sat), hsv_saturation(x, params["saturation"]), y)

@@ -52,8 +52,10 @@ def photos(photos_u8: torch.Tensor) -> torch.Tensor:
 
 
 def _plain(spec: ViewSpec | None = None, apply_flip: bool = False) -> BatchedViewAugment:
-    """An augment that does not normalise (mean 0, std 1), so outputs compare with torchvision on [0, 1]."""
-    return BatchedViewAugment(spec or ViewSpec(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), SIZE, apply_flip=apply_flip)
+    """An augment with torchvision's colour maths that does not normalise (mean 0, std 1), so outputs compare with
+    torchvision on [0, 1]. The reference's maths (the default) are tested in `tests/test_color_ops.py`."""
+    return BatchedViewAugment(spec or ViewSpec(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), SIZE, apply_flip=apply_flip,
+                              color_ops="torchvision")
 
 
 def _params_off(n: int) -> dict[str, torch.Tensor]:
@@ -184,7 +186,7 @@ def _within_binomial(count: int, n: int, p: float, what: str) -> None:
 @pytest.mark.parametrize("view", ["view1", "view2"])
 def test_per_sample_draw_rates(view):
     spec: ViewSpec = getattr(AugmentConfig(), view)
-    aug = BatchedViewAugment(spec, IMAGENET_MEAN, IMAGENET_STD, 224, apply_flip=True)
+    aug = BatchedViewAugment(spec, IMAGENET_MEAN, IMAGENET_STD, 224, apply_flip=True, color_ops="torchvision")
     p = aug.sample_params(N_DRAWS, "cpu", torch.Generator().manual_seed(7))
     for key, prob in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("grayscale", spec.grayscale_p),
                       ("blur", spec.blur_p), ("solarize", spec.solarize_p)):

@@ -3,8 +3,17 @@
 Call these only inside a `@pipeline_def(enable_conditionals=True)` function: the per-sample probabilities are `if`
 statements on per-sample coins, so an expensive op (blur) runs only on the samples whose coin says so.
 
-Semantics against torchvision's functional ops on [0, 1] floats (measured on photographs; the DALI ops work on uint8
-and round after each op, so results agree within 1.5 grey levels, most pixels exactly):
+Colour jitter follows `data.augment.color_ops` (the maths: `pipeline.device_augment`). With `deepmind` (the default,
+the paper's reference), on uint8 pixels rounded after each op:
+  - brightness: `fn.brightness_contrast(brightness_shift=delta)`, x + 255 delta, rounded and saturated to [0, 255];
+  - contrast: `channel_contrast`, each channel blended with its own mean (`fn.reductions.mean` over H and W, kept on
+    the device that computed it), then a rounding, saturating cast;
+  - saturation: `hsv_saturation`, the HSV saturation scaled in closed form, V - (V - x) clip(f, 0, V / (V - min)),
+    in DALI arithmetic (DALI's `fn.hsv` saturation is a blend with the luma in YIQ, torchvision's maths, not this);
+  - hue: the same HSV shift as torchvision's (below);
+the numpy transcription of the reference's formulas is matched within 1.5 grey levels (the tests). With
+`torchvision`, against torchvision's functional ops on [0, 1] floats (measured on photographs; the DALI ops work on
+uint8 and round after each op, so results agree within 1.5 grey levels, most pixels exactly):
   - brightness, saturation, grayscale: `fn.brightness_contrast`, `fn.hsv(saturation=...)` (a linear blend with the
     luma, which is torchvision's blend with the grayscale image), `fn.color_space_conversion` to GRAY and back.
   - contrast: a blend with the mean of the image's grayscale passed per sample as `contrast_center`. DALI's default
@@ -24,9 +33,9 @@ and round after each op, so results agree within 1.5 grey levels, most pixels ex
 The flip is applied last, inside the normalising op: it commutes with every op in between.
 
 Where the images are on the CPU (`data.dali.cpu_kernels`, the default), colour jitter and grayscale run instead as one
-`fn.python_function` over `pipeline.cpu_augment`'s per-pixel numba kernels (`CpuJitter`): the same draws, torchvision's
-formulas in float32 rounded once, at about half the CPU time of the graph ops (whose exact hue alone is ~60 DALI
-arithmetic operators over float images). The GPU keeps the graph ops.
+`fn.python_function` over `pipeline.cpu_augment`'s per-pixel numba kernels (`CpuJitter`): the same draws, the same
+formulas (either maths) in float32 rounded once, at about half the CPU time of the graph ops (whose exact hue alone
+is ~60 DALI arithmetic operators over float images). The GPU keeps the graph ops.
 """
 from __future__ import annotations
 
@@ -43,7 +52,7 @@ from nvidia.dali.pipeline import do_not_convert
 
 from pipeline.config import ViewSpec
 from pipeline.cpu_augment import jitter_grayscale_hwc
-from pipeline.device_augment import blur_kernel_size
+from pipeline.device_augment import blur_kernel_size, jitter_ranges
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # The 24 orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue); a sample draws one index.
@@ -118,6 +127,26 @@ def adjust_contrast(images: DataNode, factor: Union[DataNode, float]) -> DataNod
 
 
 @do_not_convert
+def channel_contrast(images: DataNode, factor: Union[DataNode, float]) -> DataNode:
+    """The reference's contrast: blend each channel with its own mean over the image (per sample), in arithmetic
+    for the reason `adjust_contrast` gives."""
+    mean = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT, keep_dims=True)   # (1, 1, C)
+    return fn.cast(images * factor + mean * (1.0 - factor), dtype=types.UINT8)
+
+
+@do_not_convert
+def hsv_saturation(images: DataNode, factor: Union[DataNode, float]) -> DataNode:
+    """The reference's saturation: HSV saturation S -> clip(S * f, 0, 1), hue and value kept, in closed form per
+    pixel: out_c = V - (V - x_c) * clip(f, 0, V / (V - min)), V the channel maximum. Grey pixels stay as they are."""
+    x = fn.cast(images, dtype=types.FLOAT)
+    hi = fn.reductions.max(x, axes=[2], keep_dims=True)
+    lo = fn.reductions.min(x, axes=[2], keep_dims=True)
+    limit = hi / dmath.max(hi - lo, 1.0)  # pixels are integers: V - min is 0 (grey, any value works) or >= 1
+    f = dmath.max(factor, 0.0) if isinstance(factor, DataNode) else max(float(factor), 0.0)
+    return fn.cast(hi - (hi - x) * dmath.min(f, limit), dtype=types.UINT8)
+
+
+@do_not_convert
 def grayscale(images: DataNode) -> DataNode:
     """Luma replicated to three channels (torchvision's rgb_to_grayscale(num_output_channels=3))."""
     gray = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
@@ -158,16 +187,23 @@ def adjust_hue(images: DataNode, shift: Union[DataNode, float]) -> DataNode:
 
 
 @do_not_convert
-def _jitter_op(images: DataNode, op: int, factors: dict[str, DataNode], exact_hue: bool = True) -> DataNode:
-    """One jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue); an op of strength 0 is absent from `factors`."""
+def _jitter_op(images: DataNode, op: int, factors: dict[str, DataNode], exact_hue: bool = True,
+               color_ops: str = "deepmind") -> DataNode:
+    """One jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue) with the maths of `color_ops`; an op of strength
+    0 is absent from `factors`."""
     name = JITTER_OPS[op]
     if name not in factors:
         return images
+    reference = color_ops == "deepmind"
     if op == 0:
+        if reference:
+            return fn.brightness_contrast(images, brightness_shift=factors[name])
         return fn.brightness_contrast(images, brightness=factors[name])
     if op == 1:
-        return adjust_contrast(images, factors[name])
+        return channel_contrast(images, factors[name]) if reference else adjust_contrast(images, factors[name])
     if op == 2:
+        if reference:
+            return hsv_saturation(images, factors[name])
         return fn.hsv(images, saturation=factors[name])
     if exact_hue:
         return adjust_hue(images, factors[name])
@@ -188,19 +224,21 @@ def _orders_around_hue() -> tuple[list[list[int]], list[list[int]]]:
 _BEFORE_HUE, _AFTER_HUE = _orders_around_hue()
 
 
-def _jitter_slot(images: DataNode, op: DataNode, factors: dict[str, DataNode]) -> DataNode:
+def _jitter_slot(images: DataNode, op: DataNode, factors: dict[str, DataNode], color_ops: str) -> DataNode:
     """Brightness, contrast or saturation as the per-sample `op` says (-1: nothing)."""
     if op == 0:
-        images = _jitter_op(images, 0, factors)
+        images = _jitter_op(images, 0, factors, color_ops=color_ops)
     elif op == 1:
-        images = _jitter_op(images, 1, factors)
+        images = _jitter_op(images, 1, factors, color_ops=color_ops)
     elif op == 2:
-        images = _jitter_op(images, 2, factors)
+        images = _jitter_op(images, 2, factors, color_ops=color_ops)
     return images
 
 
-def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode], exact_hue: bool = True) -> DataNode:
-    """Brightness, contrast, saturation and hue, in the per-sample order `JITTER_ORDERS[order]`.
+def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode], exact_hue: bool = True,
+                 color_ops: str = "deepmind") -> DataNode:
+    """Brightness, contrast, saturation and hue with the maths of `color_ops`, in the per-sample order
+    `JITTER_ORDERS[order]`.
 
     The hue (the costly op) has one instance: the other three run in up to three slots before it and three after,
     each slot's op looked up from the sample's order (a static graph of 4 slots x 4 ops would hold four hues).
@@ -208,10 +246,10 @@ def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode]
     keys = list(range(len(JITTER_ORDERS)))
     for table in (_BEFORE_HUE, _AFTER_HUE):
         if table is _AFTER_HUE:
-            images = _jitter_op(images, 3, factors, exact_hue)
+            images = _jitter_op(images, 3, factors, exact_hue, color_ops)
         for j in range(3):
             op = fn.lookup_table(order, keys=keys, values=[row[j] for row in table], dtype=types.INT32)
-            images = _jitter_slot(images, op, factors)
+            images = _jitter_slot(images, op, factors, color_ops)
     return images
 
 
@@ -244,21 +282,25 @@ def _as_node(value: Union[DataNode, float], like: DataNode) -> DataNode:
 
 @do_not_convert
 def cpu_jitter_grayscale(images: DataNode, spec: ViewSpec, jitter: DataNode, order: DataNode,
-                         factors: dict[str, DataNode], gray: DataNode, threads: int) -> DataNode:
-    """Colour jitter (in the per-sample `order`) and grayscale of CPU images in one `CpuJitter` operator."""
+                         factors: dict[str, DataNode], gray: DataNode, threads: int,
+                         color_ops: str = "deepmind") -> DataNode:
+    """Colour jitter (in the per-sample `order`, with the maths of `color_ops`) and grayscale of CPU images in one
+    `CpuJitter` operator."""
     keys = list(range(len(JITTER_ORDERS)))
     ops = [fn.lookup_table(order, keys=keys, values=[o[k] for o in JITTER_ORDERS], dtype=types.FLOAT)
            for k in range(4)]
-    values = [factors.get(name, 1.0) for name in JITTER_OPS[:3]] + [factors.get("hue", 0.0)]
+    reference = color_ops == "deepmind"
+    identities = {"brightness": 0.0 if reference else 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+    values = [factors.get(name, identities[name]) for name in JITTER_OPS]
     params = fn.stack(_as_node(jitter, order), *ops, *[_as_node(v, order) for v in values],
-                      _as_node(float(spec.hue > 0), order), _as_node(gray, order))
+                      _as_node(float(spec.hue > 0), order), _as_node(gray, order), _as_node(float(reference), order))
     return fn.python_function(images, params, function=CpuJitter(threads), batch_processing=True, output_layouts="HWC")
 
 
 def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[float, float, float],
                  std: tuple[float, float, float], dtype: types.DALIDataType = types.FLOAT,
                  draws: Optional[dict[str, DataNode]] = None, exact_hue: bool = True,
-                 cpu_threads: int = 0) -> DataNode:
+                 cpu_threads: int = 0, color_ops: str = "deepmind") -> DataNode:
     """Flip, colour jitter, grayscale, blur, solarise and normalise cropped uint8 HWC images (one view).
 
     Args:
@@ -272,6 +314,8 @@ def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[
             the graph ops (the CPU kernel's hue is always torchvision's).
         cpu_threads: if > 0 and the images are on the CPU, colour jitter and grayscale run as one `CpuJitter`
             operator on this many threads instead of the graph ops (the same draws).
+        color_ops: the maths of colour jitter, `deepmind` (the paper's) or `torchvision`; the brightness draw is a
+            delta for `deepmind`, a factor for `torchvision` (`jitter_ranges`).
 
     Returns:
         Normalised float HWC images (a channels-last NCHW view on the torch side without a copy).
@@ -280,21 +324,19 @@ def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[
     jitter = _coin(spec.jitter_p)
     order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
     strengths = dict(zip(JITTER_OPS, (spec.brightness, spec.contrast, spec.saturation, spec.hue)))
-    factors = {name: _uniform(max(0.0, 1.0 - s), 1.0 + s) for name, s in strengths.items()
-               if name != "hue" and s > 0}
-    if spec.hue > 0:  # a fraction of the hue circle, as torchvision
-        factors["hue"] = _uniform(-spec.hue, spec.hue)
+    ranges = jitter_ranges(spec, color_ops)   # the hue shift a fraction of the hue circle
+    factors = {name: _uniform(*ranges[name]) for name, s in strengths.items() if s > 0}
     gray = _coin(spec.grayscale_p)
     blur = _coin(spec.blur_p)
     sigma = _uniform(*spec.blur_sigma)
     sol = _coin(spec.solarize_p)
 
     if cpu_threads > 0 and images.device == "cpu":
-        images = cpu_jitter_grayscale(images, spec, jitter, order, factors, gray, cpu_threads)
+        images = cpu_jitter_grayscale(images, spec, jitter, order, factors, gray, cpu_threads, color_ops)
     else:
         if spec.jitter_p > 0:
             if jitter:
-                images = color_jitter(images, order, factors, exact_hue)
+                images = color_jitter(images, order, factors, exact_hue, color_ops)
         if spec.grayscale_p > 0:
             if gray:
                 images = grayscale(images)

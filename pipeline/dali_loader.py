@@ -143,7 +143,7 @@ def two_view_pipeline(source: dict, aug: AugmentConfig, image_size: int, decoder
             cropped = resize_window(images, anchor, shape, image_size)
         drawn = {} if debug else None
         views.append(augment_view(cropped, spec, image_size, aug.mean, aug.std, out_dtype, drawn, exact_hue,
-                                  cpu_threads))
+                                  cpu_threads, aug.color_ops))
         if debug:
             drawn.update(crop_anchor=anchor, crop_shape=shape)
             draws.extend(drawn.get(k, fn.cast(index, dtype=types.FLOAT) * 0 - 1) for k in DEBUG_DRAWS)

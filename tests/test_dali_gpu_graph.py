@@ -56,7 +56,7 @@ REACHES = {
     "order": JITTER_PREDICATE,
     "brightness": {("BrightnessContrast", "argument")},
     "contrast": {("_ArithmeticGenericOp", "input")},
-    "saturation": {("Hsv", "argument")},
+    "saturation": {("_ArithmeticGenericOp", "input")},   # the default maths' HSV saturation, in arithmetic
     "gray": JITTER_PREDICATE,
     "sigma": {("GaussianBlur", "argument")},
 }
@@ -143,12 +143,13 @@ class Graph:
 
 @functools.lru_cache(maxsize=None)
 def trace(random_crop_decoder: bool = False, exact_hue: bool = True, hw_decoder_load: float = 0.65,
-          decoder: str = "mixed", source: str = "folder", debug: bool = False) -> Graph:
+          decoder: str = "mixed", source: str = "folder", debug: bool = False, color_ops: str = "deepmind") -> Graph:
     """The graph `DaliTwoViewLoader._build` would run on GPU 0 (the CPU twin with `decoder="cpu"`), traced only."""
     d = DaliConfig()
     on_gpu = decoder == "mixed"
     pipe = two_view_pipeline(
-        source=FOLDER if source == "folder" else SHARDS, aug=AugmentConfig(), image_size=SIZE, decoder=decoder,
+        source=FOLDER if source == "folder" else SHARDS, aug=AugmentConfig(color_ops=color_ops), image_size=SIZE,
+        decoder=decoder,
         random_crop_decoder=random_crop_decoder, hw_decoder_load=hw_decoder_load, out_dtype=types.FLOAT,
         debug=debug, exact_hue=exact_hue,
         # the loader passes its CPU threads when cpu_kernels is on (the default); the GPU twin compares the graph ops
@@ -239,6 +240,19 @@ def test_each_draw_parametrises_its_gpu_ops(view, random_crop_decoder, exact_hue
     # the two views draw independently: no draw op is shared
     other = {id(nodes[f"view{3 - view}/{k}"].source) for k in DEBUG_DRAWS}
     assert not other & {id(nodes[f"view{view}/{k}"].source) for k in DEBUG_DRAWS}
+
+
+def test_torchvision_maths_draws_reach_their_ops():
+    """With `color_ops=torchvision` the jitter draws parametrise torchvision's ops: brightness and saturation as
+    argument inputs of `fn.brightness_contrast` and `fn.hsv`; every op placed as with the default maths."""
+    g = trace(color_ops="torchvision", debug=True)
+    nodes = draw_nodes(g)
+    for view in (1, 2):
+        for name, expected in (("brightness", REACHES["brightness"]), ("contrast", REACHES["contrast"]),
+                               ("saturation", {("Hsv", "argument")})):
+            assert g.gpu_uses(nodes[f"view{view}/{name}"].source) == expected, f"view{view}/{name}"
+    for e in g.edges:
+        assert not (device(e.consumer) == "cpu" and device(e.producer) != "cpu")
 
 
 @pytest.mark.parametrize("random_crop_decoder,exact_hue", [(False, True), (True, False)])

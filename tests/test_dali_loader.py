@@ -28,6 +28,7 @@ from pipeline.dali_format import write_shards
 from pipeline import dali_loader
 from pipeline import image_files
 from pipeline.dali_loader import DaliTwoViewLoader, StreamHold, is_shard_folder
+from pipeline.device_augment import jitter_ranges
 from pipeline.image_files import image_file_ok
 from pipeline.folder import scan_image_folder
 from pipeline.sharding import epoch_permutation
@@ -171,10 +172,10 @@ def test_draw_statistics_per_view(many_tiny):
                         ("blur", spec.blur_p), ("solarize", spec.solarize_p)):
             rate = d[f"view{v}/{name}"].mean().item()
             assert abs(rate - p) < 0.035, f"view{v} {name}: rate {rate:.3f}, expected {p}"
-        for name, s in (("brightness", spec.brightness), ("contrast", spec.contrast),
-                        ("saturation", spec.saturation)):
+        for name in ("brightness", "contrast", "saturation"):   # the default maths: a delta, two factors
+            lo, hi = jitter_ranges(spec, aug.color_ops)[name]
             f = d[f"view{v}/{name}"]
-            assert f.min() >= 1 - s and f.max() <= 1 + s and abs(f.mean().item() - 1) < 0.02
+            assert f.min() >= lo and f.max() <= hi and abs(f.mean().item() - (lo + hi) / 2) < 0.02
         hue = d[f"view{v}/hue"]
         assert hue.abs().max() <= spec.hue and hue.std() > 0.8 * spec.hue / math.sqrt(3)
         sigma = d[f"view{v}/sigma"]
@@ -241,7 +242,8 @@ def test_augment_ops_match_torchvision(tree):
 def test_cpu_jitter_kernel_matches_the_graph_ops(tree):
     """On the CPU, colour jitter and grayscale run as one numba operator (`CpuJitter`); on the GPU as DALI's graph
     ops. Both from the same per-sample draws (jitter coin, order, factors, grayscale coin) on real photographs: the
-    same images, up to the graph's rounding to uint8 after every op."""
+    same images, up to the graph's rounding to uint8 after every op. torchvision's maths here; the reference's in
+    `tests/test_color_ops.py`."""
     from nvidia.dali import fn, pipeline_def, types
 
     from pipeline import dali_augment as A
@@ -259,10 +261,10 @@ def test_cpu_jitter_kernel_matches_the_graph_ops(tree):
         order = fn.random.uniform(values=list(range(24)), dtype=types.INT32)
         factors = {"brightness": fn.random.uniform(range=[0.6, 1.4]), "contrast": fn.random.uniform(range=[0.6, 1.4]),
                    "saturation": fn.random.uniform(range=[0.8, 1.2]), "hue": fn.random.uniform(range=[-0.1, 0.1])}
-        kernel = A.cpu_jitter_grayscale(img, spec, jitter, order, factors, gray, threads=2)
+        kernel = A.cpu_jitter_grayscale(img, spec, jitter, order, factors, gray, threads=2, color_ops="torchvision")
         graph = img
         if jitter:
-            graph = A.color_jitter(graph, order, factors)
+            graph = A.color_jitter(graph, order, factors, color_ops="torchvision")
         if gray:
             graph = A.grayscale(graph)
         return img, kernel, graph, jitter, gray

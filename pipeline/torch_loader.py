@@ -8,6 +8,8 @@ mixing the rank in, and N ranks with batch B see exactly the views one process w
 
 Unlike the reference order (ToDtype last), the views turn float right after the crop and flip: the colour ops then run
 on [0, 1] floats, as the on-device backends do, and solarisation's threshold keeps its meaning (0.5 of the range).
+Colour jitter is torchvision's `ColorJitter` with `data.augment.color_ops=torchvision`, else `ReferenceColorJitter`
+(the paper's maths, the default; see `pipeline.device_augment`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from pipeline.config import DataConfig, ViewSpec
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.device_augment import blur_kernel_size
+from pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, add_brightness, adjust_hue,
+                                     blur_kernel_size, channel_contrast, hsv_saturation, jitter_ranges)
 from pipeline.folder import scan_image_folder
 from pipeline.image_normalise import exif_orientation, upright_rgb
 from pipeline.sharding import num_batches, rank_indices, sample_seed
@@ -45,15 +48,64 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, EOFError, struct
                   Image.DecompressionBombError)
 
 
-def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float],
-                         std: Sequence[float]) -> v2.Compose:
-    """One view's BYOL augmentation as a torchvision `transforms.v2` pipeline on a uint8 (3, H, W) image."""
+class ReferenceColorJitter(torch.nn.Module):
+    """Colour jitter with the maths of DeepMind's BYOL reference (`color_ops=deepmind`, see `pipeline.device_augment`)
+    on one float (3, H, W) image on [0, 1]: brightness adds a delta, contrast blends each channel with its mean,
+    saturation scales HSV saturation, hue shifts HSV hue, each clipped to [0, 1], in a random order.
+
+    Draws as `v2.ColorJitter` does, from torch's global generator: a permutation (`torch.randperm(4)`), then one
+    uniform per op of non-zero strength (brightness, contrast, saturation, hue), so a seed draws the same numbers as
+    torchvision's jitter, mapped to the reference's ranges (`jitter_ranges`); an op of strength 0 is skipped.
+    """
+
+    def __init__(self, spec: ViewSpec):
+        super().__init__()
+        ranges = jitter_ranges(spec, "deepmind")
+        strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
+        self.ranges = {op: ranges[name] for op, (name, s) in
+                       enumerate(zip(("brightness", "contrast", "saturation", "hue"), strengths)) if s > 0}
+
+    def make_params(self) -> tuple[list[int], dict[int, torch.Tensor]]:
+        """The op order (op ids, 0 brightness .. 3 hue) and each drawn op's value, from torch's global generator."""
+        order = torch.randperm(4).tolist()
+        return order, {op: torch.empty(1).uniform_(lo, hi) for op, (lo, hi) in self.ranges.items()}
+
+    @staticmethod
+    def apply(img: torch.Tensor, order: list[int], values: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The ops of `values` (brightness delta, contrast and saturation factors, hue shift) in `order`."""
+        x = img.unsqueeze(0)
+        for op in order:
+            if op not in values:
+                continue
+            if op == BRIGHTNESS:
+                x = add_brightness(x, values[op])
+            elif op == CONTRAST:
+                x = channel_contrast(x, values[op])
+            elif op == SATURATION:
+                x = hsv_saturation(x, values[op])
+            elif op == HUE:
+                x = adjust_hue(x, values[op])   # the HSV shift of both maths
+        return x.squeeze(0)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.apply(img, *self.make_params())
+
+
+def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float], std: Sequence[float],
+                         color_ops: str = "deepmind") -> v2.Compose:
+    """One view's BYOL augmentation as a torchvision `transforms.v2` pipeline on a uint8 (3, H, W) image; colour
+    jitter with the reference's maths (`deepmind`) or torchvision's `ColorJitter` (`torchvision`)."""
+    jitter_ranges(spec, color_ops)   # checks color_ops
+    if color_ops == "torchvision":
+        jitter = v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
+    else:
+        jitter = ReferenceColorJitter(spec)
     return v2.Compose([
         v2.RandomResizedCrop(image_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
                              interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(spec.flip_p),
         v2.ToDtype(torch.float32, scale=True),
-        v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
+        v2.RandomApply([jitter], p=spec.jitter_p),
         v2.RandomGrayscale(spec.grayscale_p),
         v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size, spec.blur_kernel_frac), sigma=spec.blur_sigma)],
                        p=spec.blur_p),
@@ -223,8 +275,8 @@ class TorchTwoViewLoader(TwoViewLoader):
             raise DataError(f"{cfg.path!r} has {len(self.samples)} images, fewer than one global batch "
                             f"({ctx.batch_size} x {ctx.world_size} ranks): lower the batch size or add images")
         aug = cfg.augment
-        transforms = (build_view_transform(aug.view1, cfg.image_size, aug.mean, aug.std),
-                      build_view_transform(aug.view2, cfg.image_size, aug.mean, aug.std))
+        transforms = (build_view_transform(aug.view1, cfg.image_size, aug.mean, aug.std, aug.color_ops),
+                      build_view_transform(aug.view2, cfg.image_size, aug.mean, aug.std, aug.color_ops))
         self.dataset = TwoViewFolderDataset(self.samples, transforms, seed=ctx.seed)
         self._sampler = EpochBatchSampler(len(self.samples), ctx)
         workers = cfg.num_workers

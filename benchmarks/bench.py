@@ -69,7 +69,7 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
         loader = None
         try:
             if folder is None:
-                raise RuntimeError(problem)
+                raise RuntimeError(f"no benchmark images ({type(problem).__name__}: {problem})") from problem
             dcfg = _with(cfg.data, backend=backend, path=backend_path(folder, backend))
             common.free_memory(device)
             common.reset_peak_memory(device)
@@ -80,8 +80,8 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
                        runs_images_per_sec=[ctx.batch_size / s for s in secs],
                        peak_mem_mb=common.peak_memory_mb(device), stats=_scalar_stats(loader.stats()))
         except Exception as err:  # one backend failing (not installed, no GPU decoder) must not stop the others
-            log.warning("loader %s: %s: %s", backend, type(err).__name__, err)
-            rec["error"] = f"{type(err).__name__}: {err}"
+            log.warning("loader %s: %s: %s", backend, type(err).__name__, err, exc_info=True)
+            rec.update(common.error_fields(err))
         finally:
             if loader is not None:
                 loader.close()
@@ -90,17 +90,17 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
     try:
         yield bench_device_augment(cfg, device, folder, args)
     except Exception as err:  # reported as a record like a failing backend
-        log.warning("device augmentation: %s: %s", type(err).__name__, err)
-        yield _record("augment", "backend", "device_augment", cfg, device, error=f"{type(err).__name__}: {err}")
+        log.warning("device augmentation: %s: %s", type(err).__name__, err, exc_info=True)
+        yield _record("augment", "backend", "device_augment", cfg, device, **common.error_fields(err))
 
 
-def _bench_folder(args) -> tuple[Optional[Path], str]:
+def _bench_folder(args) -> tuple[Optional[Path], Optional[Exception]]:
     """The benchmark images, or None and why not (e.g. scikit-image missing), so each backend reports it."""
     try:
-        return build_bench_images(args.data, args.images), ""
+        return build_bench_images(args.data, args.images), None
     except Exception as err:  # reported in every loader's record; the model and EMA parts do not need images
-        log.warning("no benchmark images: %s: %s", type(err).__name__, err)
-        return None, f"no benchmark images ({type(err).__name__}: {err})"
+        log.warning("no benchmark images: %s: %s", type(err).__name__, err, exc_info=True)
+        return None, err
 
 
 def _with(section, **changes):
@@ -226,8 +226,8 @@ def bench_model(cfg, device: torch.device, args, overrides: list[str],
             rec.update(run_steps(vcfg, device, args, ema=ema, flops=count))
             flops_per_image = rec.get("flops_per_image", flops_per_image)
         except Exception as err:  # e.g. torch.compile without a C++ compiler: reported, the other variants still run
-            log.warning("model %s: %s: %s", name, type(err).__name__, err)
-            rec["error"] = f"{type(err).__name__}: {err}"
+            log.warning("model %s: %s: %s", name, type(err).__name__, err, exc_info=True)
+            rec.update(common.error_fields(err))
         if rec.get("images_per_sec") and flops_per_image:
             achieved = flops_per_image * rec["images_per_sec"]
             rec.update(flops_per_image=flops_per_image, achieved_tflops=achieved / 1e12,
@@ -250,8 +250,8 @@ def bench_e2e(cfg, device: torch.device, args, overrides: list[str], model_recor
         try:
             default.update(run_steps(mcfg, device, args))
         except Exception as err:  # the backends are still measured; only their ratios are missing
-            log.warning("e2e model-only reference: %s: %s", type(err).__name__, err)
-            default["error"] = f"{type(err).__name__}: {err}"
+            log.warning("e2e model-only reference: %s: %s", type(err).__name__, err, exc_info=True)
+            default.update(common.error_fields(err))
     reference = {**default, "what": "e2e", "backend": "synthetic",
                  "ratio_to_model": 1.0 if default.get("images_per_sec") else None}
     reference.pop("variant", None)
@@ -260,14 +260,14 @@ def bench_e2e(cfg, device: torch.device, args, overrides: list[str], model_recor
         rec = _record("e2e", "backend", backend, cfg, device)
         try:
             if folder is None:
-                raise RuntimeError(problem)
+                raise RuntimeError(f"no benchmark images ({type(problem).__name__}: {problem})") from problem
             bcfg = _config(args, [*overrides, f"data.backend={backend}", f"data.path={backend_path(folder, backend)}"])
             rec.update(run_steps(bcfg, device, args))
             if default.get("images_per_sec"):
                 rec["ratio_to_model"] = hidden_ratio(rec["images_per_sec"], default["images_per_sec"])
         except Exception as err:  # one backend failing must not stop the others
-            log.warning("e2e %s: %s: %s", backend, type(err).__name__, err)
-            rec["error"] = f"{type(err).__name__}: {err}"
+            log.warning("e2e %s: %s: %s", backend, type(err).__name__, err, exc_info=True)
+            rec.update(common.error_fields(err))
         log.info("e2e %s: %s", backend, rec.get("images_per_sec") or rec.get("error"))
         yield rec
 

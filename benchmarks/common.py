@@ -16,6 +16,7 @@ import re
 import shutil
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -328,6 +329,28 @@ def backend_path(folder: Path, backend: str) -> str:
 
 
 # --- output --------------------------------------------------------------------------------------------------------
+def error_fields(err: BaseException) -> dict:
+    """What a failed record keeps: `error` (`Type: message`, for tables), `traceback` (the whole text, chained causes
+    included: on a machine used once, the message alone rarely says where it failed) and, when the failure comes from a
+    package that is not installed, `missing_module` (its name)."""
+    fields = {"error": f"{type(err).__name__}: {err}", "traceback": "".join(traceback.format_exception(err))}
+    missing = missing_module(err)
+    if missing:
+        fields["missing_module"] = missing
+    return fields
+
+
+def missing_module(err: BaseException | None) -> str | None:
+    """The module whose import failed for want of it, if `err` is (or was raised from) a ModuleNotFoundError."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ModuleNotFoundError):
+            return err.name
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     """Write `data` as indented JSON, atomically (temporary name, then rename)."""
     path = Path(path)

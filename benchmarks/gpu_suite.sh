@@ -1,57 +1,46 @@
 #!/usr/bin/env bash
-# byolfast's GPU benchmark suite: ResNet-50 at 224 px on one GPU, in about 7 minutes, without network.
+# byolfast's GPU suite: first contact (DALI and FFCV on the device, the GPU tests), then ResNet-50 at 224 px on one
+# GPU; about 8 minutes, without network.
 #
 #   bash benchmarks/gpu_suite.sh            # from anywhere; results in benchmarks/results/<card>-<date>/
 #                                             (and, when BENCH_COPY_TO is set, as <card>-<date>.tar.gz plus
-#                                             suite.log in that folder, rewritten after every part)
+#                                             suite.log in that folder, rewritten after every step)
 #
-# Parts, in this order, each in its own process with its own time cap (a part that fails or runs out of time leaves
-# the others, and its JSON keeps every record measured before it stopped); the caps add up to the default budget:
-#   ema      the target update of ResNet-50 + projector: fused, loop, and the bandwidth bound
-#   e2e      the model fed by each loader, against model-only measured in the same run
-#   model    BYOL steps on synthetic data: bf16 / fp16 / fp32(TF32), channels-last vs contiguous, fused vs loop EMA,
-#            flops per image and the fraction of a measured 8192^3 bf16 matmul
-#   loader   dali / ffcv / torch on the same real JPEGs (whichever import), and the batched device augmentation
-#   tests    the test suite's GPU-marked tests (DALI's `mixed` decoder, the GPU ops against the CPU ones, ...)
-#   profile  a short torch.profiler run with the bottleneck report
-#   compile  the torch.compile variant (only with BENCH_COMPILE=1; compiling takes minutes)
-# Extra Python packages come as wheels in .whl/ (installed with --no-index into /tmp/site), and DALI as the parts in
-# .whl/pack-*/ that benchmarks/pack_wheels.sh writes (joined and unpacked into /tmp/site-packed). Knobs: PYTHON,
-# BENCH_BUDGET_S (seconds for all parts, default 420), BENCH_BATCH (default 128), BENCH_IMAGES (benchmark JPEGs;
-# default enough batches for the warm-up, the torch loader's read-ahead of 2 batches per core and the timed batches,
-# at least 64), BENCH_COMPILE, BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default /tmp/byol-bench-data),
-# BENCH_ARGS (more overrides, e.g. "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
+# Set-up, before the clock starts: wheels in .whl/ are installed with --no-index into /tmp/site; DALI's parts in
+# .whl/pack-*/ (benchmarks/pack_wheels.sh) are joined and unpacked into /tmp/site-packed, the FFCV kit in
+# .whl/ffcv-pack-*/ (benchmarks/build_ffcv_kit.sh) into /tmp/site-ffcv. Each step's whole output is in
+# setup-<step>.log in the results folder; a step that fails is reported and the suite runs without what it brings.
+# Parts, in this order, each in its own process with its own time cap and its whole output in <part>.log (a part
+# that fails or runs out of time leaves the others; a benchmark JSON keeps every record measured before it stopped,
+# and a failed record keeps its traceback); the caps add up to the default budget, the most wanted first:
+#   smoke      import DALI and FFCV and print their versions, one `mixed` DALI batch and one FFCV -> device batch
+#              (benchmarks/smoke.py; smoke.json keeps each check's full traceback)
+#   gpu-tests  pytest -v -x -m gpu with a per-test timeout, the value tests first (DALI's GPU ops against its CPU
+#              twin, FFCV's CUDA path against its CPU path); gpu-tests.xml is the JUnit report
+#   e2e        the model fed by each loader, against model-only measured in the same run
+#   loader     dali / ffcv / torch on the same real JPEGs (whichever import), and the batched device augmentation
+#   ema        the target update of ResNet-50 + projector: fused, loop, and the bandwidth bound
+#   model      BYOL steps on synthetic data: bf16 / fp16 / fp32(TF32), channels-last vs contiguous, fused vs loop EMA,
+#              flops per image and the fraction of a measured 8192^3 bf16 matmul
+#   profile    a short torch.profiler run with the bottleneck report
+#   compile    the torch.compile variant (only with BENCH_COMPILE=1; compiling takes minutes)
+# The last line (benchmarks/suite_summary.py) says which parts ran, which were skipped for a missing package (DALI,
+# FFCV) and which failed; the exit status is 1 when DALI or FFCV did not run or anything failed, else 0.
+# Knobs: PYTHON, BENCH_BUDGET_S (seconds for all parts, default 480), BENCH_BATCH (default 128), BENCH_IMAGES
+# (benchmark JPEGs; default enough batches for the warm-up, the torch loader's read-ahead of 2 batches per core and the
+# timed batches, at least 64), BENCH_COMPILE, BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default
+# /tmp/byol-bench-data), BENCH_TEST_TIMEOUT_S (per GPU test, default 90), BENCH_ARGS (more overrides, e.g.
+# "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=${BENCH_BUDGET_S:-420}
+BUDGET=${BENCH_BUDGET_S:-480}
 BATCH=${BENCH_BATCH:-128}
 DEVICE=${BENCH_DEVICE:-cuda}
+TEST_TIMEOUT=${BENCH_TEST_TIMEOUT_S:-90}
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
-START=$SECONDS
-
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install --no-index --no-deps --upgrade --quiet --target /tmp/site .whl/*.whl > /tmp/byol-wheels.log 2>&1 \
-        || echo "some wheels did not install: see /tmp/byol-wheels.log"
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if compgen -G ".whl/pack-*/MANIFEST" > /dev/null; then   # DALI, packed in parts by benchmarks/pack_wheels.sh
-    if bash benchmarks/unpack_wheels.sh .whl /tmp/site-packed > /dev/null; then
-        export PYTHONPATH="/tmp/site-packed${PYTHONPATH:+:$PYTHONPATH}"
-    else
-        echo "the packed packages were not unpacked (see above): the suite runs without them"
-    fi
-fi
-if compgen -G ".whl/ffcv-pack-*/MANIFEST" > /dev/null; then   # FFCV, built and packed by benchmarks/build_ffcv_kit.sh
-    if bash benchmarks/unpack_wheels.sh .whl /tmp/site-ffcv ffcv-pack > /dev/null; then
-        export PYTHONPATH="/tmp/site-ffcv${PYTHONPATH:+:$PYTHONPATH}"
-    else
-        echo "the FFCV kit was not unpacked (see above): the suite runs without FFCV"
-    fi
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the repository is not installed there: import it from here
 
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" \
        2>/dev/null || echo unknown)
@@ -63,8 +52,10 @@ if [ -e "$RES" ]; then   # an earlier run of the day: set aside whole, so that n
 fi
 mkdir -p "$RES"
 LOG="$RES/suite.log"
+: > "$LOG"
+: > "$RES/parts.jsonl"
 
-copy_out() {   # after every part, so that a run stopped from outside still brings its results back
+copy_out() {   # after every step, so that a run stopped from outside still brings its results back
     if [ -n "${BENCH_COPY_TO:-}" ]; then   # two files: the whole folder as one archive, and the log to read at once
         local name
         name=$(basename "$RES")
@@ -75,62 +66,134 @@ copy_out() {   # after every part, so that a run stopped from outside still brin
     fi
 }
 
+record() {   # record NAME STATUS RC SECONDS CAP: one line of parts.jsonl, read by benchmarks/suite_summary.py
+    printf '{"part": "%s", "status": "%s", "rc": %s, "seconds": %s, "cap": %s}\n' "$1" "$2" "$3" "$4" "$5" \
+        >> "$RES/parts.jsonl"
+}
+
+run_capped() {   # run_capped NAME CAP COMMAND...: COMMAND's whole output into NAME.log; records how it ended
+    local name=$1 cap=$2
+    shift 2
+    local t0=$SECONDS rc=0
+    # SIGINT first: pytest then still writes its report, Python runs its `finally` blocks; KILL 15 s later
+    timeout --signal=INT --kill-after=15 "$cap" "$@" > "$RES/$name.log" 2>&1 || rc=$?
+    if (( rc == 124 || rc == 137 )); then
+        echo "   $name: stopped at its ${cap} s cap (partial results kept)" | tee -a "$LOG"
+        record "$name" capped "$rc" $(( SECONDS - t0 )) "$cap"
+    else
+        echo "   $name: exit $rc after $(( SECONDS - t0 )) s" | tee -a "$LOG"
+        record "$name" exit "$rc" $(( SECONDS - t0 )) "$cap"
+    fi
+    grep -v -E " INFO |it/s\]|s/it\]" "$RES/$name.log" | tail -n 20
+    if (( rc != 0 )); then   # the end of a failure's output in suite.log too (the whole of it is in NAME.log)
+        grep -v -E " INFO |it/s\]|s/it\]" "$RES/$name.log" | tail -n 15 | sed 's/^/     | /' >> "$LOG"
+    fi
+    copy_out
+    return "$rc"
+}
+
+setup_step() {   # setup_step NAME COMMAND...: a set-up step (outside the budget, at most 180 s), in setup-NAME.log
+    local name=$1
+    shift
+    echo "== setup $name" | tee -a "$LOG"
+    run_capped "setup-$name" 180 "$@"
+}
+
 part() {   # part NAME CAP_S COMMAND...: run COMMAND with at most CAP_S seconds (less when the budget runs out)
     local name=$1 cap=$2
     shift 2
     local left=$(( BUDGET - (SECONDS - START) ))
     if (( left < 25 )); then
         echo "== $name: skipped, the ${BUDGET} s budget is spent" | tee -a "$LOG"
+        record "$name" budget null 0 "$cap"
         return 0
     fi
     (( cap > left )) && cap=$left
     echo "== $name (at most ${cap} s; $(( SECONDS - START )) s elapsed)" | tee -a "$LOG"
-    local t0=$SECONDS rc=0
-    timeout --signal=TERM --kill-after=15 "$cap" "$@" > "$RES/$name.log" 2>&1 || rc=$?
-    if (( rc == 124 || rc == 137 )); then
-        echo "   $name: stopped at its ${cap} s cap (partial JSON kept)" | tee -a "$LOG"
-    else
-        echo "   $name: exit $rc after $(( SECONDS - t0 )) s" | tee -a "$LOG"
-    fi
-    grep -v -E " INFO |it/s\]|s/it\]" "$RES/$name.log" | tail -n 20
-    copy_out
-    return 0
+    run_capped "$name" "$cap" "$@" || true
 }
 
 {
     echo "card: $CARD    host: $(hostname)    date: $(date -Is)    git: $(git rev-parse --short HEAD 2>/dev/null || echo -)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 || true
-    "$PY" - <<'EOF' 2>&1
+} | tee -a "$LOG"
+
+# --- set-up: the packages this machine lacks, from the files brought with the repository ---------------------------
+if compgen -G ".whl/*.whl" > /dev/null; then
+    setup_step wheels "$PY" -m pip install --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl \
+        || echo "   some wheels did not install (setup-wheels.log): the suite runs with the others" | tee -a "$LOG"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if compgen -G ".whl/pack-*/MANIFEST" > /dev/null; then   # DALI, packed in parts by benchmarks/pack_wheels.sh
+    if setup_step dali-pack bash benchmarks/unpack_wheels.sh .whl /tmp/site-packed; then
+        export PYTHONPATH="/tmp/site-packed${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "   DALI's parts were not unpacked (setup-dali-pack.log): the suite runs without them" | tee -a "$LOG"
+    fi
+fi
+if compgen -G ".whl/ffcv-pack-*/MANIFEST" > /dev/null; then   # FFCV, built and packed by benchmarks/build_ffcv_kit.sh
+    if setup_step ffcv-kit bash benchmarks/unpack_wheels.sh .whl /tmp/site-ffcv ffcv-pack; then
+        export PYTHONPATH="/tmp/site-ffcv${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "   the FFCV kit was not unpacked (setup-ffcv-kit.log): the suite runs without FFCV" | tee -a "$LOG"
+    fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the repository is not installed there: import it from here
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG"
 import importlib
 import os
 for name in ("torch", "torchvision", "numpy", "PIL", "yaml", "matplotlib", "skimage", "tqdm", "nvidia.dali", "ffcv",
-             "cupy", "numba"):
+             "cupy", "numba", "pytest_timeout"):
     try:
         mod = importlib.import_module(name)
-        print(f"  {name:<12} {getattr(mod, '__version__', '?'):<14} {os.path.dirname(mod.__file__ or '')}")
+        print(f"  {name:<14} {getattr(mod, '__version__', '?'):<14} {os.path.dirname(mod.__file__ or '')}")
     except Exception as err:  # report every missing or broken package, keep going
-        print(f"  {name:<12} MISSING ({type(err).__name__}: {err})")
-EOF
-} | tee "$LOG"
+        print(f"  {name:<14} MISSING ({type(err).__name__}: {err})")
+PYEOF
+copy_out
 
+# --- the parts -----------------------------------------------------------------------------------------------------
+START=$SECONDS
 CORES=$(nproc 2>/dev/null || echo 16)
 BATCHES=$(( 2 * CORES + 20 > 64 ? 2 * CORES + 20 : 64 ))
 IMAGES=${BENCH_IMAGES:-$(( BATCHES * BATCH ))}   # one count for every part: the JPEGs and their conversions are reused
 BENCH=("$PY" -m benchmarks.bench --data "$DATA" --images "$IMAGES" train.batch_size="$BATCH" train.device="$DEVICE"
        ${EXTRA[@]+"${EXTRA[@]}"})
-part ema      40 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
-part e2e     120 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 10 --repeats 2
-part model    95 "${BENCH[@]}" --what model --out "$RES/model.json" --warmup 8 --steps 15 --repeats 3
-part loader   70 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 10
-part tests    60 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu -rs tests/
+FIRST=(tests/test_dali_gpu_values.py tests/test_ffcv_cuda.py)   # the value tests, before the other GPU tests
+TESTS=("${FIRST[@]}")
+for f in tests/test_*.py; do
+    [[ " ${FIRST[*]} " == *" $f "* ]] || TESTS+=("$f")
+done
+TIMEOUT_ARGS=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+    TIMEOUT_ARGS=(--timeout="$TEST_TIMEOUT")
+else
+    echo "   pytest-timeout is not installed: the GPU tests run without a per-test timeout" | tee -a "$LOG"
+fi
+part smoke      60 "$PY" -m benchmarks.smoke --out "$RES/smoke.json" --device "$DEVICE" --work "$DATA/smoke"
+part gpu-tests 140 "$PY" -m pytest -v -x -rA -p no:cacheprovider --continue-on-collection-errors -m gpu \
+    ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} --junitxml="$RES/gpu-tests.xml" -o junit_logging=system-out "${TESTS[@]}"
+part e2e       100 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 10 --repeats 2
+part loader     60 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 10
+part ema        30 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
+part model      60 "${BENCH[@]}" --what model --out "$RES/model.json" --warmup 8 --steps 15 --repeats 3
 # The trace (tens of MB) stays on the machine; the report comes back.
 rm -rf "$DATA/profile"
-part profile  35 "$PY" -m benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
+part profile    30 "$PY" -m benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
     train.batch_size="$BATCH" train.device="$DEVICE" ${EXTRA[@]+"${EXTRA[@]}"}
-mkdir -p "$RES/profile" && cp "$DATA"/profile/report.* "$DATA"/profile/ops.txt "$RES/profile/" 2>/dev/null && copy_out
+mkdir -p "$RES/profile" && cp "$DATA"/profile/report.* "$DATA"/profile/ops.txt "$RES/profile/" 2> /dev/null
 if [ "${BENCH_COMPILE:-0}" = "1" ]; then
     part compile 240 "${BENCH[@]}" --what model --variants compile --compile --out "$RES/compile.json" \
         --warmup 5 --steps 10 --repeats 2
 fi
-echo "done in $(( SECONDS - START )) s: $RES" | tee -a "$LOG"
+echo "parts done in $(( SECONDS - START )) s: $RES" | tee -a "$LOG"
+
+# --- the last line: what ran, what was skipped for a missing package, what failed ----------------------------------
+"$PY" -m benchmarks.suite_summary "$RES" 2>&1 | tee -a "$LOG"
+STATUS=${PIPESTATUS[0]}
+if (( STATUS != 0 && STATUS != 1 )); then   # the summary itself broke: still end with a line that says so
+    echo "suite: the summary failed (exit $STATUS; parts.jsonl says how each part ended) -> exit 2" | tee -a "$LOG"
+    STATUS=2
+fi
 copy_out
+exit "$STATUS"

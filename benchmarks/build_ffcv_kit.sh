@@ -10,7 +10,7 @@
 #     one is missing, KIT_APT=0 skips that);
 #  2. the sdist, built with a CPython 3.12 (KIT_PYTHON; default python3.12 on PATH, else pyenv's newest 3.12) and
 #     linked against OpenCV's core and imgproc only, all that libffcv.cpp uses (cv::Mat, cv::resize), not the 55
-#     libraries Debian's opencv4.pc names (with what they load, 325 libraries and 389 MB; imgcodecs alone loads 138,
+#     libraries Debian's opencv4.pc names (with what they load, 325 libraries and 389 MB; imgcodecs alone loads 137,
 #     GDAL among them): a private opencv4.pc first on PKG_CONFIG_PATH, which setup.py reads through pkg-config;
 #  3. one line of the source dropped: ffcv/pipeline/graph.py's unused `from distutils.log import warn`, which fails
 #     on a Python 3.12 without setuptools' distutils shim;

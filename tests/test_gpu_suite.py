@@ -5,6 +5,7 @@ from test files that import a hidden package."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -90,6 +91,25 @@ def _junit(tmp_path: Path) -> Path:
                     f"--junitxml={xml}", str(tests)], cwd=tmp_path, capture_output=True, timeout=120)
     assert xml.is_file()
     return xml
+
+
+def test_a_module_that_needs_a_missing_package_is_skipped_not_a_collection_error(tmp_path):
+    """With the suite's plugin, `-x` goes past a test module that cannot import DALI; a module missing something else
+    still stops the session."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_a_needs_dali.py").write_text("import sys\nsys.modules['nvidia.dali'] = None\nimport nvidia.dali\n\n"
+                                               "def test_x():\n    pass\n")
+    (tests / "test_b_ok.py").write_text("def test_one():\n    pass\n")
+    command = [sys.executable, "-m", "pytest", "-x", "-rs", "-p", "no:cacheprovider",
+               "-p", "benchmarks.pytest_missing_packages", str(tests)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout
+    assert "1 passed, 1 skipped" in run.stdout and "DALI is not installed" in run.stdout
+    (tests / "test_c_broken.py").write_text("import a_dependency_that_is_not_there\n")
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "1 error" in run.stdout
 
 
 def _results(tmp_path: Path, *, dali: bool, failures: bool = False) -> Path:

@@ -131,7 +131,7 @@ def bench_device_augment(cfg, device: torch.device, folder: Optional[Path], args
         rec["note"] = "random pixels (no photographs available)"
     x = torch.from_numpy(crops).to(device)
     aug = cfg.data.augment
-    views = [BatchedViewAugment(spec, aug.mean, aug.std, size).to(device) for spec in (aug.view1, aug.view2)]
+    views = [BatchedViewAugment(spec, aug.mean, aug.std, size, color_ops=aug.color_ops).to(device) for spec in (aug.view1, aug.view2)]
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     common.reset_peak_memory(device)
     secs = common.time_repeats(lambda: [v(x, gen) for v in views], device, warmup=args.loader_warmup,

@@ -282,7 +282,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
 
         from pipeline.device_augment import BatchedViewAugment
         self.device_augment = device_augment
-        self._augment = [BatchedViewAugment(spec, aug.mean, aug.std, size).to(ctx.device)
+        self._augment = [BatchedViewAugment(spec, aug.mean, aug.std, size, color_ops=aug.color_ops).to(ctx.device)
                          for spec in (aug.view1, aug.view2)]
         self._mean = torch.tensor(aug.mean, dtype=torch.float32, device=ctx.device).view(1, 3, 1, 1)
         self._std = torch.tensor(aug.std, dtype=torch.float32, device=ctx.device).view(1, 3, 1, 1)

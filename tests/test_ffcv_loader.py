@@ -388,10 +388,13 @@ def test_an_index_field_that_is_not_a_permutation_is_refused(tmp_path: Path) -> 
 
 def test_image_size_above_every_stored_side_is_refused(beton: Path) -> None:
     cfg = DataConfig(backend="ffcv", path=str(beton), image_size=MAX_SIDE + 1)
+    cfg.augment.color_ops = "torchvision"
     with pytest.raises(DataError, match=rf"data.image_size={MAX_SIDE + 1} .* \(largest side {MAX_SIDE} px\).* at most "
                                         rf"{MAX_SIDE}.*--max-side"):
         FfcvTwoViewLoader(cfg, LoaderContext(batch_size=BATCH))
-    FfcvTwoViewLoader(dataclasses.replace(cfg, image_size=MAX_SIDE), LoaderContext(batch_size=BATCH)).close()
+    ld = FfcvTwoViewLoader(dataclasses.replace(cfg, image_size=MAX_SIDE), LoaderContext(batch_size=BATCH))
+    assert [a.color_ops for a in ld._augment] == ["torchvision", "torchvision"]   # the device augmentation's maths
+    ld.close()
 
 
 def test_upsampling_warns_and_torch_threads_are_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -171,9 +171,9 @@ else
     echo "   pytest-timeout is not installed: the GPU tests run without a per-test timeout" | tee -a "$LOG"
 fi
 part smoke      60 "$PY" -m benchmarks.smoke --out "$RES/smoke.json" --device "$DEVICE" --work "$DATA/smoke"
-# -p benchmarks.pytest_missing_packages: a test module that needs a package not installed is skipped (not a collection
-# error, which would end the -x session before the other package's tests)
-part gpu-tests 140 "$PY" -m pytest -v -x -rA -p no:cacheprovider -p benchmarks.pytest_missing_packages -m gpu \
+# -p benchmarks.pytest_gpu_suite: a test module that needs a package not installed is skipped (not a collection
+# error, which would end the -x session before the other package's tests); the cap's SIGINT still gets the report
+part gpu-tests 140 "$PY" -m pytest -v -x -rA -p no:cacheprovider -p benchmarks.pytest_gpu_suite -m gpu \
     ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} --junitxml="$RES/gpu-tests.xml" -o junit_logging=system-out "${TESTS[@]}"
 part e2e       100 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 10 --repeats 2
 part loader     60 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 10

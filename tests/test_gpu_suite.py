@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +104,7 @@ def test_a_module_that_needs_a_missing_package_is_skipped_not_a_collection_error
                                                "def test_x():\n    pass\n")
     (tests / "test_b_ok.py").write_text("def test_one():\n    pass\n")
     command = [sys.executable, "-m", "pytest", "-x", "-rs", "-p", "no:cacheprovider",
-               "-p", "benchmarks.pytest_missing_packages", str(tests)]
+               "-p", "benchmarks.pytest_gpu_suite", str(tests)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout
@@ -110,6 +112,30 @@ def test_a_module_that_needs_a_missing_package_is_skipped_not_a_collection_error
     (tests / "test_c_broken.py").write_text("import a_dependency_that_is_not_there\n")
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "1 error" in run.stdout
+
+
+def test_the_caps_sigint_still_gets_the_junit_report(tmp_path):
+    """pytest started with SIGINT ignored (as in a background job of a non-interactive shell), sent SIGINT in the
+    middle of a test: with the suite's plugin it stops there and still writes its report."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                           "def test_slow():\n    time.sleep(60)\n")
+    xml = tmp_path / "report.xml"
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "benchmarks.pytest_gpu_suite",
+         f"--junitxml={xml}", "test_slow.py"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    seen = []
+    for line in proc.stdout:   # test_fast's result line: test_slow starts right after it
+        seen.append(line)
+        if "test_fast PASSED" in line:
+            break
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out = "".join(seen) + proc.communicate(timeout=30)[0]
+    assert time.monotonic() - t0 < 20 and "KeyboardInterrupt" in out, out
+    assert xml.is_file() and 'name="test_fast"' in xml.read_text()
 
 
 def _results(tmp_path: Path, *, dali: bool, failures: bool = False) -> Path:

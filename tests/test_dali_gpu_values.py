@@ -3,12 +3,13 @@
 Every random parameter of the DALI augmentation is a per-sample value drawn on the CPU and handed to a GPU op (an
 argument input, or a regular input copied to the device: see `test_dali_gpu_graph.py`). These tests feed those
 values, sample by sample, and compare the GPU's pixels with the CPU's:
-  - `per_sample_ops`: each op with a per-sample draw (brightness, contrast and its per-image grey mean, saturation,
-    the exact hue, `fn.hsv`'s hue, the blur's sigma and window, the flip inside the normalisation, the crop window of
-    the resize), applied in one pipeline to CPU images and to the same images on the GPU: both get the very same
-    draw nodes. On the CPU (in CI) each sample is also checked against torchvision with its own draw (all but
-    `fn.hsv`'s hue, which has no torchvision twin), which checks that the draws are read back and applied sample by
-    sample.
+  - `per_sample_ops`: each op with a per-sample draw, applied in one pipeline to CPU images and to the same images
+    on the GPU, so that both get the very same draw nodes: the default maths (`color_ops=deepmind`: brightness delta,
+    per-channel contrast with its per-image means, HSV saturation), torchvision's (brightness factor, contrast with its
+    grey mean, saturation), the exact hue, `fn.hsv`'s hue, the blur's sigma and window, the flip inside the
+    normalisation, the crop window of the resize. On the CPU (in CI) each sample is also checked against torchvision's
+    op, or `pipeline.device_augment`'s for the default maths, with its own draw (all but `fn.hsv`'s hue, which has no
+    twin), which checks that the draws are read back and applied sample by sample.
   - `twin_views`: the loader's graph (`dali_loader.two_view_pipeline`: `crop_window`, `resize_window`, `augment_view`
     for both views, the debug draws) on CPU-decoded images, built twice with one seed: on the CPU, and with the decoded
     images moved to the GPU. DALI seeds its random operators in the order they are added, and the two graphs hold the
@@ -25,8 +26,10 @@ Tolerances, in grey levels (views are compared after undoing their normalisation
     one-level difference early in the chain can grow through contrast (up to 1.4x), saturation and blur, and the
     exact hue and solarisation are steep on some pixels. `test_twin_tolerance_covers_one_level_of_noise` measures that
     on the CPU, giving one twin's crops a deterministic +-1 level on two pixels in three (harsher than rounding):
-    worst sample mean 0.71, 99.9th percentile 3, max 5; the bounds are twice that. A single wrong per-sample factor
-    moves its sample by 10-25 grey levels on average (contrast 0.8 vs 1.2, a hue shift of 0.1, brightness 1.2 vs 1).
+    worst sample mean 0.71, 99.9th percentile 3, max 5 (the default maths); the bounds are twice that. A wrong
+    per-sample factor moves its sample's mean by more: on these photographs a contrast of 0.8 instead of 1.2 by 3-25
+    grey levels, a brightness delta of 0.1 by 21-26, a hue shift of 0.1 by 6-31 on the colour ones (grey images have
+    no hue to shift).
   - the loader (`mixed` vs CPU decoding): each sample's mean < 4 grey levels: nvJPEG and libjpeg-turbo decode the same
     JPEG a little differently (chroma upsampling, the IDCT), by about a grey level on average before the augmentation.
 No GPU has run these yet: each GPU test prints what it measured (the suite keeps that output with `-rA`).
@@ -54,7 +57,8 @@ from pipeline.dali_loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeli
 SIZE = 32
 BATCH = 8
 SEED = 3
-OPS = ("brightness", "contrast", "saturation", "hue", "hsv_hue", "blur", "flip", "crop")
+OPS = ("brightness", "contrast", "saturation", "hue", "hsv_hue", "blur", "flip", "crop", "brightness_shift",
+       "channel_contrast", "hsv_saturation")
 TWIN_MEAN, TWIN_P999, TWIN_MAX = 1.5, 6.0, 12.0
 LOADER_MEAN = 4.0
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -103,6 +107,7 @@ def ops_graph(files: list[str], gpu: bool) -> Callable[[], dict]:
              "sigma": fn.random.uniform(range=[0.1, 2.0]),
              "mirror": fn.random.coin_flip(probability=0.5, dtype=types.INT32)}
         d["anchor"], d["shape"] = A.crop_window(fn.peek_image_shape(jpegs), ViewSpec())
+        d["delta"] = fn.random.uniform(range=[-0.4, 0.4])
         nodes = {"image": img, "full": full}
         for where in ("cpu", "gpu") if gpu else ("cpu",):
             x, whole = (img.gpu(), full.gpu()) if where == "gpu" else (img, full)
@@ -116,6 +121,10 @@ def ops_graph(files: list[str], gpu: bool) -> Callable[[], dict]:
                 f"{where}/flip": fn.crop_mirror_normalize(x, mirror=d["mirror"], dtype=types.UINT8,
                                                           output_layout="HWC"),
                 f"{where}/crop": A.resize_window(whole, d["anchor"], d["shape"], SIZE),
+                # the default maths (color_ops=deepmind): a brightness delta, per-channel contrast, HSV saturation
+                f"{where}/brightness_shift": fn.brightness_contrast(x, brightness_shift=d["delta"]),
+                f"{where}/channel_contrast": A.channel_contrast(x, d["c"]),
+                f"{where}/hsv_saturation": A.hsv_saturation(x, d["s"]),
             })
         nodes.update({f"draw/{k}": v for k, v in d.items()})
         return nodes
@@ -143,7 +152,8 @@ def twin_graph(files: list[str], gpu: bool, noise: bool = False) -> Callable[[],
                 x = fn.cast(cropped, dtype=types.INT16)
                 cropped = fn.cast(dmath.clamp(x + x % 3 - 1, 0, 255), dtype=types.UINT8)
             drawn: dict = {}
-            views.append(A.augment_view(cropped, spec, SIZE, aug.mean, aug.std, types.FLOAT, drawn, True, 0))
+            views.append(A.augment_view(cropped, spec, SIZE, aug.mean, aug.std, types.FLOAT, drawn, True, 0,
+                                        aug.color_ops))
             drawn.update(crop_anchor=anchor, crop_shape=shape)
             draws.extend(drawn[k] for k in DEBUG_DRAWS)
         names = ["view1", "view2", "index"] + [f"view{v}/{k}" for v in (1, 2) for k in DEBUG_DRAWS] + ["image_shape"]
@@ -217,6 +227,8 @@ def test_per_sample_ops_match_torchvision_sample_by_sample(files):
     """The CPU side of the GPU comparison: each sample's output is torchvision's op with that sample's own draw."""
     import torchvision.transforms.v2.functional as F
 
+    from pipeline import device_augment as D
+
     out = run(ops_graph(files, gpu=False), gpu=False)
     assert_draws_vary(out)
     d = {k[5:]: [np.asarray(v).reshape(-1) for v in vals] for k, vals in out.items() if k.startswith("draw/")}
@@ -227,6 +239,10 @@ def test_per_sample_ops_match_torchvision_sample_by_sample(files):
         "hue": lambda x, i: F.adjust_hue(x, float(d["h"][i][0])),
         "blur": lambda x, i: F.gaussian_blur(x, [23, 23], [float(d["sigma"][i][0])] * 2),
         "flip": lambda x, i: x.flip(-1) if d["mirror"][i][0] else x,
+        # the default maths against the batched torch ops of pipeline.device_augment (one sample each)
+        "brightness_shift": lambda x, i: D.add_brightness(x[None], torch.tensor([float(d["delta"][i][0])]))[0],
+        "channel_contrast": lambda x, i: D.channel_contrast(x[None], torch.tensor([float(d["c"][i][0])]))[0],
+        "hsv_saturation": lambda x, i: D.hsv_saturation(x[None], torch.tensor([float(d["s"][i][0])]))[0],
     }
     for i in range(BATCH):
         img = torch.from_numpy(out["image"][i]).permute(2, 0, 1).float() / 255

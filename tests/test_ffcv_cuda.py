@@ -85,7 +85,8 @@ def replay(crops: list[tuple[torch.Tensor, torch.Tensor]], ctx: LoaderContext, d
     makes them (one generator re-seeded per batch, view 1's draws then view 2's), applied on the CPU by the reference
     `apply`; also the draws, per batch and view."""
     aug = AugmentConfig()
-    refs = [BatchedViewAugment(spec, aug.mean, aug.std, SIZE) for spec in (aug.view1, aug.view2)]
+    refs = [BatchedViewAugment(spec, aug.mean, aug.std, SIZE, color_ops=aug.color_ops)   # as the loader builds them
+            for spec in (aug.view1, aug.view2)]
     gen = torch.Generator(device=device)
     out = []
     for b, pair in enumerate(crops):

@@ -1,4 +1,4 @@
-"""The `byol` command: train, eval, export, convert, bench, profile, demo, demo-data.
+"""The `byol` command: train, eval, export, convert, bench, profile, tune, demo, demo-data.
 
 A user mistake (bad config key, missing data, unusable checkpoint) ends with one line `byol: error: ...` and exit
 status 2; a numerical failure with status 1; a preemption with status 75 after its checkpoint is written.
@@ -15,11 +15,42 @@ from typing import Optional, Sequence
 log = logging.getLogger("byol")
 
 
-def _train(args: argparse.Namespace) -> int:
+def config_file_overrides(path: str) -> list[str]:
+    """The keys of a YAML config file as `section.key=value` overrides, each value written back as YAML (so it parses
+    to itself); sections merge key by key, as they do over the defaults. Same errors as `load_config`'s file."""
+    import yaml
+
+    from train.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} not found (presets are in configs/)")
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+
+    def flat(data: dict, prefix: str) -> list[str]:
+        return [o for k, v in data.items() for o in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else
+                                                        [f"{prefix}{k}={yaml.safe_dump(v, default_flow_style=True)}"])]
+    return flat(loaded or {}, "")
+
+
+def load_configs(paths: Optional[Sequence[str]], overrides: Sequence[str] = ()):
+    """`--config A.yaml --config B.yaml k=v`: the defaults, then A, then B (later files override earlier ones key by
+    key), then the `section.key=value` overrides; validated once, as `train.config.load_config` does."""
     from train.config import load_config
+
+    paths = list(paths or [])
+    later = [o for p in paths[1:] for o in config_file_overrides(p)]
+    return load_config(paths[0] if paths else None, [*later, *overrides])
+
+
+def _train(args: argparse.Namespace) -> int:
     from train.loop import train
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = load_configs(args.config, list(args.overrides))
     if args.resume:   # a path is taken as it is (as an override it would be read as YAML: '#', numbers...)
         cfg.train.resume = args.resume
     summary = train(cfg)
@@ -102,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="pretrain BYOL (one process, or many under torchrun)")
-    t.add_argument("--config", help="a YAML preset (configs/*.yaml)")
+    t.add_argument("--config", action="append", help="a YAML preset (configs/*.yaml); given again (e.g. a `byol tune` "
+                   "output), later files override earlier ones, and section.key=value overrides all files")
     t.add_argument("--resume", help="'auto' (newest valid checkpoint in train.out_dir) or a checkpoint path")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=_train)
@@ -140,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_convert)
 
     for name, module, text in (("bench", "benchmarks.bench", "images/sec: loader-only, model-only, end-to-end, EMA"),
-                               ("profile", "benchmarks.profile", "torch.profiler trace + bottleneck report")):
+                               ("profile", "benchmarks.profile", "torch.profiler trace + bottleneck report"),
+                               ("tune", "benchmarks.tune", "the fastest loader settings for this machine, as a YAML")):
         b = sub.add_parser(name, help=text, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(func=_forward(module))
@@ -167,10 +200,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("bench", "profile"):
+    if argv and argv[0] in ("bench", "profile", "tune"):
         # Their own parsers take every argument (argparse's REMAINDER refuses a first one starting with `-`).
-        args = argparse.Namespace(command=argv[0], rest=argv[1:],
-                                  func=_forward(f"benchmarks.{'bench' if argv[0] == 'bench' else 'profile'}"))
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=_forward(f"benchmarks.{argv[0]}"))
     else:
         args = build_parser().parse_args(argv)
     if args.command == "convert" and args.workers == 0:

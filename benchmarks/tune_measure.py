@@ -1,0 +1,121 @@
+"""The measurements behind `byol tune` (`benchmarks.tune`): the loader alone and the training step it feeds, on the
+config's own data and model, each setting a validated copy of the config."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Optional
+
+from benchmarks import common
+from benchmarks.tune_search import TrialTimeout, with_settings
+
+
+class RealMeasure:
+    """`Measure` on `cfg`'s data and model: the loader alone with `common.time_epochs` (read-ahead drained first), or
+    the trainer's own step fed by the loader, timed per stage with `byol profile`'s `StageTimer`."""
+
+    def __init__(self, cfg, max_steps: int = 12):
+        from train.distributed import resolve_device
+
+        self.cfg, self.max_steps = cfg, max_steps
+        self.device = resolve_device(cfg.train.device)
+
+    def __call__(self, kind: str, settings: dict, cap: float) -> dict:
+        cfg = with_settings(self.cfg, settings)
+        common.free_memory(self.device)
+        common.reset_peak_memory(self.device)
+        fields = (self.loader_only if kind == "loader" else self.end_to_end)(cfg, time.monotonic() + 0.8 * cap)
+        return {**fields, "peak_mem_mb": round(common.peak_memory_mb(self.device))}
+
+    def loader_only(self, cfg, soft_end: float) -> dict:
+        from pipeline import LoaderContext, build_two_view_loader
+        from train.runtime import DTYPES, resolve_precision
+
+        ctx = LoaderContext(device=self.device, dtype=DTYPES[resolve_precision(cfg.train.precision, self.device)],
+                            batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                            channels_last=cfg.model.channels_last)
+        loader = build_two_view_loader(cfg.data, ctx)
+        stamps: list[float] = []   # when each batch arrived: what is left of a trial cut at its cap
+        try:
+            steps = max(2, min(self.max_steps, len(loader) - 1 - loader.read_ahead))
+            secs, first = common.time_epochs(loader, lambda batch: stamps.append(time.perf_counter()), self.device,
+                                             warmup=1, steps=steps, repeats=1,
+                                             budget_s=max(0.5, 0.5 * (soft_end - time.monotonic())))
+            return {"images_per_sec": ctx.batch_size / common.median(secs), "first_batch_s": round(first, 2)}
+        except TrialTimeout:
+            timed = stamps[1 + loader.read_ahead:]
+            if len(timed) < 3:
+                raise
+            return {"images_per_sec": ctx.batch_size * (len(timed) - 1) / (timed[-1] - timed[0]),
+                    "note": f"cut at its cap after {len(timed) - 1} timed batches"}
+        finally:
+            loader.close()
+
+    def end_to_end(self, cfg, soft_end: float) -> dict:
+        from benchmarks.profile import StageTimer, endless_batches, run_facts
+        from benchmarks.report import build_report
+        from train.loop import Trainer
+
+        trainer = Trainer(cfg)
+        it = endless_batches(trainer.loader)
+        try:
+            trainer.model.train()
+            timer, step = StageTimer(trainer.device), 0
+
+            def one_step() -> float:
+                nonlocal step
+                t0 = time.perf_counter()
+                with timer("data_wait"):
+                    batch = next(it)
+                trainer.train_step(batch, step, stage=timer)
+                common.sync(trainer.device)
+                step += 1
+                return time.perf_counter() - t0
+
+            first = one_step()   # start-up: workers, pipeline build, kernels
+            for _ in range(trainer.loader.read_ahead):   # the batches prepared while nobody counted
+                next(it)
+            step_s = one_step()
+            n = max(1, min(self.max_steps, int((soft_end - time.monotonic()) / step_s)))
+            timer.reset()
+            per_step: list[float] = []
+            stages: dict[str, float] = {}   # the stage times of the complete steps
+            note = ""
+            try:
+                for _ in range(n):
+                    per_step.append(one_step())
+                    stages = dict(timer.seconds)
+                    if time.monotonic() > soft_end and len(per_step) >= 2:
+                        break
+            except TrialTimeout:
+                if not per_step:
+                    raise
+                note = f"cut at its cap after {len(per_step)} timed steps"
+            facts = run_facts(trainer, peak_mem_mb=common.peak_memory_mb(trainer.device))
+            facts.stored_max_side = facts.stored_max_side or stored_max_side(cfg.data.path)
+            stats = {k: v for k, v in trainer.loader.stats().items() if isinstance(v, (int, float, str, bool))}
+            report = build_report(stages, len(per_step), facts, stats)
+            return {"images_per_sec": trainer.loader.ctx.batch_size / common.median(per_step),
+                    "data_wait_share": report["data_wait_share"], "first_step_s": round(first, 2), "note": note,
+                    "report": {k: report[k] for k in ("bound", "summary", "advice", "stage_shares", "facts")}}
+        finally:
+            it.close()
+            trainer.loader.close()
+
+
+def stored_max_side(path: str, sample: int = 16) -> Optional[int]:
+    """The longer side of a few images of an ImageFolder tree (headers only), for the report's size advice."""
+    from PIL import Image
+
+    files = []
+    with contextlib.suppress(OSError):
+        for root, _, names in os.walk(path):
+            files += [os.path.join(root, n) for n in names if n.lower().endswith((".jpg", ".jpeg", ".png"))][:2]
+            if len(files) >= sample:
+                break
+    sides = []
+    for f in files:
+        with contextlib.suppress(OSError), Image.open(f) as img:
+            sides.append(max(img.size))
+    return max(sides) if sides else None

@@ -1,0 +1,307 @@
+"""The search behind `byol tune` (`benchmarks.tune`): which settings to try, in what order, within a hard budget.
+
+A small search, not a grid:
+  1. the verdict: training steps of the config as given, fed by its own loader, timed per stage (`byol profile`'s
+     stage timer and bottleneck report): input-bound or compute-bound;
+  2. the loader alone (`byol bench`'s timing: the loader's read-ahead is drained before the clock starts), from the
+     config's settings and from a start at the machine's core count for each backend that can read the data, then one
+     setting at a time in the order they matter (parallelism first). Numbers are climbed from the start, first in the
+     direction the verdict favours (more threads when input-bound; fewer when compute-bound on a CPU, where the
+     loader shares the cores with the model), while they keep improving;
+  3. training steps again, fed by the best loader settings.
+A setting replaces the config's only when it is no slower on either measure (within `NOISE`) and faster on one of
+them by more than `NOISE`, so a slow setting is never chosen. Each trial is capped (SIGALRM) so that the whole
+search fits the budget; a trial that raises is recorded with its error and skipped. Pure logic over a `Measure`
+function (`benchmarks.tune_measure.RealMeasure` times the real loaders and trainer), so it is tested without them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from benchmarks import common
+
+log = logging.getLogger(__name__)
+
+NOISE = 0.05                # rates within 5 % are the same rate on a machine shared with other work
+E2E_SHARE = 0.2             # the longest training trial, as a share of the budget
+LOADER_SHARE = 0.06         # the longest loader trial (at least MIN_LOADER_S)
+MIN_LOADER_S = 3.0
+RESERVE_SHARE = 0.04        # kept for writing the results and closing the loaders (at least 1 s)
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class TrialTimeout(Exception):
+    """A trial ran past its cap."""
+
+
+@contextlib.contextmanager
+def hard_deadline(seconds: float) -> Iterator[None]:
+    """Raise `TrialTimeout` in the block after `seconds` (SIGALRM; only in the main thread, elsewhere a no-op).
+    Code inside C (a numba compile, a DALI build) is interrupted when it returns to Python."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TrialTimeout(f"stopped at its cap of {seconds:.1f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --- what is searched ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Knob:
+    """One setting: its config key, the candidate values, whether they are ordered numbers (climbed) or choices
+    (each tried), and `when` = (key, value) that must hold for the knob to matter."""
+
+    key: str
+    values: tuple
+    numeric: bool = False
+    when: Optional[tuple[str, Any]] = None
+
+
+def knobs(backend: str, device_type: str, cores: int) -> list[Knob]:
+    """The settings that matter for `backend`, parallelism first."""
+    ladder = tuple(sorted({v for v in LADDER if v <= 2 * cores} | {cores}))
+    gpu = device_type == "cuda"
+    table = {
+        "torch": [Knob("data.num_workers", ladder, True)],   # not 0: loading in the training process never overlaps
+        "dali": [Knob("data.dali.num_threads", ladder, True)]
+        + ([Knob("data.dali.decoder", ("mixed", "cpu")),
+            Knob("data.dali.hw_decoder_load", (0.0, 0.25, 0.5, 0.65, 0.8, 1.0), True, ("data.dali.decoder", "mixed"))]
+           if gpu else [])
+        + [Knob("data.dali.random_crop_decoder", (False, True)),
+           Knob("data.dali.prefetch_queue_depth", (1, 2, 3, 4, 6), True)],
+        "ffcv": [Knob("data.num_workers", ladder, True), Knob("data.ffcv.batches_ahead", (1, 2, 3, 4, 6, 8), True),
+                 Knob("data.ffcv.os_cache", (True, False)), Knob("data.ffcv.order", ("random", "quasi_random"))],
+    }
+    return table.get(backend, [])
+
+
+def data_backends(path: str, backend: str) -> list[str]:
+    """The backends that can read `path` (the config's backend first): a `.beton` (or a folder holding one) -> ffcv;
+    `byol convert` shards -> dali; an ImageFolder tree -> torch and dali. Packages not installed are left out."""
+    import importlib.util
+
+    if backend == "synthetic":
+        return ["synthetic"]
+    p = Path(path)
+    found = []
+    if p.suffix == ".beton" or any((p / rel).is_file() for rel in ("ffcv/train.beton", "train.beton")):
+        found.append("ffcv")
+    if any((p / rel).is_file() for rel in ("manifest.json", "dali/manifest.json")):
+        found.append("dali")
+    elif not found and p.is_dir():
+        found += ["torch", "dali"]
+    modules = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+    found = [b for b in found if b not in modules or importlib.util.find_spec(modules[b]) is not None]
+    return [backend] + [b for b in found if b != backend]
+
+
+def get(cfg, key: str) -> Any:
+    return reduce(getattr, key.split("."), cfg)
+
+
+def with_settings(cfg, settings: dict):
+    """A validated copy of `cfg` with the dotted `settings` applied."""
+    from train.config import validate
+
+    new = copy.deepcopy(cfg)
+    for key, value in settings.items():
+        *parents, name = key.split(".")
+        setattr(reduce(getattr, parents, new), name, value)
+    validate(new)
+    return new
+
+
+def label(settings: dict) -> str:
+    return " ".join(f"{k.removeprefix('data.')}={v}" for k, v in settings.items())
+
+
+# --- the search ----------------------------------------------------------------------------------------------------
+Measure = Callable[[str, dict, float], dict]   # (kind "loader" | "e2e", settings, cap in s) -> measured fields
+
+
+class Tuner:
+    """The search over a `measure` function, within `budget_s` seconds counted from `start` on `clock`.
+
+    Args:
+        measure: times one setting; returns `images_per_sec` (and for `e2e` `data_wait_share`, `peak_mem_mb`,
+            `report`); raises when the setting fails. It is called under a hard deadline of its cap.
+        cores: CPU cores available to the loader; device_type: `cpu` or `cuda`.
+        on_trial: called with each record (the progress bar).
+    """
+
+    def __init__(self, measure: Measure, budget_s: float, cores: int, device_type: str = "cpu",
+                 start: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                 on_trial: Callable[[dict], None] = lambda rec: None):
+        self.measure, self.budget, self.cores, self.device_type = measure, budget_s, cores, device_type
+        self.clock, self.on_trial = clock, on_trial
+        self.start = clock() if start is None else start
+        self.reserve = max(1.0, RESERVE_SHARE * budget_s)
+        self.loader_cap = max(MIN_LOADER_S, LOADER_SHARE * budget_s)
+        self.e2e_cap = E2E_SHARE * budget_s
+        self.loader_end = budget_s
+        self.e2e_cost = 0.0         # seconds the config's own training trial took
+        self.trials: list[dict] = []
+
+    def left(self) -> float:
+        return self.budget - self.reserve - (self.clock() - self.start)
+
+    def trial(self, kind: str, settings: dict, cap: float) -> Optional[dict]:
+        """The record of `settings` (measured once per kind), or None when the budget leaves no time for it."""
+        for rec in self.trials:
+            if rec["kind"] == kind and rec["settings"] == settings:
+                return rec
+        cap = min(cap, self.left())
+        if cap < (1.0 if kind == "loader" else max(2.0, 0.5 * self.e2e_cost)) * min(1.0, self.budget / 60):
+            return None   # too short to measure anything
+        rec = {"kind": kind, "settings": dict(settings), "label": label(settings), "images_per_sec": None,
+               "data_wait_share": None, "peak_mem_mb": None, "cap_s": round(cap, 1)}
+        t0 = self.clock()
+        try:
+            with hard_deadline(cap):
+                rec.update(self.measure(kind, dict(settings), cap))
+        except Exception as err:  # a failing setting is recorded and skipped, never fatal
+            log.info("%s %s: %s: %s", kind, rec["label"], type(err).__name__, err)
+            rec.update(common.error_fields(err))
+        rec["seconds"] = round(self.clock() - t0, 2)
+        self.trials.append(rec)
+        self.on_trial(rec)
+        return rec
+
+    def rate(self, kind: str, settings: dict) -> Optional[float]:
+        rec = next((r for r in self.trials if r["kind"] == kind and r["settings"] == settings), None)
+        return rec["images_per_sec"] if rec and not rec.get("error") and rec["images_per_sec"] else None
+
+    def loader(self, settings: dict) -> Optional[float]:
+        """Loader-only images/s of `settings` (None: failed, or no time left in the loader phase)."""
+        if self.clock() - self.start >= self.loader_end:
+            return None
+        rec = self.trial("loader", settings, self.loader_cap)
+        return self.rate("loader", settings) if rec else None
+
+    def start_point(self, backend: str, preset: dict, cfg) -> dict:
+        """The config's values of the backend's knobs, parallelism at the core count, DALI decoding on the CPU
+        where there is no GPU."""
+        point = {"data.backend": backend}
+        for knob in knobs(backend, self.device_type, self.cores):
+            point[knob.key] = preset.get(knob.key, get(cfg, knob.key))
+        if backend == "dali" and self.device_type != "cuda":
+            point["data.dali.decoder"] = "cpu"
+        if len(point) > 1:
+            point[knobs(backend, self.device_type, self.cores)[0].key] = self.cores
+        return point
+
+    def climb(self, point: dict, knob: Knob, up_first: bool) -> dict:
+        """Move `knob` one rung at a time from `point`'s value while the loader gets faster by more than NOISE."""
+        values = sorted(set(knob.values) | {point[knob.key]})
+        best = self.loader(point)
+        for step in ((1, -1) if up_first else (-1, 1)):
+            i, moved = values.index(point[knob.key]) + step, False
+            while 0 <= i < len(values):
+                trial = {**point, knob.key: values[i]}
+                rate = self.loader(trial)
+                if rate is None or (best is not None and rate <= best * (1 + NOISE)):
+                    break
+                point, best, moved, i = trial, rate, True, i + step
+            if moved:
+                break
+        return point
+
+    def descend(self, point: dict, input_bound: bool) -> dict:
+        """One setting at a time from `point`, keeping each change that makes the loader faster."""
+        for i, knob in enumerate(knobs(point["data.backend"], self.device_type, self.cores)):
+            if knob.when and point.get(knob.when[0]) != knob.when[1]:
+                continue
+            if knob.numeric:   # the first knob is the parallelism
+                point = self.climb(point, knob, up_first=input_bound or self.device_type == "cuda" or i > 0)
+                continue
+            for value in knob.values:
+                best, rate = self.loader(point), self.loader({**point, knob.key: value})
+                if rate is not None and (best is None or rate > best * (1 + NOISE)):
+                    point = {**point, knob.key: value}
+        return point
+
+    def run(self, preset: dict, cfg, backends: Sequence[str]) -> dict:
+        """Search from the `preset` settings of `cfg` over `backends`; returns the winner's settings."""
+        base = self.trial("e2e", preset, self.e2e_cap)
+        bound = ((base or {}).get("report") or {}).get("bound", "input-bound")   # unknown: the loader may matter
+        self.e2e_cost = min(base["seconds"] if base and not base.get("error") else self.e2e_cap, self.e2e_cap)
+        self.loader_end = self.budget - self.reserve - 2 * self.e2e_cost   # room for two finalists
+        self.loader(preset)
+        for b in backends:
+            self.loader(self.start_point(b, preset, cfg))
+        best_of = {b: max((r["images_per_sec"] for r in self.ok("loader") if r["settings"]["data.backend"] == b),
+                          default=0.0) for b in backends}
+        ranked = sorted(backends, key=lambda b: -best_of[b])
+        for i, b in enumerate(ranked):
+            if i and best_of[b] < 0.7 * best_of[ranked[0]] or not best_of[b]:
+                continue
+            top = max((r for r in self.ok("loader") if r["settings"]["data.backend"] == b),
+                      key=lambda r: r["images_per_sec"])
+            self.descend(dict(top["settings"]), bound == "input-bound")
+        for settings in self.finalists(preset, bound, base):
+            self.trial("e2e", settings, self.e2e_cap)
+        return self.choose(preset)
+
+    def ok(self, kind: str) -> list[dict]:
+        return [r for r in self.trials if r["kind"] == kind and not r.get("error") and r["images_per_sec"]]
+
+    def finalists(self, preset: dict, bound: str, base: Optional[dict]) -> list[dict]:
+        """Loader settings worth training steps: the fastest, and on a compute-bound CPU run the lightest one that
+        is no slower than the preset's (it leaves the model the most cores), then the second fastest."""
+        floor = (self.rate("loader", preset) or 0.0) * (1 - NOISE)
+        pool = sorted((r for r in self.ok("loader") if r["settings"] != preset and r["images_per_sec"] >= floor),
+                      key=lambda r: -r["images_per_sec"])
+        out = pool[:1]
+        if bound == "compute-bound" and self.device_type == "cpu" and pool:
+            def parallelism(r: dict) -> int:
+                first = knobs(r["settings"]["data.backend"], self.device_type, self.cores)
+                return r["settings"].get(first[0].key, 0) if first else 0
+            out.append(min(pool, key=lambda r: (parallelism(r), -r["images_per_sec"])))
+        out += pool[1:2]
+        seen: list[dict] = []
+        return [s for s in (r["settings"] for r in out) if not (s in seen or seen.append(s))]
+
+    def choose(self, preset: dict) -> dict:
+        """The winner: the preset unless a setting is no slower on either measure and faster on one."""
+        loader_rate = {label(r["settings"]): r["images_per_sec"] for r in self.ok("loader")}
+        e2e_rate = {label(r["settings"]): r["images_per_sec"] for r in self.ok("e2e")}
+        settings = {label(r["settings"]): r["settings"] for r in self.trials}
+        p = label(preset)
+        l0, e0 = loader_rate.get(p), e2e_rate.get(p)
+
+        def eligible(k: str) -> bool:
+            if k == p:
+                return True
+            lr, er = loader_rate.get(k), e2e_rate.get(k)
+            if lr is None or (l0 is not None and lr < l0 * (1 - NOISE)):
+                return False
+            if er is not None and e0 is not None and er < e0 * (1 - NOISE):
+                return False
+            return l0 is None or lr > l0 * (1 + NOISE) or (er is not None and e0 is not None and er > e0 * (1 + NOISE))
+
+        pool = [k for k in settings if eligible(k)]
+        if any(k in e2e_rate for k in pool if k != p):   # trained with: rank by training speed, ties by the loader
+            pool = [k for k in pool if k in e2e_rate]
+            top = max(e2e_rate[k] for k in pool)
+            pool = [k for k in pool if e2e_rate[k] >= top * (1 - NOISE)]
+        return settings[max(pool, key=lambda k: (loader_rate.get(k) or 0.0, k == p))]
+
+

@@ -135,3 +135,14 @@ def test_global_batchnorm_alone_is_torchs_batchnorm(momentum):
         assert torch.allclose(ours(x), ref(x), atol=1e-6)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.allclose(getattr(ours, name).float(), getattr(ref, name).float(), atol=1e-6), name
+
+
+def test_effective_rank_counts_the_spread_dimensions():
+    from train.evaluate import effective_rank
+    g = torch.Generator().manual_seed(0)
+    iso = torch.randn(4000, 16, generator=g)
+    assert 15.0 < effective_rank(iso) <= 16.0                       # spread evenly over 16 dims
+    line = torch.randn(500, 1, generator=g) * torch.randn(1, 16, generator=g)
+    assert effective_rank(line) < 1.01                              # every sample on one line
+    two = iso[:, :2] @ torch.randn(2, 16, generator=g)
+    assert 1.2 < effective_rank(two) < 2.01                         # a plane: at most 2

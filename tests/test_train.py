@@ -332,6 +332,7 @@ def test_knn_and_linear_monitor_during_training(tmp_path, digits16):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scores = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in scores] == [2] and 0 <= scores[0]["linear_top1"] <= 1
+    assert 1.0 <= scores[0]["feature_rank"] <= 512                  # logged beside the kNN (ResNet-18: 512 dims)
     assert summary["images_per_sec"] > 0
     with pytest.raises(ConfigError, match="eval.data"):
         load_config(None, base)                                       # a monitor with nothing to evaluate on

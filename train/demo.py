@@ -117,6 +117,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: Optional[str] 
         f"  final BYOL loss        {summary['final_loss']:.4f} after {summary['steps']} steps",
         f"  kNN top-1 (k={cfg.eval.k[0]})     random init {summary['knn_top1_random_init']:.3f}  ->  BYOL "
         f"{summary['knn_top1_byol']:.3f}  (held-out digits)",
+        f"  feature rank           random init {knn_random['feature_rank']:.1f}  ->  BYOL "
+        f"{knn_byol['feature_rank']:.1f}  (effective rank of the encoder's features; falling = dimensional collapse)",
         f"  collapse check         std*sqrt(d) = {summary['collapse_std']:.3f} with the predictor, "
         f"{summary['ablation_no_predictor_collapse_std']:.3f} without (~1 spread, ->0 collapsed)",
         f"  wall time              {summary['seconds'] / 60:.1f} min",

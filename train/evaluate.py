@@ -117,6 +117,16 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
     return correct / test_f.shape[0]
 
 
+def effective_rank(features: torch.Tensor) -> float:
+    """exp(entropy) of the centred features' normalised spectrum (Roy & Vetterli, 2007): from 1 (every sample on
+    one line) to the feature dimension (spread evenly). A falling rank with a steady projection spread is the
+    encoder's dimensional collapse, which the projection's `collapse_std` does not see."""
+    s = torch.linalg.svdvals((features - features.mean(dim=0)).double())
+    p = s.square() / s.square().sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def linear_probe_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                       epochs: int = 100, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0) -> float:
     """Logistic regression on frozen features (standardised with the training statistics), full-batch Adam."""
@@ -153,6 +163,7 @@ def evaluate_encoder(encoder: nn.Module, cfg: EvalConfig, device: torch.device, 
     for k in cfg.k:
         result[f"knn_top1_k{k}"] = knn_top1(tr_f, tr_y, va_f, va_y, k, cfg.temperature)
     result["knn_top1"] = result[f"knn_top1_k{cfg.k[0]}"]
+    result["feature_rank"] = effective_rank(tr_f)
     if linear:
         result["linear_top1"] = linear_probe_top1(tr_f, tr_y, va_f, va_y, epochs=max(1, cfg.linear_epochs))
     return result
@@ -175,7 +186,7 @@ class KnnMonitor:
         except DataError as e:
             log.warning("kNN monitor skipped: %s", e)
             return {}
-        scores = {k: v for k, v in r.items() if k.startswith(("knn", "linear"))}
+        scores = {k: v for k, v in r.items() if k.startswith(("knn", "linear", "feature_rank"))}
         log.info("kNN monitor: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         return scores
 

@@ -1,17 +1,20 @@
-"""Seeded per-sample crop and flip inside FFCV's compiled pipeline.
+"""Seeded per-sample crops and flips of both views, from one decode per image, inside FFCV's compiled pipeline.
 
 FFCV 1.0.2 seeds only its sample order: its crop (`get_random_crop`) and flip draw from numba's per-thread
-`np.random`, which numba seeds from OS entropy. `SeededCropFlipDecoder` does the decode, the crop and the flip in one
-compiled loop and re-seeds numba's generator per sample from `(seed, rank, epoch, view, index)` right before its draws,
-`index` being the sample's global index, not its position in the beton (`byol convert` stores the samples shuffled):
-the draws do not depend on the storage order. `SeededEpochIterator` writes the epoch's seed into the decoder's buffer
-before FFCV's epoch thread starts, and each batch's global indices before that batch is decoded (compiled code cannot
-see a Python attribute change without a 13-31 s recompilation, and FFCV hands a decoder only the positions).
+`np.random`, which numba seeds from OS entropy. `TwoViewCropFlipDecoder` decodes each image once and cuts both views'
+crops and flips from it in one compiled loop, re-seeding numba's generator per view and sample from
+`(seed, rank, epoch, view, index)` right before its draws, `index` being the sample's global index, not its position
+in the beton (`byol convert` stores the samples shuffled): the draws do not depend on the storage order.
+`SeededEpochIterator` writes the epoch's seeds into the decoder's buffer before FFCV's epoch thread starts, and each
+batch's global indices before that batch is decoded (compiled code cannot see a Python attribute change without a
+13-31 s recompilation, and FFCV hands a decoder only the positions). `allocate_once` keeps FFCV's buffers from one
+epoch to the next.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
 
 import numba
 import numpy as np
@@ -36,6 +39,8 @@ with keep_torch_threads():
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.graph import Graph
+    from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
 
 from pipeline.sharding import mix_seed, rank_seed
@@ -91,28 +96,37 @@ def view_seed(seed: int, rank: int, epoch: int, view: int) -> int:
     return mix_seed(rank_seed(seed, rank), epoch, view)
 
 
-class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
-    """FFCV's decode + random resized crop, plus the horizontal flip, every draw seeded per sample.
+class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
+    """FFCV's decode + random resized crop, for both views at once: one decode per image, two seeded crops and flips.
 
     Args:
-        output_size: (height, width) of the crops.
-        scale, ratio: the crop's area fraction and aspect-ratio ranges (as `RandomResizedCropRGBImageDecoder`).
-        flip_p: probability of a horizontal flip.
+        output_size: (height, width) of the crops (both views).
+        views: per view, `(scale, ratio, flip_p)`: the crop's area fraction and aspect-ratio ranges (as
+            `RandomResizedCropRGBImageDecoder`) and the probability of a horizontal flip.
 
-    The decoder's third buffer holds, per batch slot, `(view seed, global index)` of each sample: the seed is written
-    before the epoch starts, the indices before each batch (`SeededEpochIterator`).
+    Each image is decoded once into a scratch buffer and both views are cut from it (decoding is most of the CPU
+    work). The views' draws are those of two separate seeded decoders: each re-seeds from its own view seed and the
+    sample's global index (`crop_flip_params`). The result is view-major, `(2, N, H, W, 3)` in the memory FFCV
+    allocates per sample as `(2, H, W, 3)`: each view's batch is one contiguous block, which `ViewOf` hands on
+    without a copy. The third buffer holds, per batch slot, `(view 1 seed, view 2 seed, global index)` of each
+    sample: the seeds are written before the epoch starts, the indices before each batch (`SeededEpochIterator`).
     """
 
-    def __init__(self, output_size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], flip_p: float):
-        super().__init__(output_size, scale=tuple(scale), ratio=tuple(ratio))
-        self.flip_p = float(flip_p)
+    def __init__(self, output_size: tuple[int, int], views: Sequence[tuple[Sequence[float], Sequence[float], float]]):
+        super().__init__(output_size, scale=views[0][0], ratio=views[0][1])
+        if len(views) != 2:
+            raise ValueError(f"TwoViewCropFlipDecoder cuts two views, got {len(views)}")
+        self.view_scale = np.array([v[0] for v in views], dtype=np.float64)
+        self.view_ratio = np.array([v[1] for v in views], dtype=np.float64)
+        self.view_flip_p = np.array([v[2] for v in views], dtype=np.float64)
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
-        state, (out, temp) = super().declare_state_and_memory(previous_state)
-        return state, (out, temp, AllocationQuery((2,), np.dtype("<i8")))
+        state, (out, temp) = super().declare_state_and_memory(previous_state)   # one crop's output; one scratch
+        views = AllocationQuery((2, *out.shape), out.dtype)
+        return replace(state, shape=views.shape), (views, temp, AllocationQuery((3,), np.dtype("<i8")))
 
     def generate_code(self):
-        # FFCV's ResizedCropRGBImageDecoder.generate_code, with the seeded draws and the flip.
+        # FFCV's ResizedCropRGBImageDecoder.generate_code, decoding once and cutting both views with the seeded draws.
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
@@ -120,13 +134,14 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         resize_crop_c = Compiler.compile(resize_crop)
         draw = crop_flip_params
         flip_columns = _flip_columns
-        scale = np.array(self.scale, dtype=np.float64)
-        ratio = np.array(self.ratio, dtype=np.float64)
-        flip_p = self.flip_p
+        scale, ratio, flip_p = self.view_scale, self.view_ratio, self.view_flip_p
+        out_h, out_w = self.output_size
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, draws = my_storage
-            for dst_ix in my_range(len(batch_indices)):
+            per_sample, temp_storage, draws = my_storage
+            n = len(batch_indices)
+            views = per_sample.reshape((2, n, out_h, out_w, 3))   # the same bytes, view-major
+            for dst_ix in my_range(n):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
                 image_data = mem_read(field["data_ptr"], storage_state)
@@ -138,34 +153,76 @@ class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w, flip = draw(draws[dst_ix, 0], draws[dst_ix, 1], height, width, scale, ratio, flip_p)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                if flip:
-                    flip_columns(destination[dst_ix])
-            return destination[:len(batch_indices)]
+                for v in range(2):
+                    i, j, h, w, flip = draw(draws[dst_ix, v], draws[dst_ix, 2], height, width, scale[v], ratio[v],
+                                            flip_p[v])
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, views[v, dst_ix])
+                    if flip:
+                        flip_columns(views[v, dst_ix])
+            return views
 
         decode.is_parallel = True
         return decode
 
 
-class SeededEpochIterator(EpochIterator):
-    """FFCV's epoch thread over the beton positions `order`, filling each seeded decoder's buffer: the view seed
-    after allocation and before the thread starts (EpochIterator.__init__ allocates the epoch's buffers, then calls
-    start()), and the global indices `index_of[positions]` of each batch in its slot right before it is decoded."""
+class ViewOf(Operation):
+    """One view of `TwoViewCropFlipDecoder`'s result: `(N, H, W, 3)`, contiguous, no copy."""
 
-    def __init__(self, loader: Loader, order: np.ndarray, seeds: dict[int, int], index_of: np.ndarray):
-        self._seeds = seeds
+    def __init__(self, view: int):
+        super().__init__()
+        self.view = view
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, shape=previous_state.shape[1:], jit_mode=False), None
+
+    def generate_code(self):
+        view = self.view
+
+        def select(views, _):
+            return views[view]
+
+        return select
+
+
+class SeededEpochIterator(EpochIterator):
+    """FFCV's epoch thread over the beton positions `order`, filling the seeded decoder's buffer (graph node
+    `node_id`): the view seeds after allocation and before the thread starts (EpochIterator.__init__ allocates the
+    epoch's buffers, then calls start()), and the global indices `index_of[positions]` of each batch in its slot right
+    before it is decoded."""
+
+    def __init__(self, loader: Loader, order: np.ndarray, node_id: int, seeds: Sequence[int], index_of: np.ndarray):
+        self._node_id = node_id
+        self._seeds = np.asarray(seeds, dtype=np.int64)
         self._index_of = index_of
         super().__init__(loader, order)
 
+    def _draws(self) -> np.ndarray:
+        return self.memory_allocations["operation"][self._node_id][2]
+
     def start(self) -> None:
-        for node_id, value in self._seeds.items():
-            self.memory_allocations["operation"][node_id][2][..., 0] = value
+        self._draws()[..., :len(self._seeds)] = self._seeds
         super().start()
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         # In the epoch thread, right before this batch's decode, the only reader of these entries.
         index = self._index_of[batch_indices]
-        for node_id in self._seeds:
-            self.memory_allocations["operation"][node_id][2][batch_slot, :len(index), 1] = index
+        self._draws()[batch_slot, :len(index), -1] = index
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+
+def allocate_once(graph: Graph) -> None:
+    """Make FFCV allocate a loader's pipeline buffers on its first epoch only, not on every epoch.
+
+    FFCV 1.0.2's `EpochIterator` asks `Graph.allocate_memory` for new buffers each epoch (pinned, on a CUDA machine):
+    the decoder's scratch alone holds `batches_ahead + 2` batches of the largest stored image, 1 GB at 512 px and
+    batch 256. The loader runs one epoch at a time, so the next epoch can take the same buffers over.
+    """
+    allocate = graph.allocate_memory
+    buffers: dict[tuple[int, int], Any] = {}
+
+    def allocate_memory(batch_size: int, batches_ahead: int):
+        if (batch_size, batches_ahead) not in buffers:
+            buffers[batch_size, batches_ahead] = allocate(batch_size, batches_ahead)
+        return buffers[batch_size, batches_ahead]
+
+    graph.allocate_memory = allocate_memory

@@ -1,10 +1,10 @@
 """The FFCV backend: a `.beton` file, FFCV's fused decode + random resized crop on CPU threads, colour on the device.
 
-Per view, read top to bottom:
-    decode + RandomResizedCrop + flip (CPU, numba threads)  ->  ToTensor  ->  ToDevice  ->  ToTorchImage
-    ->  `BatchedViewAugment` (jitter in a random order per sample, grayscale, blur, solarize, normalise; device)
-    ->  `to_contract` (dtype, memory format).
-Both views come from one stored image: the second view is a second `PipelineSpec` over the same `image` field.
+Read top to bottom:
+    decode once + both views' RandomResizedCrop + flip (CPU, numba threads)  ->  per view: `ViewOf`  ->  ToTensor
+    ->  ToDevice  ->  ToTorchImage  ->  `BatchedViewAugment` (jitter in a random order per sample, grayscale, blur,
+    solarize, normalise; device)  ->  `to_contract` (dtype, memory format).
+The second view's pipeline (`image2`) starts from the one decoder's result (a `PipelineSpec` whose source is it).
 
 Where this departs from stock FFCV 1.0.2, and why:
   - Seeding. FFCV's `Loader(seed=...)` seeds only the sample order. Its crop (`get_random_crop`) and flip
@@ -52,10 +52,11 @@ import numba
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig, ViewSpec
+from pipeline.config import DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.convert_report import skipped_at_convert
-from pipeline.ffcv_decode import SeededCropFlipDecoder, SeededEpochIterator, keep_torch_threads, view_seed
+from pipeline.ffcv_decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf, allocate_once,
+                                  keep_torch_threads, view_seed)
 from pipeline.ffcv_format import load_beton_meta, stored_in_class_order, stored_indices
 from pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
 
@@ -240,13 +241,14 @@ class FfcvTwoViewLoader(TwoViewLoader):
 
         aug = cfg.augment
         size = cfg.image_size
-        self._decoders = (self._decoder(aug.view1, size), self._decoder(aug.view2, size))
+        self._decoder = TwoViewCropFlipDecoder((size, size), [(v.crop_scale, v.crop_ratio, v.flip_p)
+                                                              for v in (aug.view1, aug.view2)])
         pipelines: dict[str, Any] = {name: None for name in reader.handlers}  # fields we do not use stay closed
-        pipelines["image"] = [self._decoders[0], *self._image_ops(ctx.device)]
+        pipelines["image"] = [self._decoder, *self._image_ops(0, ctx.device)]
         pipelines["label"] = [IntDecoder(), ToTensor()]
         if self._has_index:
             pipelines["index"] = [IntDecoder(), ToTensor()]
-        pipelines["image2"] = PipelineSpec("image", decoder=self._decoders[1], transforms=self._image_ops(ctx.device))
+        pipelines["image2"] = PipelineSpec(self._decoder, transforms=self._image_ops(1, ctx.device))
 
         shard = None
         if self._quasi:  # a fixed round-robin shard per rank, ordered page-wise by FFCV per epoch
@@ -276,8 +278,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
             raise DataError(f"FFCV cannot read {str(self.path)!r} ({e}): delete it and run `byol convert` again") from e
         if self._quasi:
             self._pristine_pages = self._loader.traversal_order.page_to_samples_array.copy()
-        graph = self._loader.graph
-        self._decoder_nodes = [graph.operation_to_node[d][0].id for d in self._decoders]
+        allocate_once(self._loader.graph)
+        self._decoder_node = self._loader.graph.operation_to_node[self._decoder][0].id
         self._outputs = list(self._loader.pipeline_specs)  # FFCV returns one tensor per pipeline, in this order
 
         from pipeline.device_augment import BatchedViewAugment
@@ -290,13 +292,9 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self._iterator: EpochIterator | None = None
 
     @staticmethod
-    def _decoder(spec: ViewSpec, size: int) -> SeededCropFlipDecoder:
-        return SeededCropFlipDecoder((size, size), spec.crop_scale, spec.crop_ratio, spec.flip_p)
-
-    @staticmethod
-    def _image_ops(device: torch.device) -> list:
-        # uint8 NHWC crops -> tensor -> the device -> an NCHW view in channels_last (no copy)
-        return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    def _image_ops(view: int, device: torch.device) -> list:
+        # one view's uint8 NHWC crops -> tensor -> the device -> an NCHW view in channels_last (no copy)
+        return [ViewOf(view), ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
 
     def _check_image_size(self, images: np.ndarray, size: int) -> None:
         """Refuse an `image_size` above every stored side; warn when some images (or most crops) are upsampled.
@@ -365,10 +363,12 @@ class FfcvTwoViewLoader(TwoViewLoader):
         if len(order) == 0:
             return
         ctx = self.ctx
-        seeds = {node: view_seed(ctx.seed, ctx.rank, epoch, v) for v, node in enumerate(self._decoder_nodes)}
+        seeds = [view_seed(ctx.seed, ctx.rank, epoch, v) for v in range(2)]
         self.close()  # one epoch thread at a time: numba's workqueue threading layer is not thread-safe
+        if ctx.device.type == "cuda":   # once per epoch: the last epoch's copies and kernels read the reused buffers
+            torch.cuda.synchronize(ctx.device)
         with keep_torch_threads():
-            it = self._iterator = SeededEpochIterator(self._loader, order, seeds, self._index_of)
+            it = self._iterator = SeededEpochIterator(self._loader, order, self._decoder_node, seeds, self._index_of)
         try:
             for b, out in enumerate(it, start=first):
                 yield self._to_batch(dict(zip(self._outputs, out)), epoch, b)

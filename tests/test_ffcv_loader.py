@@ -28,13 +28,14 @@ from torchvision.transforms import RandomResizedCrop
 pytest.importorskip("ffcv")
 
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
+from ffcv.pipeline.graph import DecoderNode  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.writer import DatasetWriter  # noqa: E402
 
 from pipeline import ffcv_format  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.contract import DataError, LoaderContext, check_batch  # noqa: E402
-from pipeline.dali_format import shard_order  # noqa: E402
+from pipeline.storage import shard_order  # noqa: E402
 from pipeline.ffcv_decode import crop_flip_params, view_seed  # noqa: E402
 from pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
 from pipeline.sharding import num_batches, rank_indices  # noqa: E402
@@ -232,6 +233,22 @@ def test_crops_replay_the_seeded_draws(loader: FfcvTwoViewLoader, beton: Path, c
     assert max(errors) < 3.0, f"crop replay error {max(errors):.2f} grey levels"
     assert np.mean(errors) < 1.5
     assert np.mean(wrong_flip_errors) > 10 * np.mean(errors)
+
+
+def test_one_decode_feeds_both_views_and_buffers_outlive_the_epoch(loader: FfcvTwoViewLoader) -> None:
+    """Both views come from one decoder node of the `image` field (one JPEG decode per sample), and the next epoch
+    reuses the pipeline's buffers (FFCV would allocate them, the decoder's scratch included, every epoch)."""
+    graph = loader._loader.graph
+    assert [n.field_name for n in graph.nodes if isinstance(n, DecoderNode)].count("image") == 1
+    buffers = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        next(it)
+        buffers.append(loader._iterator.memory_allocations)
+        loader.close()
+    assert buffers[0] is buffers[1]
+    loader.set_epoch(0)
 
 
 def test_crop_and_flip_draws_follow_torchvision() -> None:

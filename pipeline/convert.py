@@ -16,7 +16,7 @@ Three steps, each in parallel worker processes:
   2. DALI shards (`pipeline.dali_format`): one shard per task, resumable.
   3. FFCV beton (`pipeline.ffcv_format`): FFCV's own writer processes.
 Sample i is the i-th image that survived step 1, in the sorted listing (class, then path): its global index. The
-shards and the beton both store the samples in one fixed shuffled order (`dali_format.shard_order`), each sample
+shards and the beton both store the samples in one fixed shuffled order (`storage.shard_order`), each sample
 carrying its global index, so that a reader's local shuffle (DALI's buffer, FFCV's quasi-random pages) still mixes
 the classes.
 Every output appears under its final name only once complete; a second run reports it complete or resumes.
@@ -41,7 +41,8 @@ from tqdm import tqdm
 from pipeline import dali_format, ffcv_format
 from pipeline.contract import DataError
 from pipeline.convert_report import REPORT, ConvertReport, other_outputs, previous_report
-from pipeline.dali_format import SampleRef, write_json_atomic
+from pipeline import storage
+from pipeline.storage import SampleRef, write_json_atomic
 from pipeline.folder import scan_image_folder
 from pipeline.image_normalise import SkipImage, normalise_file
 
@@ -94,7 +95,7 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     listing = hashlib.sha256("\n".join([*classes, *(f"{os.path.relpath(p, src_path)}\t{y}" for p, y in samples)])
                              .encode("utf-8")).hexdigest()
     base = {"source": listing, "num_candidates": len(samples), "max_side": max_side, "jpeg_quality": jpeg_quality}
-    settings = {"dali": {**base, "shard_size": shard_size, "order": dali_format.ORDER},
+    settings = {"dali": {**base, "shard_size": shard_size, "order": storage.ORDER},
                 "ffcv": {**base, "write_mode": ffcv_write_mode, "order": ffcv_format.ORDER}}
     if overwrite:
         for fmt in formats:
@@ -345,6 +346,6 @@ def _normalise_chunk(task: tuple[str, int, list[str], int, int]) -> tuple[int, l
             blobs.append(data)
             offset += len(data)
     base = Path(work) / f"chunk-{cid:06d}"
-    dali_format.write_bytes_atomic(base.with_suffix(".bin"), b"".join(blobs))
+    storage.write_bytes_atomic(base.with_suffix(".bin"), b"".join(blobs))
     write_json_atomic(base.with_suffix(".json"), {"count": len(paths), "bin_bytes": offset, "records": records})
     return cid, records

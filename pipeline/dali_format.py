@@ -33,48 +33,23 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
-
 from pipeline.contract import DataError
+from pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "byolfast-wds-v1"
 MANIFEST = "manifest.json"
-ORDER = "shuffled"            # the manifest's "order" (and convert's settings) for shards in `shard_order`
-ORDER_SEED = 0x5EED5A3D
 PROGRESS = "progress.jsonl"
 EXTENSIONS = ("jpg", "cls", "label", "index")  # member order inside each sample
 INDEX_VERSION = "v1.2"  # the version line DALI's wds2idx writes
 
-# One sample's bytes: `length` bytes at `offset` of the file `path`, then its class index.
-SampleRef = tuple[str, int, int, int]
 # A map over tasks that yields results as they finish (a process pool's imap_unordered, or the builtin map).
 TaskMap = Callable[[Callable, Iterable], Iterator]
 
 
 def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:06d}"
-
-
-def read_ref(ref: SampleRef) -> bytes:
-    """The bytes of one sample; raises DataError when its file changed or vanished since it was listed."""
-    path, offset, length, _ = ref
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-    except OSError as e:
-        raise DataError(f"cannot read {path!r} ({e}): it changed during the conversion; run it again") from e
-    if len(data) != length:
-        raise DataError(f"{path!r} is shorter than when it was checked ({len(data)} < {length} bytes at "
-                        f"{offset}): it changed during the conversion; run it again")
-    return data
-
-
-def shard_order(num_samples: int) -> np.ndarray:
-    """The global indices in the order they are dealt to the shards: a fixed permutation of `range(num_samples)`."""
-    return np.random.default_rng([ORDER_SEED, num_samples]).permutation(num_samples)
 
 
 def build_shard(indices: Sequence[int], refs: Sequence[SampleRef]) -> tuple[bytes, str]:
@@ -110,21 +85,6 @@ def _write_shard_task(task: tuple[str, int, list[int], list[SampleRef]]) -> dict
     return {"tar": tar_path.name, "index": idx_path.name, "count": len(refs),
             "sha256": hashlib.sha256(tar_bytes).hexdigest(), "bytes": len(tar_bytes),
             "index_bytes": len(idx_text), "shard": shard_id}
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary name beside `path`, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    """Write `obj` as JSON to a temporary name, then rename: readers see the old file or the whole new one."""
-    write_bytes_atomic(Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def _load_progress(folder: Path, settings: dict) -> dict[int, dict]:

@@ -54,7 +54,8 @@ from pipeline.config import AugmentConfig, DataConfig
 from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from pipeline.convert_report import skipped_at_convert
 from pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
-from pipeline.dali_format import MANIFEST, ORDER, load_manifest
+from pipeline.dali_format import MANIFEST, load_manifest
+from pipeline.storage import ORDER
 from pipeline.folder import scan_image_folder
 from pipeline.image_files import check_image_files
 from pipeline.sharding import num_batches, rank_indices

@@ -5,7 +5,7 @@ Fields, in this order: `image` (`RGBImageField(write_mode, max_resolution=max_si
 class names (position = class index); `meta.json` records the settings the file was made with and the sample order.
 The beton is written as `train.beton.tmp` and renamed when complete, so a `train.beton` is always whole.
 
-Sample order: the beton stores the samples in the DALI shards' fixed permutation (`dali_format.shard_order`), so the
+Sample order: the beton stores the samples in the DALI shards' fixed permutation (`storage.shard_order`), so the
 sample at position p has global index `shard_order(n)[p]` (its `index` field). The global indices are sorted by class,
 and FFCV's quasi-random order draws each batch from a window of 2 x batch-size pages: pages in class order gave
 batches of fewer classes than a uniform shuffle (simulated for ImageNet at 400 images per page: ~189 of the 1000
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.contract import DataError
-from pipeline.dali_format import ORDER, SampleRef, read_ref, shard_order, write_json_atomic
+from pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

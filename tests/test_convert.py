@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline import convert as convert_mod
-from pipeline import dali_format, ffcv_format
+from pipeline import dali_format, ffcv_format, storage
 from pipeline.contract import DataError
 from pipeline.convert import convert_dataset
 from pipeline.convert_report import skipped_at_convert
@@ -187,10 +187,10 @@ def test_shards_deal_the_samples_in_a_fixed_shuffled_order(tree, converted):
     for tar_path in manifest["tar_paths"]:
         with tarfile.open(tar_path) as tar:
             keys.append(list(dict.fromkeys(int(m.name.split(".")[0]) for m in tar.getmembers())))
-    assert sum(keys, []) == dali_format.shard_order(22).tolist()
+    assert sum(keys, []) == storage.shard_order(22).tolist()
     labels = [label for _, label in expected_kept(tree)]
     assert all(len({labels[i] for i in shard}) >= 2 for shard in keys)
-    assert dali_format.shard_order(22).tolist() == dali_format.shard_order(22).tolist() != list(range(22))
+    assert storage.shard_order(22).tolist() == storage.shard_order(22).tolist() != list(range(22))
 
 
 def test_index_files_match_wds2idx(converted, tmp_path):
@@ -284,7 +284,7 @@ def test_beton_reads_back(tree, converted):
     image_meta, labels, indices = (reader.metadata[f"f{i}"] for i in range(3))
     kept = expected_kept(tree)
     # stored in the shards' shuffled order, each sample with its global index and its label
-    assert list(indices) == dali_format.shard_order(22).tolist()
+    assert list(indices) == storage.shard_order(22).tolist()
     assert list(labels) == [kept[i][1] for i in indices]
     assert json.loads((path.parent / ffcv_format.META).read_text())["order"] == "shuffled"
     shards = _read_shards(load_manifest(converted[1]))

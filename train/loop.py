@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model import Byol, build_byol, collapse_std
 from pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
 from pipeline.contract import skipped_images
-from pipeline.dali_format import write_json_atomic
+from pipeline.storage import write_json_atomic
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed

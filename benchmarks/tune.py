@@ -48,8 +48,8 @@ def verdict(tuner: Tuner, preset: dict, winner: dict, backends: Sequence[str], t
     if rec is None:
         return ["No training step could be measured within the budget: raise --budget for a verdict."]
     report = rec["report"]
-    lines = [f"After tuning: {report['summary']}"
-             + ("" if rec["settings"] == winner else " (measured with the config's loader settings)")]
+    lines = [("After tuning: " if rec["settings"] == winner else "Training steps were measured with the config's "
+              "loader settings only: ") + report["summary"]]
     if total_mb and rec["peak_mem_mb"] and rec["peak_mem_mb"] >= 0.85 * total_mb:
         lines.append(f"Memory: the step peaks at {rec['peak_mem_mb']:.0f} of {total_mb:.0f} MB: lower "
                      "train.batch_size or the loader's read-ahead before anything else.")
@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         best = max(tuner.ok("loader"), key=lambda r: r["images_per_sec"], default=None)
         bar.n = min(round(time.monotonic() - start), bar.total)
         bar.set_description_str(f"byol tune: {len(tuner.trials)} tried" + (
-            f", fastest loader {best['images_per_sec']:.0f} img/s ({best['label'][:60]})" if best else ""))
+            f", fastest loader {best['images_per_sec']:.0f} img/s ({best['label'][:70]})" if best else ""))
 
     with logging_redirect_tqdm(), bar:
         tuner = Tuner(measure, args.budget, cores, measure.device.type, start=start, on_trial=progress)

@@ -76,18 +76,15 @@ class RealMeasure:
             first = one_step()   # start-up: workers, pipeline build, kernels
             for _ in range(trainer.loader.read_ahead):   # the batches prepared while nobody counted
                 next(it)
-            step_s = one_step()
-            n = max(1, min(self.max_steps, int((soft_end - time.monotonic()) / step_s)))
             timer.reset()
             per_step: list[float] = []
             stages: dict[str, float] = {}   # the stage times of the complete steps
             note = ""
-            try:
-                for _ in range(n):
+            try:   # until the next step would end past the soft end (at least two), a trial cut short keeps its steps
+                while len(per_step) < self.max_steps and (
+                        len(per_step) < 2 or time.monotonic() + common.median(per_step) < soft_end):
                     per_step.append(one_step())
                     stages = dict(timer.seconds)
-                    if time.monotonic() > soft_end and len(per_step) >= 2:
-                        break
             except TrialTimeout:
                 if not per_step:
                     raise

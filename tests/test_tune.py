@@ -121,8 +121,33 @@ def test_a_slow_preset_is_replaced_and_a_setting_slower_than_the_preset_is_not()
         {"kind": "e2e", "settings": {**PRESET, "data.num_workers": 3}, "images_per_sec": 12.0, "label": "w3"},
     ]
     assert tuner.choose(PRESET) == PRESET
+    # a faster loader that was never trained with does not win once other settings were, and trained slower
+    tuner.trials.append({"kind": "loader", "settings": {**PRESET, "data.num_workers": 4}, "images_per_sec": 600.0,
+                         "label": "w4"})
+    assert tuner.choose(PRESET) == PRESET
     tuner.trials[1]["images_per_sec"] = 11.0   # now the preset trains slower than workers=3
     assert tuner.choose(PRESET) == {**PRESET, "data.num_workers": 3}
+
+
+def test_training_trials_are_repeated_in_turn_and_their_median_decides():
+    """A first training trial of the preset that ran slow (a busy neighbour) does not crown a setting whose training
+    is slower than the preset's usual speed."""
+    clock = FakeClock()
+    preset_runs = iter([10.0, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0])
+
+    def measure(kind: str, settings: dict, cap: float) -> dict:
+        clock.t += min(10.0, cap)
+        fast = settings != PRESET
+        if kind == "loader":
+            return {"images_per_sec": 300.0 if fast else 100.0}
+        return {"images_per_sec": 25.0 if fast else next(preset_runs), "data_wait_share": 0.01,
+                "report": {"bound": "compute-bound", "summary": "compute-bound: ...", "advice": []}}
+
+    tuner = Tuner(measure, 300.0, cores=2, start=clock(), clock=clock)
+    winner = tuner.run(PRESET, base_config(), ["torch"])
+    assert winner == PRESET
+    assert sum(r["kind"] == "e2e" and r["settings"] == PRESET for r in tuner.trials) >= 3
+    assert tuner.rate("e2e", PRESET) == 30.0
 
 
 def test_a_failing_setting_is_recorded_and_skipped():

@@ -107,6 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backends = data_backends(cfg.data.path, cfg.data.backend)
     if args.backends:
         asked = [b.strip() for b in args.backends.split(",") if b.strip()]
+        from pipeline import LOADERS
+        if set(asked) - set(LOADERS):
+            raise ConfigError(f"--backends takes {', '.join(LOADERS)} (unknown: {', '.join(set(asked) - set(LOADERS))})")
         backends = [b for b in backends if b == cfg.data.backend or b in asked]
     preset = {"data.backend": cfg.data.backend,
               **{k.key: get(cfg, k.key) for k in knobs(cfg.data.backend, measure.device.type, cores)}}

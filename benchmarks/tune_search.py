@@ -296,13 +296,16 @@ class Tuner:
 
     def choose(self, preset: dict) -> dict:
         """The winner: the preset unless a setting is no slower on either measure and faster on one."""
-        loader_rate = {label(r["settings"]): self.rate("loader", r["settings"]) for r in self.ok("loader")}
-        e2e_rate = {label(r["settings"]): self.rate("e2e", r["settings"]) for r in self.ok("e2e")}
-        settings = {label(r["settings"]): r["settings"] for r in self.trials}
-        p = label(preset)
+        def same(s: dict) -> tuple:   # one key per setting, whatever the order of its keys
+            return tuple(sorted(s.items(), key=lambda kv: kv[0]))
+
+        loader_rate = {same(r["settings"]): self.rate("loader", r["settings"]) for r in self.ok("loader")}
+        e2e_rate = {same(r["settings"]): self.rate("e2e", r["settings"]) for r in self.ok("e2e")}
+        settings = {same(preset): preset, **{same(r["settings"]): r["settings"] for r in self.trials}}
+        p = same(preset)
         l0, e0 = loader_rate.get(p), e2e_rate.get(p)
 
-        def eligible(k: str) -> bool:
+        def eligible(k: tuple) -> bool:
             if k == p:
                 return True
             lr, er = loader_rate.get(k), e2e_rate.get(k)

@@ -150,6 +150,12 @@ def test_training_trials_are_repeated_in_turn_and_their_median_decides():
     assert tuner.rate("e2e", PRESET) == 30.0
 
 
+def test_no_time_for_any_trial_keeps_the_preset():
+    clock = FakeClock()
+    tuner = Tuner(fake_measure(clock, dali_rate), 10.0, cores=2, start=clock() - 60.0, clock=clock)
+    assert tuner.run(PRESET, base_config(), ["torch", "dali"]) == PRESET and tuner.trials == []
+
+
 def test_a_failing_setting_is_recorded_and_skipped():
     clock = FakeClock()
     measure = fake_measure(clock, dali_rate, fails=lambda s: s.get("data.dali.random_crop_decoder") is True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from typing import Optional
 
 from benchmarks import common
@@ -25,7 +26,9 @@ class RealMeasure:
         cfg = with_settings(self.cfg, settings)
         common.free_memory(self.device)
         common.reset_peak_memory(self.device)
-        fields = (self.loader_only if kind == "loader" else self.end_to_end)(cfg, time.monotonic() + 0.8 * cap)
+        with warnings.catch_warnings():   # more workers than cores is what some trials are for
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+            fields = (self.loader_only if kind == "loader" else self.end_to_end)(cfg, time.monotonic() + 0.8 * cap)
         return {**fields, "peak_mem_mb": round(common.peak_memory_mb(self.device))}
 
     def loader_only(self, cfg, soft_end: float) -> dict:
@@ -94,7 +97,8 @@ class RealMeasure:
             stats = {k: v for k, v in trainer.loader.stats().items() if isinstance(v, (int, float, str, bool))}
             report = build_report(stages, len(per_step), facts, stats)
             return {"images_per_sec": trainer.loader.ctx.batch_size / common.median(per_step),
-                    "data_wait_share": report["data_wait_share"], "first_step_s": round(first, 2), "note": note,
+                    "data_wait_share": report["data_wait_share"], "first_step_s": round(first, 2),
+                    "step_s": round(common.median(per_step), 3), "note": note,
                     "report": {k: report[k] for k in ("bound", "summary", "advice", "stage_shares", "facts")}}
         finally:
             it.close()

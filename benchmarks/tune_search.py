@@ -175,8 +175,9 @@ class Tuner:
         backend = settings.get("data.backend")
         if not any(r["settings"].get("data.backend") == backend for r in self.trials):
             cap += FIRST_START_S.get(backend, 0.0)
-        cap = min(cap, self.left())
-        if cap < (1.0 if kind == "loader" else max(2.0, 0.5 * self.e2e_cost)) * min(1.0, self.budget / 60):
+        need = min(1.0, self.budget / 60) if kind == "loader" else self.e2e_needs()
+        cap = min(max(cap, need), self.left())
+        if cap < need:
             return None   # too short to measure anything
         rec = {"kind": kind, "settings": dict(settings), "label": label(settings), "images_per_sec": None,
                "data_wait_share": None, "peak_mem_mb": None, "cap_s": round(cap, 1)}
@@ -191,6 +192,12 @@ class Tuner:
         self.trials.append(rec)
         self.on_trial(rec)
         return rec
+
+    def e2e_needs(self) -> float:
+        """Seconds a training trial needs at least: start-up and first step, then three steps, as measured so far
+        (a step in C++ cannot be interrupted, so a shorter cap would overrun)."""
+        known = sorted(r["first_step_s"] + 3 * r["step_s"] + 1.0 for r in self.ok("e2e") if "step_s" in r)
+        return known[len(known) // 2] if known else max(2.0, 0.5 * self.e2e_cost) * min(1.0, self.budget / 60)
 
     def rate(self, kind: str, settings: dict) -> Optional[float]:
         """The median images/s of the trials of `settings` that succeeded (None: none did)."""
@@ -251,7 +258,7 @@ class Tuner:
         base = self.trial("e2e", preset, self.e2e_cap)
         bound = ((base or {}).get("report") or {}).get("bound", "input-bound")   # unknown: the loader may matter
         self.e2e_cost = min(base["seconds"] if base and not base.get("error") else self.e2e_cap, self.e2e_cap)
-        self.loader_end = self.budget - self.reserve - 2 * self.e2e_cost   # room for two finalists
+        self.loader_end = self.budget - self.reserve - 2 * max(self.e2e_cost, self.e2e_needs())   # two finalists
         self.loader(preset)
         for b in backends:
             self.loader(self.start_point(b, preset, cfg))

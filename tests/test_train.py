@@ -173,38 +173,45 @@ def test_nan_loss_skip_mode_counts(tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
 
 
-def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path):
+def test_fp16_overflow_skips_the_step_and_the_ema():
     """fp16 (autocast + grad scaler, also on the CPU): a step whose scaled gradients overflow moves neither the online
-    nor the target network, and lowers the scale; a step with a sane scale moves both."""
-    from train.step import train_step
-    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "run", steps=20) + ["train.precision=fp16",
-                                                                                    "train.max_skipped_steps=2"]))
-    assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
-    batch = next(iter(trainer.loader))
-    trainer.model.train()
+    nor the target network, and lowers the scale; a step with a sane scale moves both. The step is built alone: a
+    model, an optimizer, two schedules, no loader, run folder or trainer."""
+    from model import ModelConfig, build_byol
+    from pipeline import Batch
+    from train.optim import build_optimizer
+    from train.step import Stepper
+    torch.manual_seed(0)
+    model = build_byol(ModelConfig(arch="resnet18", small_stem=True, projector_hidden=64, predictor_hidden=64,
+                                   projector_out=32, bn="local"), device_type="cpu")
+    stepper = Stepper(model, build_optimizer(model, "lars", 0.9, 1e-6, 1e-3), lr_at=lambda k: 0.5,
+                      tau_at=lambda k: 0.99, device=torch.device("cpu"), precision="fp16", max_skipped_steps=2,
+                      scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    views = [torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    batch = Batch(views[0], views[1], torch.zeros(8, dtype=torch.int64), torch.arange(8))
+    model.train()
 
     def snapshot():
-        return ([p.detach().clone() for p in trainer.model.online.parameters()],
-                [p.detach().clone() for p in trainer.model.target.parameters()])
+        return ([p.detach().clone() for p in model.online.parameters()],
+                [p.detach().clone() for p in model.target.parameters()])
 
     def moved(before, after):
         return any(not torch.equal(a, b) for a, b in zip(before, after))
 
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     online0, target0 = snapshot()
-    train_step(trainer, batch, 3)          # a normal step (LR > 0): afterwards the target differs from the online one
+    stepper(batch, 3)          # a normal step (LR > 0): afterwards the target differs from the online one
     online1, target1 = snapshot()
     assert moved(online0, online1) and moved(target0, target1)
 
-    trainer.scaler.update(new_scale=2.0 ** 120)       # fp16 gradients of a loss scaled this much are inf
-    train_step(trainer, batch, 4)
+    stepper.scaler.update(new_scale=2.0 ** 120)       # fp16 gradients of a loss scaled this much are inf
+    stepper(batch, 4)
     online2, target2 = snapshot()
     assert not moved(online1, online2) and not moved(target1, target2)
-    assert trainer.scaler.get_scale() < 2.0 ** 120
+    assert stepper.scaler.get_scale() < 2.0 ** 120 and stepper.overflows_in_a_row == 1
     # a run whose fp16 gradients keep overflowing has diverged: after max_skipped_steps in a row it stops
-    train_step(trainer, batch, 5)
+    stepper(batch, 5)
     with pytest.raises(NonFiniteError, match="3 steps in a row"):
-        train_step(trainer, batch, 6)
+        stepper(batch, 6)
 
 
 def _run_cli(args, env_extra=None, **kw):

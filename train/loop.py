@@ -1,10 +1,11 @@
 """The BYOL training loop: one process or many under torchrun, with atomic checkpoints and exact resume.
 
-Per step (`Trainer.train_step`): two views from the loader -> online (both views) and target (both views) forward
-under autocast -> the symmetrised loss in float32 -> backward (DDP all-reduces gradients) -> LARS step with the
-scheduled LR -> fused EMA of the target with the scheduled tau. Host-device syncs happen only on logging, checkpoint
-and evaluation steps (and every step with `train.on_nonfinite=skip`, which must decide before updating, or fp16's
-scaler); the ranks' preemption agreement is asynchronous. `byol profile` and `byol bench` time this same step.
+Per step (`train.step.Stepper`, built here from the config): two views from the loader -> online (both views) and
+target (both views) forward under autocast -> the symmetrised loss in float32 -> backward (DDP all-reduces gradients)
+-> LARS step with the scheduled LR -> fused EMA of the target with the scheduled tau. Host-device syncs happen only on
+logging, checkpoint and evaluation steps (and every step with `train.on_nonfinite=skip`, which must decide before
+updating, or fp16's scaler); the ranks' preemption agreement is asynchronous. `byol profile`, `byol bench` and
+`byol tune` time this same step.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
 from train.optim import build_optimizer
 from train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
-from train.schedules import scaled_lr
-from train.step import Forward, NonFiniteError, StageHook, StepOutput, no_stage, train_step
+from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
+from train.step import Forward, NonFiniteError, StageHook, Stepper, StepOutput, no_stage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ class RunState:
     """Everything that is checkpointed besides the model and optimizer."""
 
     step: int = 0
-    skipped_steps: int = 0
     history: list = field(default_factory=list)   # logged metrics, for the learning-curve plot
 
 
@@ -137,8 +137,6 @@ class Trainer:
         self.model: Byol = build_byol(cfg.model, distributed=self.dist.distributed,
                                       device_type=self.device.type).to(self.device)
         self.optimizer = build_optimizer(self.model, t.optimizer, t.momentum, t.weight_decay, t.lars_eta)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.forward = self.model
         if self.dist.distributed:
             self.forward = DistributedDataParallel(
@@ -146,9 +144,14 @@ class Trainer:
                 broadcast_buffers=False)   # SyncBN keeps BN statistics identical; no per-step buffer broadcast
         if t.compile:
             self.forward = torch.compile(self.forward)
+        sched = self.schedule
+        self.stepper = Stepper(
+            self.model, self.optimizer, forward=self.forward, device=self.device, precision=self.precision,
+            on_nonfinite=t.on_nonfinite, max_skipped_steps=t.max_skipped_steps, world_size=self.dist.world_size,
+            lr_at=lambda k: warmup_cosine_lr(k, sched.peak_lr, sched.warmup_steps, sched.total_steps),
+            tau_at=lambda k: target_tau(k, t.base_tau, sched.total_steps))
+        self.scaler = self.stepper.scaler
         self.state = RunState()
-        self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)   # first non-finite step, or -1
-        self.overflows_in_a_row = 0   # fp16: consecutive steps the grad scaler skipped
         self.writer = None
         self.eval_monitor = None
 
@@ -156,7 +159,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.state.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device), "config": to_dict(self.cfg),
-                "skipped_steps": self.state.skipped_steps, "history": self.state.history,
+                "skipped_steps": self.stepper.skipped_steps, "history": self.state.history,
                 "arch": self.cfg.model.arch, "small_stem": self.cfg.model.small_stem,
                 "steps_per_epoch": self.schedule.steps_per_epoch}
 
@@ -208,8 +211,8 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():   # an fp16 run's scaler; bf16/fp32 saved `{}`
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], self.device)
-        self.state = RunState(step=state["step"], skipped_steps=state.get("skipped_steps", 0),
-                              history=list(state.get("history", [])))
+        self.state = RunState(step=state["step"], history=list(state.get("history", [])))
+        self.stepper.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.state.step)
 
     def _load_optimizer(self, state: dict, path: Path) -> None:
@@ -239,7 +242,7 @@ class Trainer:
                     self.writer.add_scalar(k, v, metrics["step"])
 
     def _check_finite(self) -> None:
-        first = int(self.bad_step.item())   # host sync: only on logging/checkpoint steps
+        first = self.stepper.first_bad_step()   # host sync: only on logging/checkpoint steps
         if first >= 0:
             raise NonFiniteError(
                 f"the loss or a gradient became non-finite at step {first}; stopping. The last good checkpoint in "
@@ -256,9 +259,9 @@ class Trainer:
 
     def train_step(self, batch: Batch, step: int, *, stage: StageHook = no_stage, forward: Optional[Forward] = None,
                    ema: str = "fused") -> StepOutput:
-        """One optimisation step at global step `step` (`train.step.train_step`: the stage hook, the replacement
+        """One optimisation step at global step `step` (`Stepper.__call__`: the stage hook, the replacement
         forward and the EMA variant are for the benchmarks); the caller advances `state.step`."""
-        return train_step(self, batch, step, stage=stage, forward=forward, ema=ema)
+        return self.stepper(batch, step, stage=stage, forward=forward, ema=ema)
 
     def run(self) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
@@ -385,7 +388,7 @@ class Trainer:
             log.warning("%s", skipped_note)
         return {"steps": self.state.step, "final_loss": last_loss, "collapse_std": last_collapse,
                 "images_per_sec": total_images / total_time if total_time else math.nan,
-                "skipped_steps": self.state.skipped_steps, "skipped_images": num_skipped, "loader": stats,
+                "skipped_steps": self.stepper.skipped_steps, "skipped_images": num_skipped, "loader": stats,
                 "checkpoint": str(final) if final else None, "run_dir": str(self.run_dir)}
 
 

@@ -14,12 +14,18 @@ from benchmarks.tune_search import TrialTimeout, with_settings
 
 class RealMeasure:
     """`Measure` on `cfg`'s data and model: the loader alone with `common.time_epochs` (read-ahead drained first), or
-    the trainer's own step fed by the loader, timed per stage with `byol profile`'s `StageTimer`."""
+    the trainer's own step fed by the loader, timed per stage with `byol profile`'s `StageTimer`.
 
-    def __init__(self, cfg, max_steps: int = 12):
+    Args:
+        cfg: the config whose data and model are measured; each trial applies its settings to a copy.
+        loader_steps: timed batches of a loader trial (`byol bench`'s CPU default).
+        max_steps: at most this many timed training steps per trial (fewer when its cap comes first).
+    """
+
+    def __init__(self, cfg, loader_steps: int = 8, max_steps: int = 12):
         from train.distributed import resolve_device
 
-        self.cfg, self.max_steps = cfg, max_steps
+        self.cfg, self.loader_steps, self.max_steps = cfg, loader_steps, max_steps
         self.device = resolve_device(cfg.train.device)
 
     def __call__(self, kind: str, settings: dict, cap: float) -> dict:
@@ -28,10 +34,10 @@ class RealMeasure:
         common.reset_peak_memory(self.device)
         with warnings.catch_warnings():   # more workers than cores is what some trials are for
             warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-            fields = (self.loader_only if kind == "loader" else self.end_to_end)(cfg, time.monotonic() + 0.8 * cap)
+            fields = self.loader_only(cfg) if kind == "loader" else self.end_to_end(cfg, time.monotonic() + 0.8 * cap)
         return {**fields, "peak_mem_mb": round(common.peak_memory_mb(self.device))}
 
-    def loader_only(self, cfg, soft_end: float) -> dict:
+    def loader_only(self, cfg) -> dict:
         from pipeline import LoaderContext, build_two_view_loader
         from train.runtime import DTYPES, resolve_precision
 
@@ -41,14 +47,15 @@ class RealMeasure:
         loader = build_two_view_loader(cfg.data, ctx)
         stamps: list[float] = []   # when each batch arrived: what is left of a trial cut at its cap
         try:
-            steps = max(2, min(self.max_steps, len(loader) - 1 - loader.read_ahead))
+            steps = max(2, min(self.loader_steps, len(loader) - 1 - loader.read_ahead))
+            # No budget_s: cut to one or two batches, a loader whose workers deliver in bursts looked several times
+            # faster than it is. A trial cut at its cap keeps what it timed, if that spans the read-ahead twice.
             secs, first = common.time_epochs(loader, lambda batch: stamps.append(time.perf_counter()), self.device,
-                                             warmup=1, steps=steps, repeats=1,
-                                             budget_s=max(0.5, 0.5 * (soft_end - time.monotonic())))
+                                             warmup=1, steps=steps, repeats=1)
             return {"images_per_sec": ctx.batch_size / common.median(secs), "first_batch_s": round(first, 2)}
         except TrialTimeout:
             timed = stamps[1 + loader.read_ahead:]
-            if len(timed) < 3:
+            if len(timed) < max(4, 2 * loader.read_ahead):
                 raise
             return {"images_per_sec": ctx.batch_size * (len(timed) - 1) / (timed[-1] - timed[0]),
                     "note": f"cut at its cap after {len(timed) - 1} timed batches"}

@@ -150,6 +150,29 @@ def test_training_trials_are_repeated_in_turn_and_their_median_decides():
     assert tuner.rate("e2e", PRESET) == 30.0
 
 
+def test_a_start_cut_at_its_cap_gets_one_more_try_with_twice_the_cap():
+    clock = FakeClock()
+    calls = {"dali": 0}
+
+    def measure(kind: str, settings: dict, cap: float) -> dict:
+        slow_first = settings["data.backend"] == "dali" and calls["dali"] == 0
+        calls["dali"] += settings["data.backend"] == "dali"
+        cost = 15.0 if slow_first else (20.0 if kind == "e2e" else 2.0)
+        clock.t += min(cost, cap)
+        if cost > cap:
+            raise TrialTimeout("stopped at its cap")
+        rate = dali_rate(settings)
+        return {"images_per_sec": rate if kind == "loader" else rate / 10, "data_wait_share": 0.3,
+                "report": {"bound": "input-bound", "summary": "input-bound: ...", "advice": []}}
+
+    tuner = Tuner(measure, 120.0, cores=2, start=clock(), clock=clock)
+    winner = tuner.run(PRESET, base_config(), ["torch", "dali"])
+    first_dali = [r for r in tuner.trials if r["settings"]["data.backend"] == "dali"][:2]
+    assert first_dali[0]["error"].startswith("TrialTimeout") and first_dali[1]["settings"] == first_dali[0]["settings"]
+    assert first_dali[1]["images_per_sec"] and first_dali[1]["cap_s"] > first_dali[0]["cap_s"]
+    assert winner["data.backend"] == "dali" and clock.t - 1000.0 <= 120.0
+
+
 def test_no_time_for_any_trial_keeps_the_preset():
     clock = FakeClock()
     tuner = Tuner(fake_measure(clock, dali_rate), 10.0, cores=2, start=clock() - 60.0, clock=clock)

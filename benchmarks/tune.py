@@ -98,9 +98,10 @@ def process_start() -> float:
     return time.monotonic() - (age if 0.0 < age < 60.0 else 0.0)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of `byol tune`; returns the exit status."""
-    start = process_start()
+def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> int:
+    """Entry point of `byol tune`; returns the exit status. The budget counts from `started` (`time.monotonic()`;
+    default: when the process started)."""
+    start = process_start() if started is None else started
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -260,7 +260,7 @@ def test_real_tune_on_tiny_images_writes_a_valid_override(tmp_path, capsys):
                   "out_dir": str(tmp_path / "run")}}))
     out = tmp_path / "tuned.yaml"
     t0 = time.monotonic()
-    assert main(["--config", str(base), "--budget", "20", "--out", str(out), "--backends", "torch"]) == 0
+    assert main(["--config", str(base), "--budget", "20", "--out", str(out), "--backends", "torch"], started=t0) == 0
     assert time.monotonic() - t0 < 20 + 5
     printed = capsys.readouterr().out
     assert "Winner:" in printed and "images/s" in printed and "What would move it further" in printed

@@ -122,8 +122,9 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     if args.backends:
         asked = [b.strip() for b in args.backends.split(",") if b.strip()]
         from pipeline import LOADERS
-        if set(asked) - set(LOADERS):
-            raise ConfigError(f"--backends takes {', '.join(LOADERS)} (unknown: {', '.join(set(asked) - set(LOADERS))})")
+        unknown = sorted(set(asked) - set(LOADERS))
+        if unknown:
+            raise ConfigError(f"--backends takes {', '.join(LOADERS)} (unknown: {', '.join(unknown)})")
         backends = [b for b in backends if b == cfg.data.backend or b in asked]
     preset = {"data.backend": cfg.data.backend,
               **{k.key: get(cfg, k.key) for k in knobs(cfg.data.backend, measure.device.type, cores)}}
@@ -157,8 +158,9 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
              f"Apply: byol train {config} --config {args.out}"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {**winner, "data.path": cfg.data.path}   # and the data they were measured on (read by all of them)
     out.write_text("\n".join(f"# {line}".rstrip() for line in lines) + "\n"
-                   + yaml.safe_dump(nested(winner), sort_keys=False))
+                   + yaml.safe_dump(nested(settings), sort_keys=False))
     sibling = common.write_json(out.with_suffix(".json"), {
         "config": args.config, "overrides": args.overrides, "budget_s": args.budget, "seconds": seconds,
         "cores": cores, "backends": backends, "preset": preset, "winner": winner, "verdict": lines,

@@ -225,8 +225,10 @@ def test_knobs_and_backends_for_the_data(tmp_path):
 # --- several --config files ----------------------------------------------------------------------------------------
 def test_later_config_files_override_earlier_ones_then_overrides(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    a.write_text("data: {backend: torch, num_workers: 1, image_size: 32}\ntrain: {batch_size: 64, weight_decay: 2.0e-6}\n")
-    b.write_text("data:\n  num_workers: 2\n  dali: {num_threads: 3}\ntrain: {weight_decay: 1.0e-6, out_dir: 'runs/#1 x'}\n")
+    a.write_text("data: {backend: torch, num_workers: 1, image_size: 32}\n"
+                 "train: {batch_size: 64, weight_decay: 2.0e-6}\n")
+    b.write_text("data:\n  num_workers: 2\n  dali: {num_threads: 3}\n"
+                 "train: {weight_decay: 1.0e-6, out_dir: 'runs/#1 x'}\n")
     cfg = load_configs([str(a), str(b)], ["data.dali.num_threads=5"])
     assert (cfg.data.backend, cfg.data.num_workers, cfg.data.image_size) == ("torch", 2, 32)
     assert (cfg.data.dali.num_threads, cfg.data.dali.decoder) == (5, "mixed")
@@ -267,6 +269,7 @@ def test_real_tune_on_tiny_images_writes_a_valid_override(tmp_path, capsys):
     text = out.read_text()
     assert text.startswith("# byol tune:") and "loader" in text
     load_config(out)   # validates alone
+    assert yaml.safe_load(text)["data"]["path"] == str(tmp_path / "images")   # the data it was measured on
     tuned = load_configs([str(base), str(out)])
     record = json.loads(out.with_suffix(".json").read_text())
     assert tuned.data.backend == record["winner"]["data.backend"] == "torch"

@@ -9,7 +9,6 @@ updating, or fp16's scaler); the ranks' preemption agreement is asynchronous. `b
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -28,25 +27,14 @@ from pipeline.storage import write_json_atomic
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, check_world, to_dict
 from train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
+from train.metrics import MetricsWriter
 from train.optim import build_optimizer
+from train.preempt import EXIT_PREEMPTED, PREEMPT_CHECK_EVERY, PREEMPT_MARKER, PreemptFlag, Preempted
 from train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
 from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
 from train.step import Forward, NonFiniteError, StageHook, Stepper, StepOutput, no_stage
 
 log = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again" — cluster scripts requeue on it
-PREEMPT_CHECK_EVERY = 5      # steps between the ranks' exchanges of a pending preemption (an async collective)
-PREEMPT_MARKER = "preempted.json"   # in the run folder while the run stands preempted: a requeue script's cue
-
-
-class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is written; exits with `EXIT_PREEMPTED`."""
-
-    def __init__(self, step: int, path: Optional[Path]):
-        super().__init__(EXIT_PREEMPTED)
-        self.step, self.path = step, path
-
 
 @dataclass
 class Schedule:
@@ -63,29 +51,6 @@ class RunState:
 
     step: int = 0
     history: list = field(default_factory=list)   # logged metrics, for the learning-curve plot
-
-
-class _PreemptFlag:
-    """Signal handlers that only set a flag; the loop checkpoints at the next step boundary."""
-
-    def __init__(self, names: list[str]):
-        self.signum: Optional[int] = None
-        self._previous = {}
-        for name in names:
-            sig = getattr(signal, name)
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:   # not the main thread (e.g. inside a test runner's worker thread)
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -232,14 +197,8 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
         self.state.history.append(metrics)
-        if not self.dist.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, metrics["step"])
+        if self.writer is not None:   # rank 0
+            self.writer.write(metrics)
 
     def _check_finite(self) -> None:
         first = self.stepper.first_bad_step()   # host sync: only on logging/checkpoint steps
@@ -249,7 +208,7 @@ class Trainer:
                 f"{self.run_dir} is kept. Lower train.base_lr, use train.precision=bf16/fp32, or set "
                 "train.on_nonfinite=skip to skip such steps")
 
-    def _preempt_pending(self, flag: _PreemptFlag, agreement: FlagAgreement) -> bool:
+    def _preempt_pending(self, flag: PreemptFlag, agreement: FlagAgreement) -> bool:
         if not self.dist.distributed:
             return flag.signum is not None
         if self.state.step % PREEMPT_CHECK_EVERY:
@@ -278,15 +237,12 @@ class Trainer:
             if t.resume:
                 self.resume(t.resume)
             if self.dist.is_main:
-                from torch.utils.tensorboard import SummaryWriter
-                # resumed: events logged after the checkpoint's step by the abandoned run are dropped
-                self.writer = SummaryWriter(str(self.run_dir / "tb"),
-                                            purge_step=self.state.step + 1 if self.state.step else None)
+                self.writer = MetricsWriter(self.run_dir, purge_step=self.state.step + 1 if self.state.step else None)
             if cfg.eval.every and cfg.eval.data and self.dist.is_main:
                 from train.evaluate import KnnMonitor
                 self.eval_monitor = KnnMonitor(cfg.eval, self.device, cfg.model.channels_last,
                                                cfg.data.augment.mean, cfg.data.augment.std)
-            flag = _PreemptFlag(t.preempt_signals)
+            flag = PreemptFlag(t.preempt_signals)
             return self._train(flag)
         finally:
             if flag is not None:
@@ -295,7 +251,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
 
-    def _train(self, flag: _PreemptFlag) -> dict:
+    def _train(self, flag: PreemptFlag) -> dict:
         cfg, t, sched = self.cfg, self.cfg.train, self.schedule
         global_batch = t.batch_size
         loss_sum = torch.zeros((), device=self.device)

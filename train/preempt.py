@@ -1,0 +1,49 @@
+"""Preemption: the signals that ask a run to checkpoint and exit for requeue, and what the run leaves behind.
+
+A handler only sets a flag; the loop checkpoints at the next step boundary, writes `PREEMPT_MARKER` in the run folder
+(a requeue script's cue: torchrun exits 1, not 75, when its ranks exit 75) and exits with `EXIT_PREEMPTED`. Under
+torchrun the ranks agree on the flag every `PREEMPT_CHECK_EVERY` steps (`train.distributed.FlagAgreement`).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again" — cluster scripts requeue on it
+PREEMPT_CHECK_EVERY = 5      # steps between the ranks' exchanges of a pending preemption (an async collective)
+PREEMPT_MARKER = "preempted.json"   # in the run folder while the run stands preempted: a requeue script's cue
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exits with `EXIT_PREEMPTED`."""
+
+    def __init__(self, step: int, path: Optional[Path]):
+        super().__init__(EXIT_PREEMPTED)
+        self.step, self.path = step, path
+
+
+class PreemptFlag:
+    """Signal handlers that only set a flag; the loop checkpoints at the next step boundary."""
+
+    def __init__(self, names: list[str]):
+        self.signum: Optional[int] = None
+        self._previous = {}
+        for name in names:
+            sig = getattr(signal, name)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread (e.g. inside a test runner's worker thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

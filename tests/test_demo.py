@@ -14,7 +14,7 @@ def test_quick_demo_writes_its_summary_and_prints_a_verdict(tmp_path, capsys):
                        extra=("train.batch_size=32", "eval.k=[5]", "data.num_workers=0"))
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written["steps"] == summary["steps"] == 6
-    for key in ("knn_top1_random_init", "knn_top1_byol"):
+    for key in ("knn_top1_random_init", "knn_top1_byol", "knn_top1_byol_start"):
         assert 0.0 <= written[key] <= 1.0
     assert 1.0 <= written["knn_byol"]["feature_rank"] <= 512
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 0

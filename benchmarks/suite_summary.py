@@ -92,7 +92,7 @@ def smoke_problems(res: Path, s: Summary) -> list[str]:
         s.packages[name] = "did not run (no smoke record)"
     if data is None:
         return ["no smoke.json"]
-    failed = []
+    failed = [] if data.get("complete") else ["stopped before its last check (smoke.json incomplete)"]
     checks = {c.get("name"): c for c in data.get("checks", [])}
     for c in checks.values():
         status = c.get("status")
@@ -195,7 +195,8 @@ def summarise(res: Path) -> Summary:
             s.lines.append(f"  {name}: {problem}")
         if status == "capped":
             s.failed.append(f"{name} (stopped at its {p.get('cap')} s cap)")
-        elif rc != 0 and not only_missing:
+        elif rc != 0 and (not only_missing or rc != 1):   # 1: a package missing; a crash (139) or pytest's 5
+            # (no test collected) is a failure even where every check it wrote reads "missing"
             s.failed.append(f"{name} (exit {rc})")
         elif problems:
             s.failed.append(f"{name} ({'; '.join(problems[:2])}{' ...' if len(problems) > 2 else ''})")

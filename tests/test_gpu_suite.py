@@ -210,3 +210,13 @@ def test_last_line_names_failures_caps_and_the_budget(tmp_path):
 def test_no_results_at_all(tmp_path):
     lines, code = _summary(tmp_path)
     assert code == 1 and lines[-1].startswith("suite: ran nothing;") and "DALI and FFCV did not run" in lines[-1]
+
+
+def test_a_crashed_smoke_part_is_a_failure_not_a_run(tmp_path):
+    res = _results(tmp_path, dali=False)
+    smoke = json.loads((res / "smoke.json").read_text())
+    smoke.update(complete=False, checks=smoke["checks"][:4])   # killed by a signal during the DALI batch
+    (res / "smoke.json").write_text(json.dumps(smoke))
+    (res / "parts.jsonl").write_text((res / "parts.jsonl").read_text().replace('"rc": 1', '"rc": 139', 1))
+    lines, code = _summary(res)
+    assert code == 1 and "failed: smoke (exit 139)" in lines[-1] and "ran smoke" not in lines[-1]

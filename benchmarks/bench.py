@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol bench", description="images/sec: loader-only, model-only, e2e, EMA")
     p.add_argument("--what", choices=(*WHATS, "all"), default="all")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON file (the PNG chart is written beside it)")
-    p.add_argument("--config", help="a YAML preset (configs/*.yaml)")
+    p.add_argument("--config", action="append", help="a YAML preset (configs/*.yaml); several: later ones override "
+                   "earlier ones, as in byol train")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated loader backends")
     p.add_argument("--data", default="data/bench", help="folder for the benchmark images and their conversions")
     p.add_argument("--images", type=int, default=0,

@@ -126,15 +126,21 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
-def requested_device(overrides: Sequence[str], config: str | None = None) -> torch.device:
-    """The device a run with this YAML file and these overrides trains on (`train.device`, default `auto`), for
+def _paths(config: str | Sequence[str] | None) -> list[str]:
+    """`--config` given once (a path), several times (a list) or not at all."""
+    return [config] if isinstance(config, str) else list(config or [])
+
+
+def requested_device(overrides: Sequence[str], config: str | Sequence[str] | None = None) -> torch.device:
+    """The device a run with these YAML files and overrides trains on (`train.device`, default `auto`), for
     choosing default sizes."""
     from train.distributed import resolve_device
 
     name = "auto"
-    loaded = _yaml_mapping(config)
-    if isinstance(loaded.get("train"), dict) and loaded["train"].get("device"):
-        name = str(loaded["train"]["device"])
+    for path in _paths(config):   # a later file overrides an earlier one
+        loaded = _yaml_mapping(path)
+        if isinstance(loaded.get("train"), dict) and loaded["train"].get("device"):
+            name = str(loaded["train"]["device"])
     for text in overrides:
         if text.split("=", 1)[0].strip() == "train.device" and "=" in text:
             name = text.split("=", 1)[1].strip() or "auto"
@@ -172,14 +178,16 @@ def _flat_keys(data: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def load_bench_config(path: str | None, overrides: Sequence[str], defaults: Sequence[str] = ()):
-    """`train.config.load_config` with `defaults` underneath: a default applies only to a key that neither the YAML
-    file nor an override sets. Raises `ConfigError` like `byol train` does."""
-    from train.config import load_config
+def load_bench_config(config: str | Sequence[str] | None, overrides: Sequence[str], defaults: Sequence[str] = ()):
+    """`byol train`'s config loading (one or several `--config` files, later ones overriding earlier ones, then
+    the overrides) with `defaults` underneath: a default applies only to a key that neither a YAML file nor an
+    override sets. Raises `ConfigError` like `byol train` does."""
+    from train.cli import load_configs
 
-    taken = {o.split("=", 1)[0].strip() for o in overrides} | _flat_keys(_yaml_mapping(path))
+    paths = _paths(config)
+    taken = {o.split("=", 1)[0].strip() for o in overrides}.union(*(_flat_keys(_yaml_mapping(p)) for p in paths))
     kept = [d for d in defaults if d.split("=", 1)[0] not in taken]
-    return load_config(path, [*kept, *overrides])
+    return load_configs(paths, [*kept, *overrides])
 
 
 # --- memory --------------------------------------------------------------------------------------------------------

@@ -190,7 +190,8 @@ def profile_run(cfg, out_dir: str | Path, steps: int, wait: int = 1, warmup: int
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol profile", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="a YAML preset (configs/*.yaml)")
+    p.add_argument("--config", action="append", help="a YAML preset (configs/*.yaml); several: later ones override "
+                   "earlier ones, as in byol train")
     p.add_argument("--steps", type=int, default=5, help="profiled (active) steps")
     p.add_argument("--wait", type=int, default=1, help="steps before the profiler starts")
     p.add_argument("--warmup", type=int, default=1, help="steps the profiler runs but discards")

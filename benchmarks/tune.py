@@ -23,6 +23,7 @@ import yaml
 
 from benchmarks import common
 from benchmarks.tune_search import Tuner, data_backends, get, knobs, label
+from pipeline.storage import write_bytes_atomic
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -159,8 +160,8 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {**winner, "data.path": cfg.data.path}   # and the data they were measured on (read by all of them)
-    out.write_text("\n".join(f"# {line}".rstrip() for line in lines) + "\n"
-                   + yaml.safe_dump(nested(settings), sort_keys=False))
+    write_bytes_atomic(out, ("\n".join(f"# {line}".rstrip() for line in lines) + "\n"   # all or nothing
+                             + yaml.safe_dump(nested(settings), sort_keys=False)).encode())
     sibling = common.write_json(out.with_suffix(".json"), {
         "config": args.config, "overrides": args.overrides, "budget_s": args.budget, "seconds": seconds,
         "cores": cores, "backends": backends, "preset": preset, "winner": winner, "verdict": lines,

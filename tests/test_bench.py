@@ -303,3 +303,16 @@ def test_no_bf16_advice_on_a_cpu_without_bf16_units():
     facts = RunFacts(device_type="cpu", precision="fp32", cpu_bf16=False)
     advice = " ".join(build_report({"backward": 1.0}, 1, facts)["advice"])
     assert "bf16" not in advice and "train.compile=true" in advice
+
+
+def test_bench_configs_stack_like_byol_train(tmp_path):
+    """`--config base.yaml --config tuned.yaml` (byol tune's advice) means the same to bench/profile as to train."""
+    base, tuned = tmp_path / "base.yaml", tmp_path / "tuned.yaml"
+    base.write_text("train:\n  batch_size: 32\n  device: cpu\nmodel:\n  arch: resnet34\n")
+    tuned.write_text("train:\n  batch_size: 16\ndata:\n  image_size: 48\n")
+    cfg = common.load_bench_config([str(base), str(tuned)], ["data.num_workers=1"],
+                                   ["data.image_size=64", "model.arch=resnet18", "train.epochs=20"])
+    assert (cfg.train.batch_size, cfg.data.image_size, cfg.model.arch) == (16, 48, "resnet34")
+    assert (cfg.data.num_workers, cfg.train.epochs) == (1, 20)     # overrides, then defaults of unset keys
+    assert common.requested_device([], [str(base), str(tuned)]).type == "cpu"
+    assert common.load_bench_config(str(tuned), [], []).train.batch_size == 16   # one file, as before

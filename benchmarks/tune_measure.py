@@ -9,7 +9,7 @@ import warnings
 from typing import Optional
 
 from benchmarks import common
-from benchmarks.tune_search import TrialTimeout, with_settings
+from benchmarks.tune_search import TrialTimeout, cap_deferred, with_settings
 
 
 class RealMeasure:
@@ -44,7 +44,8 @@ class RealMeasure:
         ctx = LoaderContext(device=self.device, dtype=DTYPES[resolve_precision(cfg.train.precision, self.device)],
                             batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                             channels_last=cfg.model.channels_last)
-        loader = build_two_view_loader(cfg.data, ctx)
+        with cap_deferred():   # a loader built is a loader closed, whenever the cap expires
+            loader = build_two_view_loader(cfg.data, ctx)
         stamps: list[float] = []   # when each batch arrived: what is left of a trial cut at its cap
         try:
             steps = max(2, min(self.loader_steps, len(loader) - 1 - loader.read_ahead))
@@ -60,14 +61,16 @@ class RealMeasure:
             return {"images_per_sec": ctx.batch_size * (len(timed) - 1) / (timed[-1] - timed[0]),
                     "note": f"cut at its cap after {len(timed) - 1} timed batches"}
         finally:
-            loader.close()
+            with cap_deferred():
+                loader.close()
 
     def end_to_end(self, cfg, soft_end: float) -> dict:
         from benchmarks.profile import StageTimer, endless_batches, run_facts
         from benchmarks.report import build_report
         from train.loop import Trainer
 
-        trainer = Trainer(cfg)
+        with cap_deferred():   # the trainer's loader is built inside: never left unowned and running
+            trainer = Trainer(cfg)
         it = endless_batches(trainer.loader)
         try:
             trainer.model.train()
@@ -108,8 +111,9 @@ class RealMeasure:
                     "step_s": round(common.median(per_step), 3), "note": note,
                     "report": {k: report[k] for k in ("bound", "summary", "advice", "stage_shares", "facts")}}
         finally:
-            it.close()
-            trainer.loader.close()
+            with cap_deferred():
+                it.close()
+                trainer.loader.close()
 
 
 def stored_max_side(path: str, sample: int = 16) -> Optional[int]:

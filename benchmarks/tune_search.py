@@ -44,24 +44,54 @@ class TrialTimeout(Exception):
     """A trial ran past its cap."""
 
 
+class _Deferral:
+    """Whether the cap may interrupt now (`cap_deferred` blocks count up) and a cap that expired meanwhile."""
+
+    depth = 0
+    expired: Optional[str] = None
+
+
 @contextlib.contextmanager
 def hard_deadline(seconds: float) -> Iterator[None]:
     """Raise `TrialTimeout` in the block after `seconds` (SIGALRM; only in the main thread, elsewhere a no-op).
-    Code inside C (a numba compile, a DALI build) is interrupted when it returns to Python."""
+    Code inside C (a numba compile, a DALI build) is interrupted when it returns to Python; inside a `cap_deferred`
+    block, when that block ends. An outer interval timer (pytest-timeout's, say) is re-armed with what it had left."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
+    message = f"stopped at its cap of {seconds:.1f} s"
 
     def expire(signum, frame):
-        raise TrialTimeout(f"stopped at its cap of {seconds:.1f} s")
+        if _Deferral.depth:
+            _Deferral.expired = message
+            return
+        raise TrialTimeout(message)
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        _Deferral.expired = None
+        if outer > 0:   # the outer timer goes on; one that fell due meanwhile fires at once
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
+
+
+@contextlib.contextmanager
+def cap_deferred() -> Iterator[None]:
+    """Hold a trial's cap back during set-up and clean-up that must not stop halfway (a loader built and not yet
+    owned by anyone, a loader being closed); a cap that expired meanwhile raises when the block ends normally."""
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+    if not _Deferral.depth and _Deferral.expired:
+        message, _Deferral.expired = _Deferral.expired, None
+        raise TrialTimeout(message)
 
 
 # --- what is searched ----------------------------------------------------------------------------------------------

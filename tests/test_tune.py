@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.tune_search import NOISE, Tuner, TrialTimeout, data_backends, hard_deadline, knobs, label
+from benchmarks.tune_search import (NOISE, Tuner, TrialTimeout, cap_deferred, data_backends, hard_deadline, knobs,
+                                    label)
 from train.cli import build_parser, config_file_overrides, load_configs
 from train.config import ConfigError, load_config
 
@@ -204,6 +205,27 @@ def test_hard_deadline_interrupts_a_stuck_trial():
     with pytest.raises(TrialTimeout), hard_deadline(0.2):
         time.sleep(5)
     assert time.monotonic() - t0 < 2
+
+
+def test_deferred_set_up_finishes_then_the_cap_fires_and_an_outer_timer_survives():
+    import signal
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(time.monotonic()))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)                 # an outer timer, as pytest-timeout's
+        finished = []
+        with pytest.raises(TrialTimeout), hard_deadline(0.1):
+            with cap_deferred():                                  # e.g. a loader being built or closed
+                time.sleep(0.4)
+                finished.append(True)                             # not cut halfway
+            time.sleep(5)                                         # never reached: the cap fires as the block ends
+        assert finished == [True] and not fired
+        assert 0.5 < signal.getitimer(signal.ITIMER_REAL)[0] < 1.2   # the outer timer goes on with what it had left
+        time.sleep(1.3)
+        assert len(fired) == 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_knobs_and_backends_for_the_data(tmp_path):

@@ -7,7 +7,7 @@ momentum. Parameters with ndim <= 1 (biases, BatchNorm) get neither weight decay
 Kernel launches: CUDA's fused multi-tensor kernels (`torch._foreach_*`) take a list only when corresponding tensors
 have the same shape, strides and dtype; otherwise the op falls back to one kernel per tensor. A list of 0-d trust
 ratios beside the gradients is such a case, so the ratios are spread over a buffer with one element per gradient
-element (one `index_select`), viewed with each gradient's shape and strides. A step is then a fixed sequence of ops
+element (one `repeat_interleave`), viewed with each gradient's shape and strides. A step is then a fixed sequence of ops
 whatever the number of parameter tensors (`tests/test_kernel_count.py` counts them); each multi-tensor op launches
 once per few hundred tensors on recent GPUs.
 """
@@ -34,8 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class SpreadValues:
     """One value per tensor, spread over a flat buffer with as many elements as the tensors together, and seen
     through views with each tensor's shape and strides: a per-tensor factor in the form the fused multi-tensor
-    kernels accept (a list of 0-d tensors would not be). The index and the views are built once per layout; they
-    hold 8 bytes per element of the tensors (the values and an int32 index).
+    kernels accept (a list of 0-d tensors would not be). The buffer and its views are built once per layout: 4 bytes
+    per element of the tensors (fp32), plus as much again while `fill_` runs.
 
     Args:
         like: the tensors the values will multiply (all of one dtype and device).
@@ -43,10 +43,9 @@ class SpreadValues:
 
     def __init__(self, like: Sequence[torch.Tensor]):
         self.layout = _layout(like)
-        counts = torch.tensor([t.numel() for t in like])
         device = like[0].device
-        self.index = torch.repeat_interleave(torch.arange(len(like), dtype=torch.int32), counts).to(device)
-        self.values = torch.empty(int(counts.sum()), dtype=like[0].dtype, device=device)
+        self.counts = torch.tensor([t.numel() for t in like], device=device)
+        self.values = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=device)
         self.views = []
         offset = 0
         for t in like:
@@ -56,8 +55,11 @@ class SpreadValues:
             offset += t.numel()
 
     def fill_(self, per_tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Write `per_tensor[i]` into every element of view i (one kernel); returns the views."""
-        torch.index_select(per_tensor.to(self.values.dtype), 0, self.index, out=self.values)
+        """Write `per_tensor[i]` into every element of view i (two kernels, no host sync: the output size is
+        known); returns the views. The values within a segment are all equal, so each view may address its segment
+        in any order of dimensions."""
+        self.values.copy_(torch.repeat_interleave(per_tensor.to(self.values.dtype), self.counts,
+                                                  output_size=self.values.numel()))
         return self.views
 
 

@@ -80,7 +80,7 @@ def crop_flip_params(view_seed: int, index: int, height: int, width: int, scale:
 
 
 @numba.njit(inline="always")
-def _flip_columns(img: np.ndarray) -> None:
+def flip_columns(img: np.ndarray) -> None:
     # In-place horizontal flip of one (H, W, 3) uint8 image.
     width = img.shape[1]
     for r in range(img.shape[0]):
@@ -104,10 +104,10 @@ class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         views: per view, `(scale, ratio, flip_p)`: the crop's area fraction and aspect-ratio ranges (as
             `RandomResizedCropRGBImageDecoder`) and the probability of a horizontal flip.
 
-    Each image is decoded once into a scratch buffer and both views are cut from it (decoding is most of the CPU
-    work). The views' draws are those of two separate seeded decoders: each re-seeds from its own view seed and the
-    sample's global index (`crop_flip_params`). The result is view-major, `(2, N, H, W, 3)` in the memory FFCV
-    allocates per sample as `(2, H, W, 3)`: each view's batch is one contiguous block, which `ViewOf` hands on
+    Each image is decoded once into a scratch buffer and both views are cut from it (a decode costs more than a
+    view's crop). The views' draws are those of two separate seeded decoders: each re-seeds from its own view seed
+    and the sample's global index (`crop_flip_params`). The result is view-major, `(2, N, H, W, 3)` in the memory
+    FFCV allocates per sample as `(2, H, W, 3)`: each view's batch is one contiguous block, which `ViewOf` hands on
     without a copy. The third buffer holds, per batch slot, `(view 1 seed, view 2 seed, global index)` of each
     sample: the seeds are written before the epoch starts, the indices before each batch (`SeededEpochIterator`).
     """
@@ -133,7 +133,7 @@ class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         draw = crop_flip_params
-        flip_columns = _flip_columns
+        flip_columns_c = flip_columns
         scale, ratio, flip_p = self.view_scale, self.view_ratio, self.view_flip_p
         out_h, out_w = self.output_size
 
@@ -158,7 +158,7 @@ class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
                                             flip_p[v])
                     resize_crop_c(temp_buffer, i, i + h, j, j + w, views[v, dst_ix])
                     if flip:
-                        flip_columns(views[v, dst_ix])
+                        flip_columns_c(views[v, dst_ix])
             return views
 
         decode.is_parallel = True

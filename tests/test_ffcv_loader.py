@@ -11,6 +11,7 @@ the JPEG decoder (FFCV uses libjpeg-turbo's fast DCT), about 1 grey level on ave
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import threading
@@ -110,6 +111,11 @@ def loader(beton: Path, ctx: LoaderContext):
     ld = FfcvTwoViewLoader(cfg, ctx)
     yield ld
     ld.close()
+    # FFCV's loader is a reference cycle: free it (and numba's dispatchers in it) here rather than at a random later
+    # collection. A dispatcher's finalizer raises an ignored KeyError; under pytest on Python 3.11, its report made
+    # inside an interrupted `ast.parse` (an import) fails that parse with "AST constructor recursion depth mismatch".
+    del ld
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,159 @@
+"""CPU milliseconds per image of each stage of the ffcv backend, both views: where a loader's time goes.
+
+Stages, in the loader's order (per image; the crop, flip, hand-over and colour stages count both views):
+  - decode: the JPEG decode into the scratch buffer (libjpeg-turbo through FFCV's `imdecode`; raw images skip it);
+  - crop: the seeded draws (`crop_flip_params`) and the INTER_AREA resize of each view's crop (FFCV's `resize_crop`);
+  - flip: the in-place horizontal flip of the views that draw it;
+  - hand_over: each view's crops into the tensor FFCV hands on (`ToDevice`'s copy, on the CPU);
+  - colour: jitter in each sample's op order and grayscale (`cpu_augment.jitter_grayscale_`, uint8 -> float);
+  - blur: the gaussian blur of the samples that draw it;
+  - normalise: solarize and the mean/std normalisation (`cpu_augment.solarize_normalise_`);
+  - augment_other: the rest of the CPU colour path (its draws, layouts and allocations).
+decode, crop and flip run the primitives of `pipeline.ffcv_decode.TwoViewCropFlipDecoder` in separate loops (the
+decoder fuses them); the colour stages time the loader's own `BatchedViewAugment.apply_cpu`, its kernels wrapped.
+Everything runs in the calling thread, one thread (thread CPU time, robust to a shared machine): the CPU cost a
+loader pays, whatever number of workers spreads it. On a GPU the colour stages run on the device instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator
+
+import numba
+import numpy as np
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.ffcv_decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
+
+with keep_torch_threads():
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.reader import Reader
+
+STAGES = ("decode", "crop", "flip", "hand_over", "colour", "blur", "normalise", "augment_other")
+_imdecode = numba.njit(imdecode)
+_resize_crop = numba.njit(resize_crop)
+
+
+@numba.njit
+def _decode(data, ptrs, sizes, heights, widths, is_jpeg, decoded):
+    for k in range(len(ptrs)):
+        if is_jpeg[k]:
+            _imdecode(data[ptrs[k]:ptrs[k] + sizes[k]], decoded[k], heights[k], widths[k], heights[k], widths[k],
+                      0, 0, 1, 1, False, False)
+
+
+@numba.njit
+def _crop(decoded, heights, widths, seeds, index, scale, ratio, flip_p, views, flips):
+    for k in range(len(index)):
+        h0, w0 = heights[k], widths[k]
+        image = decoded[k, :3 * h0 * w0].reshape((h0, w0, 3))
+        for v in range(2):
+            i, j, h, w, flip = crop_flip_params(seeds[v], index[k], h0, w0, scale[v], ratio[v], flip_p[v])
+            _resize_crop(image, i, i + h, j, j + w, views[v, k])
+            flips[v, k] = flip
+
+
+@numba.njit
+def _flip(views, flips):
+    for v in range(2):
+        for k in range(views.shape[1]):
+            if flips[v, k]:
+                flip_columns(views[v, k])
+
+
+@contextlib.contextmanager
+def _timed(module, name: str, seconds: dict, stage: str) -> Iterator[None]:
+    """Add the thread CPU time of every call of `module.name` to `seconds[stage]` while the block runs."""
+    fn = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        t = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[stage] += time.thread_time() - t
+
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, fn)
+
+
+def _clock(seconds: dict, stage: str, fn: Callable, *args) -> None:
+    t = time.thread_time()
+    fn(*args)
+    seconds[stage] += time.thread_time() - t
+
+
+def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, repeats: int = 3,
+                  seed: int = 0) -> dict[str, float]:
+    """CPU ms per image of each stage (`STAGES`, and `total`) on the first `max_images` images of `cfg.path`'s
+    beton, at `cfg.image_size` with `cfg.augment`, in batches of `batch_size`; the median over `repeats` passes
+    (after one untimed pass: numba compiles on first use)."""
+    from pipeline import cpu_augment, device_augment
+    from pipeline.ffcv_loader import resolve_beton
+
+    path = resolve_beton(cfg.path)
+    reader = Reader(str(path))
+    names = list(reader.handlers)
+    meta = reader.metadata[f"f{names.index('image')}"][:max_images]
+    n = (len(meta) // batch_size) * batch_size or len(meta)
+    meta = meta[:n]
+    index = (reader.metadata[f"f{names.index('index')}"][:n] if "index" in names else np.arange(n)).astype(np.int64)
+    size_of = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    ptrs = meta["data_ptr"].astype(np.int64)
+    sizes = np.array([size_of[p] for p in ptrs.tolist()], dtype=np.int64)
+    heights, widths = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+    is_jpeg = meta["mode"] == IMAGE_MODES["jpg"]
+    decoded = np.zeros((n, int((heights * widths).max()) * 3), dtype=np.uint8)
+    for k in np.flatnonzero(~is_jpeg):   # raw images are cropped where they lie: no decode to time
+        decoded[k, :sizes[k]] = data[ptrs[k]:ptrs[k] + sizes[k]]
+    aug, s = cfg.augment, cfg.image_size
+    specs = (aug.view1, aug.view2)
+    scale = np.array([v.crop_scale for v in specs], dtype=np.float64)
+    ratio = np.array([v.crop_ratio for v in specs], dtype=np.float64)
+    flip_p = np.array([v.flip_p for v in specs], dtype=np.float64)
+    seeds = np.array([view_seed(seed, 0, 0, v) for v in range(2)], dtype=np.int64)
+    views = np.empty((2, n, s, s, 3), dtype=np.uint8)
+    flips = np.zeros((2, n), dtype=np.bool_)
+    handed = torch.empty((batch_size, s, s, 3), dtype=torch.uint8)
+    augment = [device_augment.BatchedViewAugment(v, aug.mean, aug.std, s, color_ops=aug.color_ops) for v in specs]
+    generator = torch.Generator().manual_seed(seed)
+
+    def one_pass() -> dict[str, float]:
+        seconds = dict.fromkeys(STAGES, 0.0)
+        _clock(seconds, "decode", _decode, data, ptrs, sizes, heights, widths, is_jpeg, decoded)
+        _clock(seconds, "crop", _crop, decoded, heights, widths, seeds, index, scale, ratio, flip_p, views, flips)
+        _clock(seconds, "flip", _flip, views, flips)
+        with contextlib.ExitStack() as timers:
+            for module, name, stage in ((cpu_augment, "jitter_grayscale_", "colour"),
+                                        (device_augment, "gaussian_blur", "blur"),
+                                        (cpu_augment, "solarize_normalise_", "normalise")):
+                timers.enter_context(_timed(module, name, seconds, stage))
+            whole = 0.0
+            for b in range(0, n, batch_size):
+                for v in range(2):
+                    crops = torch.from_numpy(views[v, b:b + batch_size])
+                    _clock(seconds, "hand_over", handed[:len(crops)].copy_, crops)
+                    t = time.thread_time()
+                    augment[v](handed[:len(crops)], generator)
+                    whole += time.thread_time() - t
+        seconds["augment_other"] = whole - seconds["colour"] - seconds["blur"] - seconds["normalise"]
+        return seconds
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # one thread: the kernels then run in this one (cpu_augment reads torch's count)
+    try:
+        one_pass()
+        passes = [one_pass() for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(threads)
+    ms = {stage: 1000 * statistics.median(p[stage] for p in passes) / n for stage in STAGES}
+    ms["total"] = sum(ms.values())
+    return ms

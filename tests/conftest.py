@@ -1,12 +1,23 @@
 """Shared fixtures: tiny real-image datasets in temporary folders and a tiny config."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 # One torch thread per test process: next to loader workers and subprocesses on two cores, OpenMP barriers with a
 # descheduled thread make multi-threaded steps orders of magnitude slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_each_modules_garbage():
+    """FFCV loaders are reference cycles whose numba finalizers raise an ignored error when collected; collected at
+    the end of the module that made them, that error cannot land inside a later parse (pytest formats it with `ast`,
+    and an `ast.parse` it interrupts fails with 'AST constructor recursion depth mismatch')."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.update_target(target_tau(step, a.tau, a.steps))
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if (step + 1) % every == 0:
             curve.append({"step": step + 1, "loss": float(np.mean(losses[-every:])),
                           "collapse_std": float(collapse_std(out.projection)),

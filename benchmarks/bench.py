@@ -1,4 +1,4 @@
-"""`byol bench`: images/sec of the loaders alone, the model alone, both together, and the target EMA.
+"""`byol bench`: images/sec of the loaders alone, the model alone and both together; the weight updates (EMA, LARS).
 
     byol bench --what loader|model|e2e|ema|optim|all --out runs/bench/bench.json [--config FILE] [section.key=value ...]
 
@@ -23,13 +23,13 @@ import argparse
 import logging
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from benchmarks import common, environment
+from benchmarks.bench_update import bench_ema, bench_optim
 from benchmarks.common import backend_path, build_bench_images, time_epochs
 from benchmarks.report import format_table, hidden_ratio, summary_lines
 
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "ffcv", "torch")
 WHATS = ("loader", "model", "e2e", "ema", "optim")
-
-
-def _record(what: str, name_key: str, name: str, cfg, device: torch.device, **fields) -> dict:
-    rec = {"what": what, name_key: name, "device": device.type, "batch_size": cfg.train.batch_size,
-           "resolution": cfg.data.image_size, "images_per_sec": None, "peak_mem_mb": None,
-           "peak_mem_kind": common.memory_kind(device)}
-    rec.update(fields)
-    return rec
 
 
 def _scalar_stats(stats: dict) -> dict:
@@ -65,7 +57,7 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
         settings = {"num_workers": cfg.data.num_workers}
         if backend == "dali":
             settings.update(dali_threads=cfg.data.dali.num_threads, dali_decoder=cfg.data.dali.decoder)
-        rec = _record("loader", "backend", backend, cfg, device, **settings)
+        rec = common.record("loader", "backend", backend, cfg, device, **settings)
         loader = None
         try:
             if folder is None:
@@ -91,7 +83,7 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
         yield bench_device_augment(cfg, device, folder, args)
     except Exception as err:  # reported as a record like a failing backend
         log.warning("device augmentation: %s: %s", type(err).__name__, err, exc_info=True)
-        yield _record("augment", "backend", "device_augment", cfg, device, **common.error_fields(err))
+        yield common.record("augment", "backend", "device_augment", cfg, device, **common.error_fields(err))
 
 
 def _bench_folder(args) -> tuple[Optional[Path], Optional[Exception]]:
@@ -121,7 +113,7 @@ def bench_device_augment(cfg, device: torch.device, folder: Optional[Path], args
     from pipeline.device_augment import BatchedViewAugment
 
     size, n = cfg.data.image_size, cfg.train.batch_size
-    rec = _record("augment", "backend", "device_augment", cfg, device)
+    rec = common.record("augment", "backend", "device_augment", cfg, device)
     files = sorted(folder.glob("*/*.jpg"))[:n] if folder is not None else []
     if files:
         crops = np.stack([np.asarray(Image.open(files[i % len(files)]).convert("RGB").resize((size, size)))
@@ -131,7 +123,8 @@ def bench_device_augment(cfg, device: torch.device, folder: Optional[Path], args
         rec["note"] = "random pixels (no photographs available)"
     x = torch.from_numpy(crops).to(device)
     aug = cfg.data.augment
-    views = [BatchedViewAugment(spec, aug.mean, aug.std, size, color_ops=aug.color_ops).to(device) for spec in (aug.view1, aug.view2)]
+    views = [BatchedViewAugment(spec, aug.mean, aug.std, size, color_ops=aug.color_ops).to(device)
+             for spec in (aug.view1, aug.view2)]
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     common.reset_peak_memory(device)
     secs = common.time_repeats(lambda: [v(x, gen) for v in views], device, warmup=args.loader_warmup,
@@ -219,7 +212,7 @@ def bench_model(cfg, device: torch.device, args, overrides: list[str],
     for name, changes, ema in model_variants(cfg, device, args.variants, args.compile):
         vcfg = _config(args, [*overrides, "data.backend=synthetic", *changes,
                               f"data.synthetic_size={cfg.train.batch_size * (args.warmup + args.steps + 1)}"])
-        rec = _record("model", "variant", name, vcfg, device, channels_last=vcfg.model.channels_last, ema=ema,
+        rec = common.record("model", "variant", name, vcfg, device, channels_last=vcfg.model.channels_last, ema=ema,
                       compile=vcfg.train.compile, arch=vcfg.model.arch, default=not changes and ema == "fused")
         try:
             count = flops_per_image is None and not vcfg.train.compile
@@ -246,7 +239,7 @@ def bench_e2e(cfg, device: torch.device, args, overrides: list[str], model_recor
     if default is None:   # measure the model-only reference in this run
         mcfg = _config(args, [*overrides, "data.backend=synthetic",
                               f"data.synthetic_size={cfg.train.batch_size * (args.warmup + args.steps + 1)}"])
-        default = _record("e2e", "backend", "synthetic", mcfg, device, note="model-only reference")
+        default = common.record("e2e", "backend", "synthetic", mcfg, device, note="model-only reference")
         try:
             default.update(run_steps(mcfg, device, args))
         except Exception as err:  # the backends are still measured; only their ratios are missing
@@ -257,7 +250,7 @@ def bench_e2e(cfg, device: torch.device, args, overrides: list[str], model_recor
     reference.pop("variant", None)
     yield reference
     for backend in args.backends:
-        rec = _record("e2e", "backend", backend, cfg, device)
+        rec = common.record("e2e", "backend", backend, cfg, device)
         try:
             if folder is None:
                 raise RuntimeError(f"no benchmark images ({type(problem).__name__}: {problem})") from problem
@@ -272,91 +265,6 @@ def bench_e2e(cfg, device: torch.device, args, overrides: list[str], model_recor
         yield rec
 
 
-# --- EMA -------------------------------------------------------------------------------------------------------------
-def bench_ema(cfg, device: torch.device, args, overrides: list[str]) -> list[dict]:
-    """ms per target update of the configured model (ResNet-50 + projector unless `model.arch` is given, also on
-    CPUs): fused, loop, and the bound."""
-    from model import build_byol, ema_update_, ema_update_loop_
-
-    cfg = common.load_bench_config(args.config, overrides, [d for d in args.defaults if not d.startswith("model.")])
-
-    common.free_memory(device)
-    common.reset_peak_memory(device)
-    model = build_byol(cfg.model).to(device)
-    pairs = model.ema_pairs()
-    numel = sum(t.numel() for t in pairs.target_params)
-    itemsize = pairs.target_params[0].element_size()
-    pairs_dtype = pairs.target_params[0].dtype
-    buffer_bytes = sum(t.numel() * t.element_size() for t in pairs.target_buffers)
-    moved = 3 * numel * itemsize + 2 * buffer_bytes   # lerp: read target and online, write target; buffers: copied
-    iters = max(1, args.ema_iters)
-    tau = cfg.train.base_tau
-    base = dict(arch=cfg.model.arch, num_values=numel, num_tensors=len(pairs.target_params), buffer_bytes=buffer_bytes,
-                bytes_moved=moved)
-    records = []
-    for variant, update in (("fused", ema_update_), ("loop", ema_update_loop_)):
-        common.reset_peak_memory(device)
-        secs = common.time_repeats(partial(update, pairs, tau), device, warmup=2, iters=iters, repeats=args.repeats)
-        ms = 1000 * common.median(secs)
-        records.append({**_record("ema", "variant", variant, cfg, device, **base), "ms_per_update": ms,
-                        "gb_per_sec": moved / ms / 1e6, "peak_mem_mb": common.peak_memory_mb(device)})
-        if device.type == "cuda":   # the launch side alone: is the update bound by the host or by memory?
-            records[-1]["host_ms_per_update"] = 1000 * common.host_seconds_per_call(
-                partial(update, pairs, tau), device, iters)
-    del model, pairs
-    common.free_memory(device)
-    rates = common.stream_bytes_per_sec(device, numel, pairs_dtype)
-    bandwidth = max(rates.values())   # the faster of the two ways to move the bytes
-    bound_ms = 1000 * moved / bandwidth
-    records.append({**_record("ema", "variant", "bound", cfg, device, **base), "ms_per_update": bound_ms,
-                    "gb_per_sec": bandwidth / 1e9, "copy_gb_per_sec": rates["copy"] / 1e9,
-                    "read2_write1_gb_per_sec": rates["read2_write1"] / 1e9,
-                    "note": "3 x parameter bytes + 2 x buffer bytes at the measured copy / in-place add bandwidth"})
-    fused, loop = records[0]["ms_per_update"], records[1]["ms_per_update"]
-    records[0]["ratio_to_bound"] = fused / bound_ms
-    records[1]["ratio_to_bound"] = loop / bound_ms
-    records[1]["ratio_to_fused"] = loop / fused
-    for r in records:
-        r["images_per_sec"] = None
-        r["batch_size"] = r["resolution"] = None
-    return records
-
-
-# --- optimizer -------------------------------------------------------------------------------------------------------
-def bench_optim(cfg, device: torch.device, args, overrides: list[str]) -> list[dict]:
-    """ms per LARS step of the configured model (ResNet-50 + heads unless `model.arch` is given, also on CPUs) on
-    random gradients: the fused step and the per-tensor reference, alternating repeats on one model."""
-    from model import build_byol
-    from train.optim import build_optimizer, lars_step_per_tensor_
-
-    cfg = common.load_bench_config(args.config, overrides, [d for d in args.defaults if not d.startswith("model.")])
-    common.free_memory(device)
-    model = build_byol(cfg.model).to(device)
-    t = cfg.train
-    optimizer = build_optimizer(model, "lars", t.momentum, t.weight_decay, t.lars_eta)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.randn_like(p)   # in the parameter's memory format, as autograd makes them
-    for group in optimizer.param_groups:
-        group["lr"] = 0.1
-    steps = {"fused": optimizer.step, "per_tensor": partial(lars_step_per_tensor_, optimizer)}
-    secs: dict[str, list[float]] = {name: [] for name in steps}
-    for name, step in steps.items():   # warm-up: momentum buffers, the fused step's ratio views
-        common.time_repeats(step, device, warmup=1, iters=1, repeats=1)
-    for _ in range(args.repeats):   # alternating, so that both see the same machine
-        for name, step in steps.items():
-            secs[name] += common.time_repeats(step, device, warmup=0, iters=args.optim_iters, repeats=1)
-    base = dict(arch=cfg.model.arch, num_values=sum(p.numel() for p in params), num_tensors=len(params),
-                images_per_sec=None, batch_size=None, resolution=None)
-    records = [{**_record("optim", "variant", name, cfg, device), **base,
-                "ms_per_update": 1000 * common.median(s), "runs_ms": [1000 * x for x in s]} for name, s in secs.items()]
-    records[1]["ratio_to_fused"] = records[1]["ms_per_update"] / records[0]["ms_per_update"]
-    del model, optimizer, params
-    common.free_memory(device)
-    return records
-
-
-# --- the command -----------------------------------------------------------------------------------------------------
 def _config(args, overrides: Sequence[str]):
     return common.load_bench_config(args.config, overrides, args.defaults)
 

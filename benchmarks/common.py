@@ -125,6 +125,16 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
     return per_batch, first_latency
 
 
+# --- records -------------------------------------------------------------------------------------------------------
+def record(what: str, name_key: str, name: str, cfg, device: torch.device, **fields) -> dict:
+    """One benchmark record: what was measured, its name and the run's sizes; `fields` add or override."""
+    rec = {"what": what, name_key: name, "device": device.type, "batch_size": cfg.train.batch_size,
+           "resolution": cfg.data.image_size, "images_per_sec": None, "peak_mem_mb": None,
+           "peak_mem_kind": memory_kind(device)}
+    rec.update(fields)
+    return rec
+
+
 # --- configuration -------------------------------------------------------------------------------------------------
 def _paths(config: str | Sequence[str] | None) -> list[str]:
     """`--config` given once (a path), several times (a list) or not at all."""

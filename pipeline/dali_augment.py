@@ -52,7 +52,7 @@ from nvidia.dali.pipeline import do_not_convert
 
 from pipeline.config import ViewSpec
 from pipeline.cpu_augment import jitter_grayscale_hwc
-from pipeline.device_augment import blur_kernel_size, jitter_ranges
+from pipeline.augment_spec import blur_kernel_size, jitter_ranges
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # The 24 orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue); a sample draws one index.

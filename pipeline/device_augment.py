@@ -51,34 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import COLOR_OPS, ViewSpec
+from pipeline.augment_spec import LUMA as _LUMA
+from pipeline.augment_spec import (BRIGHTNESS, CONTRAST, HUE, SATURATION,  # noqa: F401 (the engines' shared names)
+                                   blur_kernel_size, jitter_ranges)
+from pipeline.config import ViewSpec
 
-# torchvision's luma weights (ITU-R 601-2, as in PIL's "L" conversion).
-_LUMA = (0.2989, 0.587, 0.114)
-# Jitter op ids, the numbering of torchvision's ColorJitter (`fn_idx`).
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 # Columns of the single uniform draw per sample (one RNG call per batch, a fixed layout so a seed means one thing).
 _FLIP, _JITTER, _B, _C, _S, _H, _PERM, _GRAY, _BLUR, _SIGMA, _SOLAR = 0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13
 _NUM_DRAWS = 14
 
-
-def jitter_ranges(spec: ViewSpec, color_ops: str) -> dict[str, tuple[float, float]]:
-    """The uniform range of each jitter draw: brightness (a delta for `deepmind`, a factor for `torchvision`),
-    contrast and saturation factors, hue shift in turns. Every engine draws from these ranges."""
-    if color_ops not in COLOR_OPS:
-        raise ValueError(f"data.augment.color_ops={color_ops!r}: expected one of {', '.join(COLOR_OPS)}")
-    b, c, s, h = spec.brightness, spec.contrast, spec.saturation, spec.hue
-    if color_ops == "deepmind":
-        return {"brightness": (-b, b), "contrast": (1.0 - c, 1.0 + c), "saturation": (1.0 - s, 1.0 + s),
-                "hue": (-h, h)}
-    return {"brightness": (max(0.0, 1.0 - b), 1.0 + b), "contrast": (max(0.0, 1.0 - c), 1.0 + c),
-            "saturation": (max(0.0, 1.0 - s), 1.0 + s), "hue": (-h, h)}
-
-
-def blur_kernel_size(image_size: int, kernel_frac: float) -> int:
-    """Taps of the blur kernel: `kernel_frac` of the output size, rounded down, made odd (23 at 224 px, as SimCLR)."""
-    k = max(1, int(image_size * kernel_frac))
-    return k if k % 2 == 1 else k + 1
 
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:

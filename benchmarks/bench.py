@@ -28,10 +28,10 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from benchmarks import common, environment
-from benchmarks.bench_update import bench_ema, bench_optim
-from benchmarks.common import backend_path, build_bench_images, time_epochs
-from benchmarks.report import format_table, hidden_ratio, summary_lines
+from byolfast.benchmarks import common, environment
+from byolfast.benchmarks.bench_update import bench_ema, bench_optim
+from byolfast.benchmarks.common import backend_path, build_bench_images, time_epochs
+from byolfast.benchmarks.report import format_table, hidden_ratio, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def _scalar_stats(stats: dict) -> dict:
 # --- loader-only -----------------------------------------------------------------------------------------------------
 def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
     """Two-view images/s of each backend on the benchmark images, and of the device colour augmentation alone."""
-    from pipeline import LoaderContext, build_two_view_loader
-    from train.runtime import DTYPES, resolve_precision
+    from byolfast.pipeline import LoaderContext, build_two_view_loader
+    from byolfast.train.runtime import DTYPES, resolve_precision
 
     folder, problem = _bench_folder(args)
     dtype = DTYPES[resolve_precision(cfg.train.precision, device)]
@@ -110,7 +110,7 @@ def bench_device_augment(cfg, device: torch.device, folder: Optional[Path], args
     import numpy as np
     from PIL import Image
 
-    from pipeline.device_augment import BatchedViewAugment
+    from byolfast.pipeline.device_augment import BatchedViewAugment
 
     size, n = cfg.data.image_size, cfg.train.batch_size
     rec = common.record("augment", "backend", "device_augment", cfg, device)
@@ -142,7 +142,7 @@ def model_variants(cfg, device: torch.device, kinds: Sequence[str] = VARIANT_KIN
     """(name, overrides, ema) per variant: the configured run (`default`), then one change at a time of the `kinds`
     asked for: the other precisions (fp16 only on GPUs), the other memory format, the loop EMA, torch.compile (only
     `with_compile`)."""
-    from train.runtime import resolve_precision
+    from byolfast.train.runtime import resolve_precision
 
     base, cl, comp = resolve_precision(cfg.train.precision, device), cfg.model.channels_last, cfg.train.compile
     out = []
@@ -169,7 +169,7 @@ def _variant_name(precision: str, channels_last: bool, ema: str, compiled: bool)
 
 def run_steps(cfg, device: torch.device, args, ema: str = "fused", flops: bool = False) -> dict:
     """Build a trainer for `cfg`, time its `train_step` with its own loader; the measured fields of a record."""
-    from train.loop import Trainer
+    from byolfast.train.loop import Trainer
 
     common.free_memory(device)
     common.reset_peak_memory(device)
@@ -312,7 +312,7 @@ def _resolve_args(args, device: torch.device) -> None:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [b for b in args.backends if b not in BACKENDS] + [v for v in args.variants if v not in VARIANT_KINDS]
     if bad or args.repeats < 1 or args.steps < 1:
-        from train.config import ConfigError
+        from byolfast.train.config import ConfigError
         raise ConfigError(f"--backends takes {', '.join(BACKENDS)}, --variants {', '.join(VARIANT_KINDS)} (unknown: "
                           f"{', '.join(bad) or 'none'}); --repeats and --steps must be >= 1")
 
@@ -326,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.defaults = [] if args.no_defaults else common.default_overrides(device)
     overrides = list(args.overrides)
     cfg = _config(args, overrides)
-    from train.runtime import configure_torch, resolve_precision
+    from byolfast.train.runtime import configure_torch, resolve_precision
     configure_torch(device, cfg.train.num_threads)
     if not args.images:   # an epoch holds each repeat: warm-up, the loaders' read-ahead, the timed batches
         d = cfg.data
@@ -374,6 +374,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":   # `python -m benchmarks.bench ...`, with the command's logging and error handling
-    from train.cli import main as cli_main
+if __name__ == "__main__":   # `python -m byolfast.benchmarks.bench ...`, with the command's logging and error handling
+    from byolfast.train.cli import main as cli_main
     sys.exit(cli_main(["bench", "--", *sys.argv[1:]]))

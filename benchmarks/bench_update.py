@@ -11,14 +11,14 @@ from functools import partial
 
 import torch
 
-from benchmarks import common
+from byolfast.benchmarks import common
 
 
 # --- EMA -------------------------------------------------------------------------------------------------------------
 def bench_ema(cfg, device: torch.device, args, overrides: list[str]) -> list[dict]:
     """ms per target update of the configured model (ResNet-50 + projector unless `model.arch` is given, also on
     CPUs): fused, loop, and the bound."""
-    from model import build_byol, ema_update_, ema_update_loop_
+    from byolfast.model import build_byol, ema_update_, ema_update_loop_
 
     cfg = common.load_bench_config(args.config, overrides, [d for d in args.defaults if not d.startswith("model.")])
 
@@ -68,8 +68,8 @@ def bench_ema(cfg, device: torch.device, args, overrides: list[str]) -> list[dic
 def bench_optim(cfg, device: torch.device, args, overrides: list[str]) -> list[dict]:
     """ms per LARS step of the configured model (ResNet-50 + heads unless `model.arch` is given, also on CPUs) on
     random gradients: the fused step and the per-tensor reference, alternating repeats on one model."""
-    from model import build_byol
-    from train.optim import build_optimizer, lars_step_per_tensor_
+    from byolfast.model import build_byol
+    from byolfast.train.optim import build_optimizer, lars_step_per_tensor_
 
     cfg = common.load_bench_config(args.config, overrides, [d for d in args.defaults if not d.startswith("model.")])
     common.free_memory(device)

@@ -86,7 +86,7 @@ def time_epochs(loader, consume: Callable, device: torch.device, *, warmup: int,
         w = (warmup if r == 0 or warm_each_repeat else 0) + (ahead if r == 0 or warm_each_repeat else 0)
         n = min(steps, len(loader) - w)
         if n < min(steps, 2):
-            from pipeline.contract import DataError
+            from byolfast.pipeline.contract import DataError
             raise DataError(f"{len(loader)} batches per epoch leave {max(n, 0)} to time after {w} warm-up batches "
                             f"({ahead} of them the loader's read-ahead): raise --images, or lower --warmup or "
                             "the batch size")
@@ -144,7 +144,7 @@ def _paths(config: str | Sequence[str] | None) -> list[str]:
 def requested_device(overrides: Sequence[str], config: str | Sequence[str] | None = None) -> torch.device:
     """The device a run with these YAML files and overrides trains on (`train.device`, default `auto`), for
     choosing default sizes."""
-    from train.distributed import resolve_device
+    from byolfast.train.distributed import resolve_device
 
     name = "auto"
     for path in _paths(config):   # a later file overrides an earlier one
@@ -192,7 +192,7 @@ def load_bench_config(config: str | Sequence[str] | None, overrides: Sequence[st
     """`byol train`'s config loading (one or several `--config` files, later ones overriding earlier ones, then
     the overrides) with `defaults` underneath: a default applies only to a key that neither a YAML file nor an
     override sets. Raises `ConfigError` like `byol train` does."""
-    from train.cli import load_configs
+    from byolfast.train.cli import load_configs
 
     paths = _paths(config)
     taken = {o.split("=", 1)[0].strip() for o in overrides}.union(*(_flat_keys(_yaml_mapping(p)) for p in paths))
@@ -304,7 +304,7 @@ def build_bench_images(root: str | Path, num_images: int, size: tuple[int, int] 
     import numpy as np
     from PIL import Image
 
-    from pipeline.demo_data import build_photos
+    from byolfast.pipeline.demo_data import build_photos
 
     root = Path(root)
     folder = root / "folder"
@@ -338,7 +338,7 @@ def backend_path(folder: Path, backend: str) -> str:
     """`data.path` of `backend` for the benchmark images, converting them on first use (the JPEGs kept as they are)."""
     if backend == "torch":
         return str(folder)
-    from pipeline.convert import convert_dataset
+    from byolfast.pipeline.convert import convert_dataset
 
     out = folder.parent / "converted"
     convert_dataset(str(folder), str(out), (backend,), workers=os.cpu_count() or 1, max_side=max(PHOTO_SIZE),
@@ -381,7 +381,7 @@ def write_json(path: str | Path, data: dict) -> Path:
 
 def write_bar_chart(path: str | Path, records: Sequence[dict], title: str) -> Path | None:
     """One horizontal bar panel per kind of benchmark (`what`); failed records are left out."""
-    from benchmarks.report import record_label, record_value
+    from byolfast.benchmarks.report import record_label, record_value
 
     try:
         import matplotlib

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from benchmarks.common import total_memory_mb
+from byolfast.benchmarks.common import total_memory_mb
 
 def _dist_version(*names: str) -> str | None:
     for name in names:
@@ -56,7 +56,7 @@ def device_name(device: torch.device) -> str:
 
 def env_info(device: torch.device, extra: dict | None = None) -> dict:
     """Device, driver, library versions and host facts, for the JSON next to the numbers."""
-    from train.runtime import cpu_has_native_bf16, git_revision
+    from byolfast.train.runtime import cpu_has_native_bf16, git_revision
 
     info = {
         "device": str(device), "device_name": device_name(device), "device_count": torch.cuda.device_count(),

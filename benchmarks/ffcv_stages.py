@@ -25,8 +25,8 @@ import numba
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.ffcv_decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
+from byolfast.pipeline.config import DataConfig
+from byolfast.pipeline.ffcv_decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
 
 with keep_torch_threads():
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -95,8 +95,8 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
     """CPU ms per image of each stage (`STAGES`, and `total`) on the first `max_images` images of `cfg.path`'s
     beton, at `cfg.image_size` with `cfg.augment`, in batches of `batch_size`; the median over `repeats` passes
     (after one untimed pass: numba compiles on first use)."""
-    from pipeline import cpu_augment, device_augment
-    from pipeline.ffcv_loader import resolve_beton
+    from byolfast.pipeline import cpu_augment, device_augment
+    from byolfast.pipeline.ffcv_loader import resolve_beton
 
     path = resolve_beton(cfg.path)
     reader = Reader(str(path))

@@ -157,7 +157,7 @@ START=$SECONDS
 CORES=$(nproc 2>/dev/null || echo 16)
 BATCHES=$(( 2 * CORES + 20 > 64 ? 2 * CORES + 20 : 64 ))
 IMAGES=${BENCH_IMAGES:-$(( BATCHES * BATCH ))}   # one count for every part: the JPEGs and their conversions are reused
-BENCH=("$PY" -m benchmarks.bench --data "$DATA" --images "$IMAGES" train.batch_size="$BATCH" train.device="$DEVICE"
+BENCH=("$PY" -m byolfast.benchmarks.bench --data "$DATA" --images "$IMAGES" train.batch_size="$BATCH" train.device="$DEVICE"
        ${EXTRA[@]+"${EXTRA[@]}"})
 FIRST=(tests/test_dali_gpu_values.py tests/test_ffcv_cuda.py)   # the value tests, before the other GPU tests
 TESTS=("${FIRST[@]}")
@@ -171,10 +171,10 @@ if "$PY" -c "import pytest_timeout" 2> /dev/null; then
 else
     echo "   pytest-timeout is not installed: the GPU tests run without a per-test timeout" | tee -a "$LOG"
 fi
-part smoke      60 "$PY" -m benchmarks.smoke --out "$RES/smoke.json" --device "$DEVICE" --work "$DATA/smoke"
-# -p benchmarks.pytest_gpu_suite: a test module that needs a package not installed is skipped (not a collection
+part smoke      60 "$PY" -m byolfast.benchmarks.smoke --out "$RES/smoke.json" --device "$DEVICE" --work "$DATA/smoke"
+# -p byolfast.benchmarks.pytest_gpu_suite: a test module that needs a package not installed is skipped (not a collection
 # error, which would end the -x session before the other package's tests); the cap's SIGINT still gets the report
-part gpu-tests 140 "$PY" -m pytest -v -x -rA -p no:cacheprovider -p benchmarks.pytest_gpu_suite -m gpu \
+part gpu-tests 140 "$PY" -m pytest -v -x -rA -p no:cacheprovider -p byolfast.benchmarks.pytest_gpu_suite -m gpu \
     ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} --junitxml="$RES/gpu-tests.xml" -o junit_logging=system-out "${TESTS[@]}"
 part e2e       100 "${BENCH[@]}" --what e2e --out "$RES/e2e.json" --warmup 4 --steps 10 --repeats 2
 part loader     60 "${BENCH[@]}" --what loader --out "$RES/loader.json" --loader-warmup 4 --loader-steps 10
@@ -182,7 +182,7 @@ part ema        30 "${BENCH[@]}" --what ema --out "$RES/ema.json" --ema-iters 20
 part model      60 "${BENCH[@]}" --what model --out "$RES/model.json" --warmup 8 --steps 15 --repeats 3
 # The trace (tens of MB) stays on the machine; the report comes back.
 rm -rf "$DATA/profile"
-part profile    30 "$PY" -m benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
+part profile    30 "$PY" -m byolfast.benchmarks.profile --steps 5 --out "$DATA/profile" data.backend=synthetic \
     train.batch_size="$BATCH" train.device="$DEVICE" ${EXTRA[@]+"${EXTRA[@]}"}
 mkdir -p "$RES/profile" && cp "$DATA"/profile/report.* "$DATA"/profile/ops.txt "$RES/profile/" 2> /dev/null
 if [ "${BENCH_COMPILE:-0}" = "1" ]; then
@@ -192,7 +192,7 @@ fi
 echo "parts done in $(( SECONDS - START )) s: $RES" | tee -a "$LOG"
 
 # --- the last line: what ran, what was skipped for a missing package, what failed ----------------------------------
-"$PY" -m benchmarks.suite_summary "$RES" 2>&1 | tee -a "$LOG"
+"$PY" -m byolfast.benchmarks.suite_summary "$RES" 2>&1 | tee -a "$LOG"
 STATUS=${PIPESTATUS[0]}
 if (( STATUS != 0 && STATUS != 1 )); then   # the summary itself broke: still end with a line that says so
     echo "suite: the summary failed (exit $STATUS; parts.jsonl says how each part ended) -> exit 2" | tee -a "$LOG"

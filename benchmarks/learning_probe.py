@@ -1,6 +1,6 @@
 """A fast learning probe: BYOL on digits held in memory, kNN and the features' effective rank along the way.
 
-    python -m benchmarks.learning_probe --data posscale --steps 200 --evals 4 [--eta 0.005 --lr 1.0 ...]
+    python -m byolfast.benchmarks.learning_probe --data posscale --steps 200 --evals 4 [--eta 0.005 --lr 1.0 ...]
 
 It answers "does this recipe move the features past a random network's, and how soon" in minutes on a CPU, without
 JPEGs or a loader: scikit-learn's digits are drawn once into a uint8 tensor (`plain` white on black, `posscale` white
@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model import ModelConfig, build_byol, collapse_std
-from pipeline.config import ViewSpec
-from pipeline.device_augment import BatchedViewAugment
-from train.evaluate import effective_rank, knn_top1
-from train.optim import build_optimizer
-from train.schedules import target_tau, warmup_cosine_lr
+from byolfast.model import ModelConfig, build_byol, collapse_std
+from byolfast.pipeline.config import ViewSpec
+from byolfast.pipeline.device_augment import BatchedViewAugment
+from byolfast.train.evaluate import effective_rank, knn_top1
+from byolfast.train.optim import build_optimizer
+from byolfast.train.schedules import target_tau, warmup_cosine_lr
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -37,10 +37,13 @@ def draw_digit(gray: np.ndarray, size: int, rng: np.random.Generator, style: str
     """One 8x8 digit (0..255) as a (size, size, 3) uint8 image in `style`."""
     if style == "plain":
         return np.asarray(Image.fromarray(gray, "L").resize((size, size), Image.BICUBIC).convert("RGB"))
-    lo, hi = (0.4, 0.8) if style == "posscale" else (0.6, 1.0)
+    lo, hi = (0.4, 0.8) if style in ("posscale", "gray") else (0.6, 1.0)
     side = int(round(size * rng.uniform(lo, hi)))
     alpha = np.asarray(Image.fromarray(gray, "L").resize((side, side), Image.BICUBIC), np.float32)[..., None] / 255
     ink, paper = np.full(3, 255.0), np.zeros(3)
+    if style == "gray":  # grey levels within the colour jitter's reach: paper 0-50 %, ink 25-50 % above it
+        paper = np.full(3, rng.uniform(0, 0.5) * 255)
+        ink = paper + rng.uniform(0.25, 0.5) * 255
     while style == "color":
         ink, paper = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         if abs(float(ink @ LUMA - paper @ LUMA)) > 60:
@@ -67,7 +70,7 @@ def digits(style: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def random_resized_crop(x: torch.Tensor, g: torch.Generator, scale_lo: float) -> torch.Tensor:
-    """Per-sample crops (area in [scale_lo, 1], aspect log-uniform in [3/4, 4/3]) with flips, resized back to x's size."""
+    """Per-sample crops (area in [scale_lo, 1], aspect log-uniform in [3/4, 4/3]) with flips, resized to x's size."""
     n, _, h, w = x.shape
     u = torch.rand(n, 5, generator=g)
     area = scale_lo + (1 - scale_lo) * u[:, 0]
@@ -99,7 +102,7 @@ def evaluate(encoder: torch.nn.Module, xtr, ytr, xva, yva) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="posscale", choices=("plain", "posscale", "color"))
+    p.add_argument("--data", default="posscale", choices=("plain", "posscale", "gray", "color"))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--evals", type=int, default=4)
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tau", type=float, default=0.99)
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
     p.add_argument("--arch", default="resnet18")
+    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (CIFAR-style)")
+    p.add_argument("--zero-init", type=int, default=1, help="zero-initialised last BN of each residual block (1/0)")
+    p.add_argument("--pred-lr", type=float, default=1.0, help="the predictor's LR as a multiple of the others'")
     p.add_argument("--scale-lo", type=float, default=0.08)
     p.add_argument("--blur", type=float, default=1.0, help="view 1's blur probability (view 2: 0.1, or 0 with 0)")
     p.add_argument("--solarize", type=float, default=0.2, help="view 2's solarize probability")
@@ -125,9 +131,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     views = [ViewSpec(crop_scale=(a.scale_lo, 1.0), blur_p=a.blur, solarize_p=0.0),
              ViewSpec(crop_scale=(a.scale_lo, 1.0), blur_p=0.1 if a.blur > 0 else 0.0, solarize_p=a.solarize)]
     augment = [BatchedViewAugment(v, MEAN, STD, a.size) for v in views]
-    model = build_byol(ModelConfig(arch=a.arch, projector_hidden=a.hidden, projector_out=a.out_dim,
-                                   predictor_hidden=a.hidden, bn="local"), device_type="cpu")
+    model = build_byol(ModelConfig(arch=a.arch, small_stem=a.small_stem, projector_hidden=a.hidden,
+                                   projector_out=a.out_dim, predictor_hidden=a.hidden, bn="local",
+                                   zero_init_residual=bool(a.zero_init)), device_type="cpu")
     optimizer = build_optimizer(model, a.opt, 0.9, a.wd, a.eta)
+    predictor = {id(q) for q in model.predictor.parameters()} if model.predictor is not None else set()
+    for group in optimizer.param_groups:  # split each group into predictor / rest so the predictor can run faster
+        group["lr_mult"] = 1.0
+    for group in list(optimizer.param_groups):
+        mine = [q for q in group["params"] if id(q) in predictor]
+        if mine and a.pred_lr != 1.0:
+            group["params"] = [q for q in group["params"] if id(q) not in predictor]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                       "params": mine, "lr_mult": a.pred_lr})
     peak = a.lr * a.batch / 256
     g = torch.Generator().manual_seed(a.seed)
     curve = [{"step": 0, **evaluate(model.encoder, xtr, ytr, xva, yva)}]
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         x = xtr[torch.randint(0, len(xtr), (a.batch,), generator=g)]
         v1, v2 = (aug(random_resized_crop(x, g, a.scale_lo), g) for aug in augment)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, peak, a.warmup, a.steps)
+            group["lr"] = warmup_cosine_lr(step, peak, a.warmup, a.steps) * group["lr_mult"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not a.fp32):
             out = model(v1, v2)
         out.loss.backward()

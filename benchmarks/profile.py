@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
-from benchmarks import common, environment
-from benchmarks.report import RunFacts, build_report, render_text
+from byolfast.benchmarks import common, environment
+from byolfast.benchmarks.report import RunFacts, build_report, render_text
 
 if TYPE_CHECKING:
-    from model import Byol, ByolOutput
-    from train.step import StageHook
+    from byolfast.model import Byol, ByolOutput
+    from byolfast.train.step import StageHook
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class SplitForward:
         self.online, self.predictor, self.target = pieces
 
     def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> ByolOutput:
-        from model import ByolOutput, regression_loss
+        from byolfast.model import ByolOutput, regression_loss
 
         with self.stage("forward_online"):
             z1, z2 = self.online(view1), self.online(view2)
@@ -122,7 +122,7 @@ def endless_batches(loader) -> Iterator:
 
 def run_facts(trainer, ema: str = "fused", peak_mem_mb: Optional[float] = None) -> RunFacts:
     """The report's facts about a built trainer."""
-    from train.runtime import cpu_has_native_bf16
+    from byolfast.train.runtime import cpu_has_native_bf16
 
     cfg, device = trainer.cfg, trainer.device
     stats = trainer.loader.stats()
@@ -147,7 +147,7 @@ def profile_run(cfg, out_dir: str | Path, steps: int, wait: int = 1, warmup: int
     """
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-    from train.loop import Trainer
+    from byolfast.train.loop import Trainer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)   # `byol profile -- --opt ...`
     if args.steps < 1 or args.wait < 0 or args.warmup < 0:
-        from train.config import ConfigError
+        from byolfast.train.config import ConfigError
         raise ConfigError("--steps must be >= 1, --wait and --warmup >= 0")
     device = common.requested_device(args.overrides, args.config)
     defaults = [] if args.no_defaults else common.default_overrides(device)
@@ -221,6 +221,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":   # `python -m benchmarks.profile ...`, with the command's logging and error handling
-    from train.cli import main as cli_main
+if __name__ == "__main__":   # `python -m byolfast.benchmarks.profile ...`, with the command's logging and errors
+    from byolfast.train.cli import main as cli_main
     sys.exit(cli_main(["profile", "--", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""The GPU suite's pytest plugin (`python -m pytest -p benchmarks.pytest_gpu_suite -x -m gpu tests/...`):
+"""The GPU suite's pytest plugin (`python -m pytest -p byolfast.benchmarks.pytest_gpu_suite -x -m gpu tests/...`):
 
 - a test module that cannot be imported because DALI or FFCV is not installed is reported as skipped, with the import
   error as the reason, instead of as a collection error. Under `-x` a collection error ends the session before any
@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from benchmarks.suite_summary import package_of_text
+from byolfast.benchmarks.suite_summary import package_of_text
 
 
 def pytest_configure(config) -> None:

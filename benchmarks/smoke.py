@@ -1,6 +1,6 @@
 """First contact with a machine: import DALI and FFCV, and draw one two-view batch of each on the device.
 
-    python -m benchmarks.smoke --out RESULTS/smoke.json [--device cuda] [--work /tmp/byol-smoke]
+    python -m byolfast.benchmarks.smoke --out RESULTS/smoke.json [--device cuda] [--work /tmp/byol-smoke]
 
 Each check is a record: `name`, `status` (`ok`; `missing` when the package is not installed; `failed`), `seconds`,
 what it found, and for a failure `error`, the whole `traceback` and `missing_module` where a dependency is absent
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from benchmarks.common import error_fields, write_json
+from byolfast.benchmarks.common import error_fields, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def write_images(folder: Path, n: int = IMAGES) -> Path:
 def _context(device: str):
     import torch
 
-    from pipeline.contract import LoaderContext
+    from byolfast.pipeline.contract import LoaderContext
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32   # the training dtype of a bf16 GPU run
@@ -117,7 +117,7 @@ def first_batch(loader, ctx) -> dict:
     """Draw one batch, check it against the contract; what it looks like."""
     import torch
 
-    from pipeline.contract import check_batch
+    from byolfast.pipeline.contract import check_batch
 
     t0 = time.perf_counter()
     batch = next(iter(loader))
@@ -142,8 +142,8 @@ def _scalars(stats: dict) -> dict:
 
 
 def dali_batch(folder: Path, device: str) -> dict:
-    from pipeline.config import DaliConfig, DataConfig
-    from pipeline.dali_loader import DaliTwoViewLoader
+    from byolfast.pipeline.config import DaliConfig, DataConfig
+    from byolfast.pipeline.dali_loader import DaliTwoViewLoader
 
     ctx = _context(device)
     cfg = DataConfig(backend="dali", path=str(folder), image_size=IMAGE_SIZE,
@@ -158,9 +158,9 @@ def dali_batch(folder: Path, device: str) -> dict:
 
 
 def ffcv_batch(folder: Path, work: Path, device: str) -> dict:
-    from pipeline.config import DataConfig
-    from pipeline.convert import convert_dataset
-    from pipeline.ffcv_loader import FfcvTwoViewLoader
+    from byolfast.pipeline.config import DataConfig
+    from byolfast.pipeline.convert import convert_dataset
+    from byolfast.pipeline.ffcv_loader import FfcvTwoViewLoader
 
     t0 = time.perf_counter()
     out = work / "converted"
@@ -215,7 +215,7 @@ def run_checks(device: str, work: Path, out: Optional[Path]) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.smoke", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m byolfast.benchmarks.smoke", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="JSON file of the checks")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu (a rehearsal)")
     p.add_argument("--work", type=Path, default=Path("/tmp/byol-smoke"), help="folder for the images and the beton")

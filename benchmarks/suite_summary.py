@@ -1,6 +1,6 @@
 """The end of `benchmarks/gpu_suite.sh`: what ran, what was skipped for a missing package, what failed, in one line.
 
-    python -m benchmarks.suite_summary RESULTS_DIR
+    python -m byolfast.benchmarks.suite_summary RESULTS_DIR
 
 Reads what the suite left in its results folder: `parts.jsonl` (one line per part: `part`, `rc`, `seconds`, `cap`,
 `status` = `exit`, `capped` or `budget`), `smoke.json` (`benchmarks.smoke`), the benchmark JSONs (`*.json` with
@@ -223,7 +223,7 @@ def last_line(s: Summary) -> tuple[str, int]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m benchmarks.suite_summary RESULTS_DIR", file=sys.stderr)
+        print("usage: python -m byolfast.benchmarks.suite_summary RESULTS_DIR", file=sys.stderr)
         return 2
     s = summarise(Path(args[0]))
     for line in s.lines:

@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 
 import yaml
 
-from benchmarks import common
-from benchmarks.tune_search import Tuner, data_backends, get, knobs, label
-from pipeline.storage import write_bytes_atomic
+from byolfast.benchmarks import common
+from byolfast.benchmarks.tune_search import Tuner, data_backends, get, knobs, label
+from byolfast.pipeline.storage import write_bytes_atomic
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -106,11 +106,11 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from benchmarks import environment
-    from benchmarks.tune_measure import RealMeasure
-    from pipeline.contract import DataError
-    from train.cli import load_configs
-    from train.config import ConfigError
+    from byolfast.benchmarks import environment
+    from byolfast.benchmarks.tune_measure import RealMeasure
+    from byolfast.pipeline.contract import DataError
+    from byolfast.train.cli import load_configs
+    from byolfast.train.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
@@ -122,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     backends = data_backends(cfg.data.path, cfg.data.backend)
     if args.backends:
         asked = [b.strip() for b in args.backends.split(",") if b.strip()]
-        from pipeline import LOADERS
+        from byolfast.pipeline import LOADERS
         unknown = sorted(set(asked) - set(LOADERS))
         if unknown:
             raise ConfigError(f"--backends takes {', '.join(LOADERS)} (unknown: {', '.join(unknown)})")
@@ -170,6 +170,6 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     return 0
 
 
-if __name__ == "__main__":   # `python -m benchmarks.tune ...`, with the command's logging and error handling
-    from train.cli import main as cli_main
+if __name__ == "__main__":   # `python -m byolfast.benchmarks.tune ...`, with the command's logging and error handling
+    from byolfast.train.cli import main as cli_main
     sys.exit(cli_main(["tune", "--", *sys.argv[1:]]))

@@ -8,8 +8,8 @@ import time
 import warnings
 from typing import Optional
 
-from benchmarks import common
-from benchmarks.tune_search import TrialTimeout, cap_deferred, with_settings
+from byolfast.benchmarks import common
+from byolfast.benchmarks.tune_search import TrialTimeout, cap_deferred, with_settings
 
 
 class RealMeasure:
@@ -23,7 +23,7 @@ class RealMeasure:
     """
 
     def __init__(self, cfg, loader_steps: int = 8, max_steps: int = 12):
-        from train.distributed import resolve_device
+        from byolfast.train.distributed import resolve_device
 
         self.cfg, self.loader_steps, self.max_steps = cfg, loader_steps, max_steps
         self.device = resolve_device(cfg.train.device)
@@ -38,8 +38,8 @@ class RealMeasure:
         return {**fields, "peak_mem_mb": round(common.peak_memory_mb(self.device))}
 
     def loader_only(self, cfg) -> dict:
-        from pipeline import LoaderContext, build_two_view_loader
-        from train.runtime import DTYPES, resolve_precision
+        from byolfast.pipeline import LoaderContext, build_two_view_loader
+        from byolfast.train.runtime import DTYPES, resolve_precision
 
         ctx = LoaderContext(device=self.device, dtype=DTYPES[resolve_precision(cfg.train.precision, self.device)],
                             batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -65,9 +65,9 @@ class RealMeasure:
                 loader.close()
 
     def end_to_end(self, cfg, soft_end: float) -> dict:
-        from benchmarks.profile import StageTimer, endless_batches, run_facts
-        from benchmarks.report import build_report
-        from train.loop import Trainer
+        from byolfast.benchmarks.profile import StageTimer, endless_batches, run_facts
+        from byolfast.benchmarks.report import build_report
+        from byolfast.train.loop import Trainer
 
         with cap_deferred():   # the trainer's loader is built inside: never left unowned and running
             trainer = Trainer(cfg)

@@ -27,7 +27,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from benchmarks import common
+from byolfast.benchmarks import common
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def get(cfg, key: str) -> Any:
 
 def with_settings(cfg, settings: dict):
     """A validated copy of `cfg` with the dotted `settings` applied."""
-    from train.config import validate
+    from byolfast.train.config import validate
 
     new = copy.deepcopy(cfg)
     for key, value in settings.items():

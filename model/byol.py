@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.ema import EmaPairs, ema_update_
-from model.heads import mlp_head
-from model.resnet import build_encoder
+from byolfast.model.config import ModelConfig
+from byolfast.model.ema import EmaPairs, ema_update_
+from byolfast.model.heads import mlp_head
+from byolfast.model.resnet import build_encoder
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def build_byol(cfg: ModelConfig, distributed: bool = False, device_type: str = "
         if device_type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
-            from model.syncbn import convert_global_batchnorm
+            from byolfast.model.syncbn import convert_global_batchnorm
             model = convert_global_batchnorm(model)
         model.target.requires_grad_(False)   # the converted BN layers' parameters are new
         model._ema_pairs = None

@@ -3,27 +3,27 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipeline.config import AugmentConfig, DataConfig, ViewSpec
-from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader
+from byolfast.pipeline.config import AugmentConfig, DataConfig, ViewSpec
+from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader
 
 
 def _dali(cfg: DataConfig, ctx: LoaderContext) -> TwoViewLoader:
-    from pipeline.dali_loader import DaliTwoViewLoader  # DALI is imported only when asked for
+    from byolfast.pipeline.dali_loader import DaliTwoViewLoader  # DALI is imported only when asked for
     return DaliTwoViewLoader(cfg, ctx, exact_hue=cfg.dali.exact_hue)
 
 
 def _ffcv(cfg: DataConfig, ctx: LoaderContext) -> TwoViewLoader:
-    from pipeline.ffcv_loader import FfcvTwoViewLoader  # FFCV (numba) is imported only when asked for
+    from byolfast.pipeline.ffcv_loader import FfcvTwoViewLoader  # FFCV (numba) is imported only when asked for
     return FfcvTwoViewLoader(cfg, ctx)
 
 
 def _torch(cfg: DataConfig, ctx: LoaderContext) -> TwoViewLoader:
-    from pipeline.torch_loader import TorchTwoViewLoader
+    from byolfast.pipeline.torch_loader import TorchTwoViewLoader
     return TorchTwoViewLoader(cfg, ctx)
 
 
 def _synthetic(cfg: DataConfig, ctx: LoaderContext) -> TwoViewLoader:
-    from pipeline.synthetic import SyntheticTwoViewLoader
+    from byolfast.pipeline.synthetic import SyntheticTwoViewLoader
     return SyntheticTwoViewLoader(cfg, ctx)
 
 

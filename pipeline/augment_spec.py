@@ -5,7 +5,7 @@ An engine implements the ops; it takes these from here, so two engines cannot di
 """
 from __future__ import annotations
 
-from pipeline.config import COLOR_OPS, ViewSpec
+from byolfast.pipeline.config import COLOR_OPS, ViewSpec
 
 # torchvision's luma weights (ITU-R 601-2, as in PIL's "L" conversion).
 LUMA = (0.2989, 0.587, 0.114)

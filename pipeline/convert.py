@@ -38,13 +38,13 @@ from typing import Sequence
 from PIL import ImageFile
 from tqdm import tqdm
 
-from pipeline import dali_format, ffcv_format
-from pipeline.contract import DataError
-from pipeline.convert_report import REPORT, ConvertReport, other_outputs, previous_report
-from pipeline import storage
-from pipeline.storage import SampleRef, write_json_atomic
-from pipeline.folder import scan_image_folder
-from pipeline.image_normalise import SkipImage, normalise_file
+from byolfast.pipeline import dali_format, ffcv_format
+from byolfast.pipeline.contract import DataError
+from byolfast.pipeline.convert_report import REPORT, ConvertReport, other_outputs, previous_report
+from byolfast.pipeline import storage
+from byolfast.pipeline.storage import SampleRef, write_json_atomic
+from byolfast.pipeline.folder import scan_image_folder
+from byolfast.pipeline.image_normalise import SkipImage, normalise_file
 
 logger = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import do_not_convert
 
-from pipeline.config import ViewSpec
-from pipeline.cpu_augment import jitter_grayscale_hwc
-from pipeline.augment_spec import blur_kernel_size, jitter_ranges
+from byolfast.pipeline.config import ViewSpec
+from byolfast.pipeline.cpu_augment import jitter_grayscale_hwc
+from byolfast.pipeline.augment_spec import blur_kernel_size, jitter_ranges
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # The 24 orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue); a sample draws one index.

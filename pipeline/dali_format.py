@@ -33,8 +33,8 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from pipeline.contract import DataError
-from pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_bytes_atomic, write_json_atomic
+from byolfast.pipeline.contract import DataError
+from byolfast.pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

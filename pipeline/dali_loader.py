@@ -50,15 +50,15 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.config import AugmentConfig, DataConfig
-from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.convert_report import skipped_at_convert
-from pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
-from pipeline.dali_format import MANIFEST, load_manifest
-from pipeline.storage import ORDER
-from pipeline.folder import scan_image_folder
-from pipeline.image_files import check_image_files
-from pipeline.sharding import num_batches, rank_indices
+from byolfast.pipeline.config import AugmentConfig, DataConfig
+from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from byolfast.pipeline.convert_report import skipped_at_convert
+from byolfast.pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
+from byolfast.pipeline.dali_format import MANIFEST, load_manifest
+from byolfast.pipeline.storage import ORDER
+from byolfast.pipeline.folder import scan_image_folder
+from byolfast.pipeline.image_files import check_image_files
+from byolfast.pipeline.sharding import num_batches, rank_indices
 
 logger = logging.getLogger(__name__)
 

@@ -51,10 +51,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment_spec import LUMA as _LUMA
-from pipeline.augment_spec import (BRIGHTNESS, CONTRAST, HUE, SATURATION,  # noqa: F401 (the engines' shared names)
-                                   blur_kernel_size, jitter_ranges)
-from pipeline.config import ViewSpec
+from byolfast.pipeline.augment_spec import LUMA as _LUMA
+# noqa: F401 below: the engines' shared names, re-exported
+from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, HUE, SATURATION,  # noqa: F401
+                                            blur_kernel_size, jitter_ranges)
+from byolfast.pipeline.config import ViewSpec
 
 # Columns of the single uniform draw per sample (one RNG call per batch, a fixed layout so a seed means one thing).
 _FLIP, _JITTER, _B, _C, _S, _H, _PERM, _GRAY, _BLUR, _SIGMA, _SOLAR = 0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13
@@ -241,7 +242,7 @@ class BatchedViewAugment(torch.nn.Module):
     def apply_cpu(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """`apply` for uint8 crops on the CPU: each sample runs only its own ops (`pipeline.cpu_augment`), the blur
         only on the samples that draw it. x: uint8 (N, S, S, 3) or (N, 3, S, S). Returns float32 channels_last."""
-        from pipeline import cpu_augment
+        from byolfast.pipeline import cpu_augment
 
         threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
         nhwc = self._nchw_uint8(x).permute(0, 2, 3, 1)

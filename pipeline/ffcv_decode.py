@@ -43,7 +43,7 @@ with keep_torch_threads():
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
 
-from pipeline.sharding import mix_seed, rank_seed
+from byolfast.pipeline.sharding import mix_seed, rank_seed
 
 _U64 = np.uint64
 

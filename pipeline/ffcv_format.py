@@ -38,8 +38,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.contract import DataError
-from pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_json_atomic
+from byolfast.pipeline.contract import DataError
+from byolfast.pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

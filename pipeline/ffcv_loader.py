@@ -52,13 +52,13 @@ import numba
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.convert_report import skipped_at_convert
-from pipeline.ffcv_decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf, allocate_once,
-                                  keep_torch_threads, view_seed)
-from pipeline.ffcv_format import load_beton_meta, stored_in_class_order, stored_indices
-from pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
+from byolfast.pipeline.config import DataConfig
+from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from byolfast.pipeline.convert_report import skipped_at_convert
+from byolfast.pipeline.ffcv_decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf, allocate_once,
+                                           keep_torch_threads, view_seed)
+from byolfast.pipeline.ffcv_format import load_beton_meta, stored_in_class_order, stored_indices
+from byolfast.pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
     from ffcv.fields import IntField, RGBImageField
@@ -282,7 +282,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self._decoder_node = self._loader.graph.operation_to_node[self._decoder][0].id
         self._outputs = list(self._loader.pipeline_specs)  # FFCV returns one tensor per pipeline, in this order
 
-        from pipeline.device_augment import BatchedViewAugment
+        from byolfast.pipeline.device_augment import BatchedViewAugment
         self.device_augment = device_augment
         self._augment = [BatchedViewAugment(spec, aug.mean, aug.std, size, color_ops=aug.color_ops).to(ctx.device)
                          for spec in (aug.view1, aug.view2)]

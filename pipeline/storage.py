@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.contract import DataError
+from byolfast.pipeline.contract import DataError
 
 ORDER = "shuffled"            # the recorded "order" (manifest, beton meta, convert's settings) of `shard_order`
 ORDER_SEED = 0x5EED5A3D

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.sharding import num_batches, rank_seed
+from byolfast.pipeline.config import DataConfig
+from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from byolfast.pipeline.sharding import num_batches, rank_seed
 
 
 class SyntheticTwoViewLoader(TwoViewLoader):

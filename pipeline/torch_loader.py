@@ -27,13 +27,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from pipeline.config import DataConfig, ViewSpec
-from pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, add_brightness, adjust_hue,
-                                     blur_kernel_size, channel_contrast, hsv_saturation, jitter_ranges)
-from pipeline.folder import scan_image_folder
-from pipeline.image_normalise import exif_orientation, upright_rgb
-from pipeline.sharding import num_batches, rank_indices, sample_seed
+from byolfast.pipeline.config import DataConfig, ViewSpec
+from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
+from byolfast.pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, add_brightness, adjust_hue,
+                                              blur_kernel_size, channel_contrast, hsv_saturation, jitter_ranges)
+from byolfast.pipeline.folder import scan_image_folder
+from byolfast.pipeline.image_normalise import exif_orientation, upright_rgb
+from byolfast.pipeline.sharding import num_batches, rank_indices, sample_seed
 
 logger = logging.getLogger(__name__)
 

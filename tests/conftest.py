@@ -23,7 +23,7 @@ def _collect_each_modules_garbage():
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory):
     """scikit-learn's digits as a 16 px ImageFolder with train/ and val/."""
-    from pipeline.demo_data import build_digits
+    from byolfast.pipeline.demo_data import build_digits
     return build_digits(tmp_path_factory.mktemp("digits16"), size=16)
 
 

@@ -24,12 +24,12 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_overrides
-from pipeline.contract import Batch, TwoViewLoader
-from pipeline.convert import convert_dataset
-from pipeline.folder import scan_image_folder
-from train import loop
-from train.cli import main as byol
-from train.config import load_config
+from byolfast.pipeline.contract import Batch, TwoViewLoader
+from byolfast.pipeline.convert import convert_dataset
+from byolfast.pipeline.folder import scan_image_folder
+from byolfast.train import loop
+from byolfast.train.cli import main as byol
+from byolfast.train.config import load_config
 
 GOOD, SIDE = 23, (32, 24)  # RGB JPEGs of 32x24 px; with the CMYK one, 24 images to train on
 BAD = {"a/cut_in_half.jpg": "corrupt", "a/zero_bytes.jpg": "empty file", "b/notes.jpg": "not an image"}

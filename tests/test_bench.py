@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from benchmarks import common
-from benchmarks.report import (RunFacts, build_report, classify, format_table, hidden_ratio, render_text,
-                               stage_shares, summary_lines)
+from byolfast.benchmarks import common
+from byolfast.benchmarks.report import (RunFacts, build_report, classify, format_table, hidden_ratio, render_text,
+                                        stage_shares, summary_lines)
 
 TINY = ["model.arch=resnet18", "data.image_size=16", "train.batch_size=4", "model.projector_hidden=32",
         "model.predictor_hidden=32", "model.projector_out=16", "train.precision=fp32", "train.num_threads=1",
@@ -31,7 +31,7 @@ def _keep_threads():
 # --- the report's logic ------------------------------------------------------------------------------------------
 def _timed_steps(loader_s: float, model_s: float, steps: int = 3) -> dict[str, float]:
     """Stage times of a loop whose loader sleeps `loader_s` and whose model sleeps `model_s` per step."""
-    from benchmarks.profile import StageTimer
+    from byolfast.benchmarks.profile import StageTimer
 
     timer = StageTimer(torch.device("cpu"))
     for _ in range(steps):
@@ -119,8 +119,8 @@ def test_host_time_per_call():
 
 
 def test_time_epochs_warms_up_and_times_each_repeat():
-    from benchmarks.common import time_epochs
-    from pipeline.contract import DataError
+    from byolfast.benchmarks.common import time_epochs
+    from byolfast.pipeline.contract import DataError
 
     seen = []
     loader = _ListLoader(6)
@@ -152,7 +152,7 @@ class _ReadAheadLoader(_ListLoader):
 
 
 def test_time_epochs_does_not_time_the_read_ahead():
-    from benchmarks.common import time_epochs
+    from byolfast.benchmarks.common import time_epochs
 
     seen = []
     secs, _ = time_epochs(_ReadAheadLoader(10), seen.append, torch.device("cpu"), warmup=1, steps=3, repeats=1)
@@ -162,7 +162,7 @@ def test_time_epochs_does_not_time_the_read_ahead():
 def test_bench_images_are_real_photo_crops_and_cached(tmp_path):
     from PIL import Image
 
-    from benchmarks.common import PHOTO_SIZE, build_bench_images
+    from byolfast.benchmarks.common import PHOTO_SIZE, build_bench_images
 
     folder = build_bench_images(tmp_path, 6)
     files = sorted(folder.glob("*/*.jpg"))
@@ -209,7 +209,7 @@ def test_table_and_chart(tmp_path):
 
 # --- the commands --------------------------------------------------------------------------------------------------
 def test_bench_model_json_schema(tmp_path):
-    from benchmarks.bench import main
+    from byolfast.benchmarks.bench import main
 
     out = tmp_path / "model.json"
     assert main(["--what", "model", "--out", str(out), "--repeats", "1", "--warmup", "1", "--steps", "2",
@@ -234,7 +234,7 @@ def test_bench_model_json_schema(tmp_path):
 
 
 def test_bench_ema_json_schema(tmp_path):
-    from benchmarks.bench import main
+    from byolfast.benchmarks.bench import main
 
     out = tmp_path / "ema.json"
     assert main(["--what", "ema", "--out", str(out), "--repeats", "1", "--ema-iters", "2", *TINY]) == 0
@@ -249,8 +249,8 @@ def test_bench_ema_json_schema(tmp_path):
 
 
 def _tiny_trainer(tmp_path):
-    from train.config import load_config
-    from train.loop import Trainer
+    from byolfast.train.config import load_config
+    from byolfast.train.loop import Trainer
 
     return Trainer(load_config(None, [*TINY, "data.backend=synthetic", "data.synthetic_size=16",
                                       f"train.out_dir={tmp_path}"]))
@@ -258,7 +258,7 @@ def _tiny_trainer(tmp_path):
 
 def test_profiled_step_is_the_trainers_step(tmp_path):
     """The profiler's stage-by-stage forward, timed, gives the trainer's step exactly; the loop EMA nearly."""
-    from benchmarks.profile import SplitForward, StageTimer
+    from byolfast.benchmarks.profile import SplitForward, StageTimer
 
     whole, split, loop = (_tiny_trainer(tmp_path / name) for name in ("whole", "split", "loop"))
     whole.loader.set_epoch(0)
@@ -284,7 +284,7 @@ def test_profiled_step_is_the_trainers_step(tmp_path):
 
 
 def test_profile_writes_trace_and_report(tmp_path):
-    from benchmarks.profile import main
+    from byolfast.benchmarks.profile import main
 
     out = tmp_path / "prof"
     assert main(["--steps", "1", "--wait", "0", "--warmup", "1", "--out", str(out), "data.backend=synthetic",
@@ -320,8 +320,8 @@ def test_bench_configs_stack_like_byol_train(tmp_path):
 
 def test_bench_optim_json_schema(tmp_path):
     """`byol bench --what optim`: the fused LARS step and the per-tensor reference, timed side by side."""
-    from benchmarks.bench import main
-    from benchmarks.report import format_table
+    from byolfast.benchmarks.bench import main
+    from byolfast.benchmarks.report import format_table
 
     out = tmp_path / "optim.json"
     assert main(["--what", "optim", "--out", str(out), "--repeats", "2", "--optim-iters", "1", *TINY]) == 0

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from pipeline.config import COLOR_OPS, AugmentConfig, DataConfig, ViewSpec
-from pipeline.device_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchedViewAugment, jitter_ranges
+from byolfast.pipeline.config import COLOR_OPS, AugmentConfig, DataConfig, ViewSpec
+from byolfast.pipeline.device_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchedViewAugment, jitter_ranges
 
 SIZE = 40
 ATOL = 1e-6
@@ -256,7 +256,7 @@ def test_ranges_of_both_maths():
 # --- the config -------------------------------------------------------------------------------------------------------
 
 def test_config_default_is_the_reference_and_checked():
-    from train.config import ConfigError, load_config
+    from byolfast.train.config import ConfigError, load_config
 
     assert COLOR_OPS == ("deepmind", "torchvision")
     assert AugmentConfig().color_ops == "deepmind" and load_config().data.augment.color_ops == "deepmind"
@@ -269,7 +269,7 @@ def test_config_default_is_the_reference_and_checked():
 # --- the torch backend ------------------------------------------------------------------------------------------------
 
 def test_torch_backend_op_matches_the_reference(photos_u8):
-    from pipeline.torch_loader import ReferenceColorJitter
+    from byolfast.pipeline.torch_loader import ReferenceColorJitter
 
     spec = ViewSpec()
     x = photos_u8.float().mul_(1.0 / 255.0)
@@ -290,7 +290,7 @@ def test_torch_backend_op_matches_the_reference(photos_u8):
 def test_torch_backend_draws_what_colorjitter_draws_in_the_reference_ranges():
     from torchvision.transforms import v2
 
-    from pipeline.torch_loader import ReferenceColorJitter
+    from byolfast.pipeline.torch_loader import ReferenceColorJitter
 
     spec = ViewSpec()
     ours, theirs = ReferenceColorJitter(spec), v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
@@ -317,8 +317,8 @@ def test_torch_backend_draws_what_colorjitter_draws_in_the_reference_ranges():
 def test_torch_loader_builds_the_chosen_jitter(tmp_path, photos_u8, color_ops):
     from torchvision.transforms import v2
 
-    from pipeline.contract import LoaderContext
-    from pipeline.torch_loader import ReferenceColorJitter, TorchTwoViewLoader
+    from byolfast.pipeline.contract import LoaderContext
+    from byolfast.pipeline.torch_loader import ReferenceColorJitter, TorchTwoViewLoader
 
     for n in range(4):
         (tmp_path / "c").mkdir(exist_ok=True)
@@ -355,7 +355,7 @@ def test_dali_ops_match_the_reference(photos_u8):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn
 
-    from pipeline import dali_augment as A
+    from byolfast.pipeline import dali_augment as A
 
     images = [np.ascontiguousarray(photos_u8[i].permute(1, 2, 0).numpy()) for i in range(4)]
     cases = [(op, v) for op, values in OP_VALUES for v in (values[0], values[-1])]
@@ -380,7 +380,7 @@ def test_dali_cpu_kernel_matches_the_reference_and_the_graph_ops(photos_u8):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, types
 
-    from pipeline import dali_augment as A
+    from byolfast.pipeline import dali_augment as A
 
     spec = ViewSpec()
     images = [np.ascontiguousarray(photos_u8[i % 4].permute(1, 2, 0).numpy()) for i in range(16)]
@@ -419,7 +419,7 @@ def test_dali_cpu_kernel_matches_the_reference_and_the_graph_ops(photos_u8):
 def test_dali_draw_ranges():
     """`augment_view`'s jitter draws (1000 samples) in each maths' ranges; one seed, the same draws in both."""
     pytest.importorskip("nvidia.dali")
-    from pipeline import dali_augment as A
+    from byolfast.pipeline import dali_augment as A
 
     spec = ViewSpec()
     images = [np.zeros((8, 8, 3), np.uint8)] * 1000
@@ -451,7 +451,7 @@ def test_dali_ops_on_gpu_match_cpu(photos_u8):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def
 
-    from pipeline import dali_augment as A
+    from byolfast.pipeline import dali_augment as A
 
     images = [np.ascontiguousarray(photos_u8[i].permute(1, 2, 0).numpy()) for i in range(4)]
     cases = [(op, v) for op, values in OP_VALUES for v in (values[0], values[-1])]

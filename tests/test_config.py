@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from train.config import Config, ConfigError, check_world, load_config, to_dict
+from byolfast.train.config import Config, ConfigError, check_world, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,8 +41,8 @@ def test_lr_wd_tau_agree_with_the_epochs(source):
 
 def test_heads_and_blocks_start_as_the_reference():
     """No bias on the heads' last Linear; each residual block's last BN scale starts at zero (the default)."""
-    from model import build_byol
-    from model.config import ModelConfig
+    from byolfast.model import build_byol
+    from byolfast.model.config import ModelConfig
     m = build_byol(ModelConfig(arch="resnet18", projector_hidden=32, projector_out=8, predictor_hidden=32,
                                bn="local", channels_last=False), device_type="cpu")
     assert m.online["projector"][-1].bias is None and m.predictor[-1].bias is None

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import LOADERS, DataConfig, LoaderContext, build_two_view_loader
-from pipeline.contract import check_batch
-from pipeline.convert import convert_dataset
+from byolfast.pipeline import LOADERS, DataConfig, LoaderContext, build_two_view_loader
+from byolfast.pipeline.contract import check_batch
+from byolfast.pipeline.convert import convert_dataset
 
 SIZE, BATCH = 32, 8
 
@@ -82,7 +82,7 @@ def test_every_backend_keeps_the_batch_contract(backend, photo_tree, converted):
 def test_classes_agree_across_backends(photo_tree, converted):
     import json
 
-    from pipeline.dali_format import load_manifest
+    from byolfast.pipeline.dali_format import load_manifest
     manifest = load_manifest(str(converted / "dali"))
     ffcv_classes = json.loads((converted / "ffcv" / "classes.json").read_text())
     assert manifest["classes"] == ffcv_classes == ["astronaut", "chelsea", "coffee"]
@@ -92,7 +92,7 @@ def test_classes_agree_across_backends(photo_tree, converted):
 
 def test_image_folder_layouts(tmp_path):
     """ImageNet's `root/train/<class>/` is found from `root`; a class that happens to be named `train` is a class."""
-    from pipeline.folder import scan_image_folder
+    from byolfast.pipeline.folder import scan_image_folder
 
     def touch(rel: str) -> None:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +111,8 @@ def test_image_folder_layouts(tmp_path):
 
 def test_rank_streams_do_not_repeat_across_seeds():
     """Run (seed 1, rank 0) must not draw what run (seed 0, rank 1) draws, as `seed + rank` streams did."""
-    from pipeline.ffcv_decode import view_seed
-    from pipeline.sharding import rank_seed
+    from byolfast.pipeline.ffcv_decode import view_seed
+    from byolfast.pipeline.sharding import rank_seed
 
     assert len({rank_seed(s, r) for s in range(8) for r in range(8)}) == 64
     assert view_seed(1, 0, 0, 0) != view_seed(0, 1, 0, 0)

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import convert as convert_mod
-from pipeline import dali_format, ffcv_format, storage
-from pipeline.contract import DataError
-from pipeline.convert import convert_dataset
-from pipeline.convert_report import skipped_at_convert
-from pipeline.image_normalise import SkipImage, normalise_file
-from pipeline.dali_format import load_manifest
-from pipeline.ffcv_format import load_beton_meta
+from byolfast.pipeline import convert as convert_mod
+from byolfast.pipeline import dali_format, ffcv_format, storage
+from byolfast.pipeline.contract import DataError
+from byolfast.pipeline.convert import convert_dataset
+from byolfast.pipeline.convert_report import skipped_at_convert
+from byolfast.pipeline.image_normalise import SkipImage, normalise_file
+from byolfast.pipeline.dali_format import load_manifest
+from byolfast.pipeline.ffcv_format import load_beton_meta
 
 skimage_data = pytest.importorskip("skimage.data")
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def test_outputs_find_what_convert_skipped(tree, converted, tmp_path, caplog):
     shutil.copy(out / convert_mod.REPORT, moved)
     assert skipped_at_convert(moved / "dali")["convert_report"] == str(moved / convert_mod.REPORT)
     assert skipped_at_convert(tree) == skipped_at_convert(tree / "cat") == {}  # a source tree has no report
-    with caplog.at_level(logging.WARNING, logger="pipeline.convert"):
+    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.convert"):
         assert skipped_at_convert(out / "dali", 21) == {}
         assert "another conversion" in caplog.text
         (moved / convert_mod.REPORT).write_text("{")
@@ -321,7 +321,7 @@ def test_truncated_or_unfinished_beton_is_reported(converted, tmp_path):
 def test_second_run_says_complete_and_rejects_other_settings(tree, converted, caplog):
     _, out = converted
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".tar", ".beton")}
-    with caplog.at_level(logging.INFO, logger="pipeline.convert"):
+    with caplog.at_level(logging.INFO, logger="byolfast.pipeline.convert"):
         again = convert_dataset(str(tree), str(out), workers=2, shard_size=8, progress=False)
     assert "output complete" in caplog.text
     assert {f: o["status"] for f, o in again.outputs.items()} == {"ffcv": "complete", "dali": "complete"}

@@ -49,10 +49,10 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali import math as dmath  # noqa: E402
 from nvidia.dali.tensors import TensorListGPU  # noqa: E402
 
-from pipeline import dali_augment as A  # noqa: E402
-from pipeline.config import AugmentConfig, DaliConfig, DataConfig, ViewSpec  # noqa: E402
-from pipeline.contract import LoaderContext  # noqa: E402
-from pipeline.dali_loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeline  # noqa: E402
+from byolfast.pipeline import dali_augment as A  # noqa: E402
+from byolfast.pipeline.config import AugmentConfig, DaliConfig, DataConfig, ViewSpec  # noqa: E402
+from byolfast.pipeline.contract import LoaderContext  # noqa: E402
+from byolfast.pipeline.dali_loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeline  # noqa: E402
 
 SIZE = 32
 BATCH = 8
@@ -69,7 +69,7 @@ def files(tmp_path_factory) -> list[str]:
     """8 JPEGs of photo crops, 88x64 and 64x88, two of them small (crops then upscale)."""
     from PIL import Image
 
-    from benchmarks.common import build_bench_images
+    from byolfast.benchmarks.common import build_bench_images
 
     folder = build_bench_images(tmp_path_factory.mktemp("dali_values"), BATCH, size=(88, 64))
     paths = sorted(folder.glob("*/*.jpg"))
@@ -227,7 +227,7 @@ def test_per_sample_ops_match_torchvision_sample_by_sample(files):
     """The CPU side of the GPU comparison: each sample's output is torchvision's op with that sample's own draw."""
     import torchvision.transforms.v2.functional as F
 
-    from pipeline import device_augment as D
+    from byolfast.pipeline import device_augment as D
 
     out = run(ops_graph(files, gpu=False), gpu=False)
     assert_draws_vary(out)

@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 from skimage import data
 
-from pipeline.config import DaliConfig, DataConfig
-from pipeline.contract import Batch, DataError, LoaderContext, check_batch
-from pipeline.dali_format import write_shards
-from pipeline import dali_loader
-from pipeline import image_files
-from pipeline.dali_loader import DaliTwoViewLoader, StreamHold, is_shard_folder
-from pipeline.device_augment import jitter_ranges
-from pipeline.image_files import image_file_ok
-from pipeline.folder import scan_image_folder
-from pipeline.sharding import epoch_permutation
+from byolfast.pipeline.config import DaliConfig, DataConfig
+from byolfast.pipeline.contract import Batch, DataError, LoaderContext, check_batch
+from byolfast.pipeline.dali_format import write_shards
+from byolfast.pipeline import dali_loader
+from byolfast.pipeline import image_files
+from byolfast.pipeline.dali_loader import DaliTwoViewLoader, StreamHold, is_shard_folder
+from byolfast.pipeline.device_augment import jitter_ranges
+from byolfast.pipeline.image_files import image_file_ok
+from byolfast.pipeline.folder import scan_image_folder
+from byolfast.pipeline.sharding import epoch_permutation
 
 SIZE = 32
 BATCH = 8
@@ -200,7 +200,7 @@ def _run_ops(files: list[str], device: str) -> list[list[np.ndarray]]:
     """The augmentation ops with fixed factors on `files`, on the CPU or the GPU: [op][sample] uint8 HWC arrays."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline import dali_augment as A
+    from byolfast.pipeline import dali_augment as A
 
     @pipeline_def
     def ops():
@@ -246,8 +246,8 @@ def test_cpu_jitter_kernel_matches_the_graph_ops(tree):
     `tests/test_color_ops.py`."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline import dali_augment as A
-    from pipeline.config import ViewSpec
+    from byolfast.pipeline import dali_augment as A
+    from byolfast.pipeline.config import ViewSpec
 
     spec = ViewSpec()
     files = [p for p, _ in scan_image_folder(tree)[0]]

@@ -1,7 +1,7 @@
 """`byol demo --quick`: the main job end to end on the embedded digits (a few steps), and its verdict line."""
 import json
 
-from train.demo import run_demo, verdict
+from byolfast.train.demo import run_demo, verdict
 
 
 def test_verdict_says_which_side_of_random_init_byol_is():

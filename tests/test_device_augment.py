@@ -17,8 +17,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from skimage import data
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewSpec
-from pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchedViewAugment, blur_kernel_size)
+from byolfast.pipeline.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewSpec
+from byolfast.pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchedViewAugment,
+                                                       blur_kernel_size)
 
 SIZE = 48
 ATOL = 1e-6

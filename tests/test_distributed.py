@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from train.loop import PREEMPT_CHECK_EVERY
+from byolfast.train.loop import PREEMPT_CHECK_EVERY
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def _launch(nproc: int, overrides: list[str], torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *torchrun_args, "-m", "train", *overrides]
+           *torchrun_args, "-m", "byolfast.train", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -177,7 +177,7 @@ def test_a_killed_rank_ends_the_job(digits16, tmp_path):
 def _exchange_flags(rank: int, init: str, results) -> None:
     import torch.distributed as dist
 
-    from train.distributed import FlagAgreement
+    from byolfast.train.distributed import FlagAgreement
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         agreement = FlagAgreement(torch.device("cpu"))
@@ -203,7 +203,7 @@ def test_flag_agreement_on_cuda_reads_through_pinned_memory(tmp_path):
     # The NCCL twin of the gloo test above, in one process: the answer comes back through pinned memory + an event.
     import torch.distributed as dist
 
-    from train.distributed import FlagAgreement
+    from byolfast.train.distributed import FlagAgreement
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         agreement = FlagAgreement(torch.device("cuda"))
@@ -215,8 +215,8 @@ def test_flag_agreement_on_cuda_reads_through_pinned_memory(tmp_path):
 
 def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
     # `train.device=cuda:0` under torchrun would stack every rank of a node on GPU 0 (checked before CUDA is touched)
-    from train import distributed
-    from train.config import ConfigError
+    from byolfast.train import distributed
+    from byolfast.train.config import ConfigError
     monkeypatch.setattr(distributed, "resolve_device", lambda name, local_rank=0: torch.device("cuda", 0))
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

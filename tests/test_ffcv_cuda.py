@@ -23,11 +23,11 @@ import torch
 
 pytest.importorskip("ffcv")
 
-from pipeline.config import AugmentConfig, DataConfig  # noqa: E402
-from pipeline.contract import LoaderContext  # noqa: E402
-from pipeline.device_augment import BatchedViewAugment  # noqa: E402
-from pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
-from pipeline.sharding import mix_seed, rank_seed  # noqa: E402
+from byolfast.pipeline.config import AugmentConfig, DataConfig  # noqa: E402
+from byolfast.pipeline.contract import LoaderContext  # noqa: E402
+from byolfast.pipeline.device_augment import BatchedViewAugment  # noqa: E402
+from byolfast.pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
+from byolfast.pipeline.sharding import mix_seed, rank_seed  # noqa: E402
 
 SIZE = 32
 BATCH = 8
@@ -38,8 +38,8 @@ SEED = 5
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """24 photo crops (64x48 and 48x64) converted by `byol convert` into `ffcv/train.beton`."""
-    from benchmarks.common import build_bench_images
-    from pipeline.convert import convert_dataset
+    from byolfast.benchmarks.common import build_bench_images
+    from byolfast.pipeline.convert import convert_dataset
 
     root = tmp_path_factory.mktemp("ffcv_cuda")
     folder = build_bench_images(root, IMAGES, size=(64, 48))

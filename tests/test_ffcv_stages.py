@@ -5,13 +5,13 @@ import pytest
 
 pytest.importorskip("ffcv")
 
-from pipeline.config import DataConfig  # noqa: E402
+from byolfast.pipeline.config import DataConfig  # noqa: E402
 
 
 def test_stages_are_timed_per_image(tmp_path) -> None:
-    from benchmarks.common import build_bench_images
-    from benchmarks.ffcv_stages import STAGES, ffcv_stage_ms
-    from pipeline.convert import convert_dataset
+    from byolfast.benchmarks.common import build_bench_images
+    from byolfast.benchmarks.ffcv_stages import STAGES, ffcv_stage_ms
+    from byolfast.pipeline.convert import convert_dataset
 
     folder = build_bench_images(tmp_path, 16, size=(64, 48))
     convert_dataset(str(folder), str(tmp_path / "converted"), ("ffcv",), workers=1, max_side=64, progress=False)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import smoke
-from benchmarks.common import error_fields, missing_module
+from byolfast.benchmarks import smoke
+from byolfast.benchmarks.common import error_fields, missing_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_a_module_that_needs_a_missing_package_is_skipped_not_a_collection_error
                                                "def test_x():\n    pass\n")
     (tests / "test_b_ok.py").write_text("def test_one():\n    pass\n")
     command = [sys.executable, "-m", "pytest", "-x", "-rs", "-p", "no:cacheprovider",
-               "-p", "benchmarks.pytest_gpu_suite", str(tests)]
+               "-p", "byolfast.benchmarks.pytest_gpu_suite", str(tests)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout
@@ -121,7 +121,8 @@ def test_the_caps_sigint_still_gets_the_junit_report(tmp_path):
                                            "def test_slow():\n    time.sleep(60)\n")
     xml = tmp_path / "report.xml"
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "benchmarks.pytest_gpu_suite",
+        [sys.executable, "-u", "-m", "pytest", "-v", "-p", "no:cacheprovider",
+         "-p", "byolfast.benchmarks.pytest_gpu_suite",
          f"--junitxml={xml}", "test_slow.py"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
@@ -171,8 +172,8 @@ def _results(tmp_path: Path, *, dali: bool, failures: bool = False) -> Path:
 
 
 def _summary(res: Path) -> tuple[list[str], int]:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.suite_summary", str(res)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "byolfast.benchmarks.suite_summary", str(res)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
     assert out.stderr == ""
     return out.stdout.splitlines(), out.returncode
 

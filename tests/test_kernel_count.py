@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from model.ema import EmaPairs, ema_update_, ema_update_loop_
-from train.optim import SpreadValues, build_optimizer, lars_step_per_tensor_
+from byolfast.model.ema import EmaPairs, ema_update_, ema_update_loop_
+from byolfast.train.optim import SpreadValues, build_optimizer, lars_step_per_tensor_
 
 METADATA_OPS = frozenset({
     "aten::alias", "aten::as_strided", "aten::chunk", "aten::detach", "aten::empty", "aten::expand", "aten::narrow",

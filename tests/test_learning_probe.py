@@ -1,7 +1,7 @@
 """The in-memory learning probe runs the trainer's model, optimizer and schedules and reports kNN and feature rank."""
 import json
 
-from benchmarks.learning_probe import digits, main
+from byolfast.benchmarks.learning_probe import digits, main
 
 
 def test_digits_are_drawn_reproducibly_in_each_style():

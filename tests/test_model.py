@@ -6,9 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from model import ModelConfig, build_byol, collapse_std, ema_update_loop_, regression_loss
-from model.ema import EmaPairs
-from model.resnet import build_encoder, encoder_state_dict
+from byolfast.model import ModelConfig, build_byol, collapse_std, ema_update_loop_, regression_loss
+from byolfast.model.ema import EmaPairs
+from byolfast.model.resnet import build_encoder, encoder_state_dict
 
 TINY = ModelConfig(arch="resnet18", small_stem=True, projector_hidden=64, predictor_hidden=64, projector_out=32)
 
@@ -125,7 +125,7 @@ def test_unknown_arch_is_rejected():
 def test_global_batchnorm_alone_is_torchs_batchnorm(momentum):
     """In one process GlobalBatchNorm is torch's BatchNorm, running statistics included (momentum=None: the
     cumulative average)."""
-    from model.syncbn import convert_global_batchnorm
+    from byolfast.model.syncbn import convert_global_batchnorm
 
     torch.manual_seed(0)
     ref = nn.BatchNorm2d(4, momentum=momentum)
@@ -138,7 +138,7 @@ def test_global_batchnorm_alone_is_torchs_batchnorm(momentum):
 
 
 def test_effective_rank_counts_the_spread_dimensions():
-    from train.evaluate import effective_rank
+    from byolfast.train.evaluate import effective_rank
     g = torch.Generator().manual_seed(0)
     iso = torch.randn(4000, 16, generator=g)
     assert 15.0 < effective_rank(iso) <= 16.0                       # spread evenly over 16 dims

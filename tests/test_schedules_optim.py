@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.optim import Lars, build_optimizer, param_groups
-from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
+from byolfast.train.optim import Lars, build_optimizer, param_groups
+from byolfast.train.schedules import scaled_lr, target_tau, warmup_cosine_lr
 
 
 def test_lr_scaling_rule():

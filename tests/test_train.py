@@ -14,10 +14,10 @@ import torch
 import torchvision
 
 from conftest import tiny_overrides
-from train.checkpoint import CheckpointError, list_checkpoints
-from train.cli import main as byol
-from train.config import load_config
-from train.loop import NonFiniteError, Trainer
+from byolfast.train.checkpoint import CheckpointError, list_checkpoints
+from byolfast.train.cli import main as byol
+from byolfast.train.config import load_config
+from byolfast.train.loop import NonFiniteError, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,7 +147,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 def _poison_loss(monkeypatch, is_bad) -> None:
     """Make the loss NaN on the calls `is_bad(n)` selects (two calls per step: one per direction)."""
-    import model.byol as byol_module
+    import byolfast.model.byol as byol_module
     real = byol_module.regression_loss
     calls = {"n": 0}
 
@@ -177,10 +177,10 @@ def test_fp16_overflow_skips_the_step_and_the_ema():
     """fp16 (autocast + grad scaler, also on the CPU): a step whose scaled gradients overflow moves neither the online
     nor the target network, and lowers the scale; a step with a sane scale moves both. The step is built alone: a
     model, an optimizer, two schedules, no loader, run folder or trainer."""
-    from model import ModelConfig, build_byol
-    from pipeline import Batch
-    from train.optim import build_optimizer
-    from train.step import Stepper
+    from byolfast.model import ModelConfig, build_byol
+    from byolfast.pipeline import Batch
+    from byolfast.train.optim import build_optimizer
+    from byolfast.train.step import Stepper
     torch.manual_seed(0)
     model = build_byol(ModelConfig(arch="resnet18", small_stem=True, projector_hidden=64, predictor_hidden=64,
                                    projector_out=32, bn="local"), device_type="cpu")
@@ -216,7 +216,7 @@ def test_fp16_overflow_skips_the_step_and_the_ema():
 
 def _run_cli(args, env_extra=None, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "byolfast.train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -319,7 +319,7 @@ def test_export_loads_into_torchvision_and_eval_reports_knn(tmp_path, digits16, 
 def test_evaluation_normalises_as_the_training_did(tmp_path):
     from PIL import Image
 
-    from train.evaluate import extract_features
+    from byolfast.train.evaluate import extract_features
     (tmp_path / "a").mkdir()
     Image.new("RGB", (20, 20), (255, 255, 255)).save(tmp_path / "a" / "white.png")
     seen = []
@@ -331,8 +331,8 @@ def test_evaluation_normalises_as_the_training_did(tmp_path):
 
 
 def test_knn_and_linear_monitor_during_training(tmp_path, digits16):
-    from pipeline.contract import DataError
-    from train.config import ConfigError
+    from byolfast.pipeline.contract import DataError
+    from byolfast.train.config import ConfigError
     base = tiny_overrides(tmp_path / "run", str(digits16 / "train"), "torch", steps=2) + [
         "eval.every=2", "eval.image_size=16", "eval.batch_size=64", "eval.k=[5]"]
     summary, _ = _train(base + [f"eval.data={digits16}", "eval.linear_epochs=2"])
@@ -359,7 +359,7 @@ def test_knn_and_linear_monitor_during_training(tmp_path, digits16):
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    from train import checkpoint as ckpt_module
+    from byolfast.train import checkpoint as ckpt_module
     run = tmp_path / "run"
     _train(tiny_overrides(run, steps=2) + ["train.ckpt_every=2"])
     before = list_checkpoints(run)

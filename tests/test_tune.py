@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.tune_search import (NOISE, Tuner, TrialTimeout, cap_deferred, data_backends, hard_deadline, knobs,
-                                    label)
-from train.cli import build_parser, config_file_overrides, load_configs
-from train.config import ConfigError, load_config
+from byolfast.benchmarks.tune_search import (NOISE, Tuner, TrialTimeout, cap_deferred, data_backends, hard_deadline,
+                                             knobs, label)
+from byolfast.train.cli import build_parser, config_file_overrides, load_configs
+from byolfast.train.config import ConfigError, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -269,7 +269,7 @@ def test_real_tune_on_tiny_images_writes_a_valid_override(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from benchmarks.tune import main
+    from byolfast.benchmarks.tune import main
 
     rng = np.random.default_rng(0)
     for i in range(64):

@@ -1,6 +1,6 @@
-"""`python -m train ...` is `byol train ...` (the form torchrun launches: `torchrun ... -m train --config ...`)."""
+"""`python -m byolfast.train ...` is `byol train ...`: the form torchrun launches (`torchrun ... -m byolfast.train`)."""
 import sys
 
-from train.cli import main
+from byolfast.train.cli import main
 
 sys.exit(main(["train", *sys.argv[1:]]))

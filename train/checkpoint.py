@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pipeline.storage import write_bytes_atomic
+from byolfast.pipeline.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

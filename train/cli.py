@@ -20,7 +20,7 @@ def config_file_overrides(path: str) -> list[str]:
     to itself); sections merge key by key, as they do over the defaults. Same errors as `load_config`'s file."""
     import yaml
 
-    from train.config import ConfigError
+    from byolfast.train.config import ConfigError
 
     if not Path(path).is_file():
         raise ConfigError(f"config file {path!r} not found (presets are in configs/)")
@@ -40,7 +40,7 @@ def config_file_overrides(path: str) -> list[str]:
 def load_configs(paths: Optional[Sequence[str]], overrides: Sequence[str] = ()):
     """`--config A.yaml --config B.yaml k=v`: the defaults, then A, then B (later files override earlier ones key by
     key), then the `section.key=value` overrides; validated once, as `train.config.load_config` does."""
-    from train.config import load_config
+    from byolfast.train.config import load_config
 
     paths = list(paths or [])
     later = [o for p in paths[1:] for o in config_file_overrides(p)]
@@ -48,7 +48,7 @@ def load_configs(paths: Optional[Sequence[str]], overrides: Sequence[str] = ()):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from train.loop import train
+    from byolfast.train.loop import train
 
     cfg = load_configs(args.config, list(args.overrides))
     if args.resume:   # a path is taken as it is (as an override it would be read as YAML: '#', numbers...)
@@ -60,11 +60,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
-    from train.checkpoint import load_checkpoint
-    from train.config import ConfigError, EvalConfig, validate_eval
-    from train.distributed import resolve_device
-    from train.evaluate import encoder_from_checkpoint, evaluate_encoder
+    from byolfast.pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+    from byolfast.train.checkpoint import load_checkpoint
+    from byolfast.train.config import ConfigError, EvalConfig, validate_eval
+    from byolfast.train.distributed import resolve_device
+    from byolfast.train.evaluate import encoder_from_checkpoint, evaluate_encoder
 
     device = resolve_device(args.device, setting="--device")
     state = load_checkpoint(args.checkpoint)
@@ -87,8 +87,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from train.checkpoint import load_checkpoint
-    from train.evaluate import export_encoder
+    from byolfast.train.checkpoint import load_checkpoint
+    from byolfast.train.evaluate import export_encoder
 
     info = export_encoder(load_checkpoint(args.checkpoint), args.out)
     print(json.dumps(info, indent=2))
@@ -96,7 +96,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pipeline.convert import convert_dataset
+    from byolfast.pipeline.convert import convert_dataset
 
     formats = ("ffcv", "dali") if args.format == "both" else (args.format,)
     report = convert_dataset(args.src, args.out, formats, file_list=args.file_list, workers=args.workers,
@@ -107,14 +107,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from train.demo import run_demo
+    from byolfast.train.demo import run_demo
 
     run_demo(args.out, quick=args.quick, config=args.config)
     return 0
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from pipeline.demo_data import build_demo_data
+    from byolfast.pipeline.demo_data import build_demo_data
 
     paths = build_demo_data(args.out, size=args.size)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
@@ -171,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="rebuild outputs that are already complete")
     c.set_defaults(func=_convert)
 
-    for name, module, text in (("bench", "benchmarks.bench", "images/sec: loader-only, model-only, end-to-end, EMA"),
-                               ("profile", "benchmarks.profile", "torch.profiler trace + bottleneck report"),
-                               ("tune", "benchmarks.tune", "the fastest loader settings for this machine, as a YAML")):
+    for name, module, text in (("bench", "byolfast.benchmarks.bench",
+                                "images/sec: loader-only, model-only, end-to-end, EMA"),
+                               ("profile", "byolfast.benchmarks.profile", "torch.profiler trace + bottleneck report"),
+                               ("tune", "byolfast.benchmarks.tune",
+                                "the fastest loader settings for this machine, as a YAML")):
         b = sub.add_parser(name, help=text, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(func=_forward(module))
@@ -192,17 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.contract import DataError
-    from train.checkpoint import CheckpointError
-    from train.config import ConfigError
-    from train.loop import NonFiniteError, Preempted
-    from train.runtime import setup_logging
+    from byolfast.pipeline.contract import DataError
+    from byolfast.train.checkpoint import CheckpointError
+    from byolfast.train.config import ConfigError
+    from byolfast.train.loop import NonFiniteError, Preempted
+    from byolfast.train.runtime import setup_logging
 
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("bench", "profile", "tune"):
         # Their own parsers take every argument (argparse's REMAINDER refuses a first one starting with `-`).
-        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=_forward(f"benchmarks.{argv[0]}"))
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=_forward(f"byolfast.benchmarks.{argv[0]}"))
     else:
         args = build_parser().parse_args(argv)
     if args.command == "convert" and args.workers == 0:

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from model.config import ModelConfig
-from pipeline.config import COLOR_OPS, DataConfig
+from byolfast.model.config import ModelConfig
+from byolfast.pipeline.config import COLOR_OPS, DataConfig
 
 
 class ConfigError(ValueError):
@@ -293,8 +293,8 @@ def validate_eval(e: EvalConfig, prefix: str = "eval.") -> None:
 
 def validate(cfg: Config) -> None:
     """Reject values out of range, naming the key and the allowed range."""
-    from model.resnet import RESNETS
-    from pipeline import LOADERS
+    from byolfast.model.resnet import RESNETS
+    from byolfast.pipeline import LOADERS
 
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
     _check(d.backend in LOADERS, "data.backend", f"one of {', '.join(LOADERS)}", d.backend)

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from pipeline.demo_data import build_demo_data
-from pipeline.storage import write_json_atomic
-from train.config import load_config, to_dict
-from train.distributed import resolve_device
-from train.evaluate import evaluate_encoder, random_init_encoder
-from train.loop import Trainer
-from train.runtime import setup_logging
+from byolfast.pipeline.demo_data import build_demo_data
+from byolfast.pipeline.storage import write_json_atomic
+from byolfast.train.config import load_config, to_dict
+from byolfast.train.distributed import resolve_device
+from byolfast.train.evaluate import evaluate_encoder, random_init_encoder
+from byolfast.train.loop import Trainer
+from byolfast.train.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 DEFAULT_PRESET = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"

@@ -36,7 +36,7 @@ def resolve_device(name: str, local_rank: int = 0, setting: str = "train.device"
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    from train.config import ConfigError
+    from byolfast.train.config import ConfigError
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -63,7 +63,7 @@ def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 6
     device = resolve_device(device_name, local_rank)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda" and local_world > 1 and device.index != local_rank:
-        from train.config import ConfigError
+        from byolfast.train.config import ConfigError
         raise ConfigError(f"train.device={device_name!r} puts every rank of this node on one GPU: under torchrun use "
                           "train.device=cuda or auto (each rank takes the GPU of its LOCAL_RANK)")
     if device.type == "cuda":

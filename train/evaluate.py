@@ -16,10 +16,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.contract import DataError
-from pipeline.folder import scan_image_folder
-from train.config import EvalConfig
+from byolfast.pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+from byolfast.pipeline.contract import DataError
+from byolfast.pipeline.folder import scan_image_folder
+from byolfast.train.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class KnnMonitor:
 
 def encoder_from_checkpoint(state: dict, device: torch.device) -> tuple[nn.Module, dict]:
     """The online encoder of a training checkpoint (built from the checkpoint's own model config)."""
-    from model import ModelConfig, build_encoder
-    from train.config import _from_dict
+    from byolfast.model import ModelConfig, build_encoder
+    from byolfast.train.config import _from_dict
 
     mcfg = _from_dict(ModelConfig, state["config"]["model"], "model")
     encoder, _ = build_encoder(mcfg.arch, mcfg.small_stem)
@@ -214,7 +214,7 @@ def export_encoder(state: dict, out: str | Path) -> dict:
     (or `m.load_state_dict(sd, strict=False)` keeping a fresh `fc`). A `small_stem` encoder needs the same 3x3 `conv1`
     and `maxpool = Identity()` before loading.
     """
-    from model import encoder_state_dict
+    from byolfast.model import encoder_state_dict
 
     encoder, meta = encoder_from_checkpoint(state, torch.device("cpu"))
     sd = encoder_state_dict(encoder)
@@ -229,7 +229,7 @@ def export_encoder(state: dict, out: str | Path) -> dict:
 def random_init_encoder(arch: str, small_stem: bool, device: torch.device, seed: int = 0,
                         channels_last: bool = True) -> nn.Module:
     """A randomly initialised encoder (the baseline that BYOL's features are compared against)."""
-    from model import build_encoder
+    from byolfast.model import build_encoder
     torch.manual_seed(seed)
     enc, _ = build_encoder(arch, small_stem)
     enc = enc.to(device)

@@ -20,19 +20,19 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model import Byol, build_byol, collapse_std
-from pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
-from pipeline.contract import skipped_images
-from pipeline.storage import write_json_atomic
-from train import checkpoint as ckpt
-from train.config import Config, ConfigError, check_world, to_dict
-from train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
-from train.metrics import MetricsWriter
-from train.optim import build_optimizer
-from train.preempt import EXIT_PREEMPTED, PREEMPT_CHECK_EVERY, PREEMPT_MARKER, PreemptFlag, Preempted
-from train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
-from train.schedules import scaled_lr, target_tau, warmup_cosine_lr
-from train.step import Forward, NonFiniteError, StageHook, Stepper, StepOutput, no_stage
+from byolfast.model import Byol, build_byol, collapse_std
+from byolfast.pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
+from byolfast.pipeline.contract import skipped_images
+from byolfast.pipeline.storage import write_json_atomic
+from byolfast.train import checkpoint as ckpt
+from byolfast.train.config import Config, ConfigError, check_world, to_dict
+from byolfast.train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
+from byolfast.train.metrics import MetricsWriter
+from byolfast.train.optim import build_optimizer
+from byolfast.train.preempt import EXIT_PREEMPTED, PREEMPT_CHECK_EVERY, PREEMPT_MARKER, PreemptFlag, Preempted
+from byolfast.train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
+from byolfast.train.schedules import scaled_lr, target_tau, warmup_cosine_lr
+from byolfast.train.step import Forward, NonFiniteError, StageHook, Stepper, StepOutput, no_stage
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Trainer:
             if self.dist.is_main:
                 self.writer = MetricsWriter(self.run_dir, purge_step=self.state.step + 1 if self.state.step else None)
             if cfg.eval.every and cfg.eval.data and self.dist.is_main:
-                from train.evaluate import KnnMonitor
+                from byolfast.train.evaluate import KnnMonitor
                 self.eval_monitor = KnnMonitor(cfg.eval, self.device, cfg.model.channels_last,
                                                cfg.data.augment.mean, cfg.data.augment.std)
             flag = PreemptFlag(t.preempt_signals)

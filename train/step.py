@@ -18,9 +18,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from model import Byol, ByolOutput, ema_update_loop_
-from pipeline import Batch
-from train.runtime import autocast
+from byolfast.model import Byol, ByolOutput, ema_update_loop_
+from byolfast.pipeline import Batch
+from byolfast.train.runtime import autocast
 
 log = logging.getLogger(__name__)
 

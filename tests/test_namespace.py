@@ -1,0 +1,63 @@
+"""One import name: a user's own `train.py`, `model.py`, ... in the working folder cannot stand in for byolfast's."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("pipeline", "model", "train", "benchmarks")
+
+
+@pytest.fixture()
+def crowded(tmp_path: Path) -> Path:
+    """A working folder holding a module named like each of our packages; importing one leaves a marker file."""
+    for name in PARTS:
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / ('imported-' + name))!r}, 'w').close()\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("launch", [["-m", "byolfast.train", "--help"], ["-m", "byolfast", "train", "--help"]])
+def test_a_launch_from_a_crowded_folder_runs_byolfast(crowded: Path, launch: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    probe = ("import runpy, sys; sys.argv = [sys.argv[0], *sys.argv[1:]]; "
+             "mod = sys.argv.pop(1)\n"
+             "try:\n    runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             f"print('SHADOWED' if any(m in sys.modules for m in {PARTS!r}) else 'CLEAN')")
+    out = subprocess.run([sys.executable, "-c", probe, *launch[1:]], cwd=crowded, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "usage: byol train" in out.stdout, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("CLEAN"), out.stdout[-500:]
+    assert not list(crowded.glob("imported-*")), "a module from the working folder was imported"
+    # and the plain launch torchrun uses (the working folder first on sys.path) runs ours, not the user's files
+    out = subprocess.run([sys.executable, *launch], cwd=crowded, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "usage: byol train" in out.stdout, out.stderr[-2000:]
+    assert not list(crowded.glob("imported-*"))
+
+
+def _imports(package: str) -> set[str]:
+    """The byolfast parts that `package`'s modules import (absolute imports, any depth)."""
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            for name in names:
+                parts = name.split(".")
+                if parts[0] in PARTS:
+                    pytest.fail(f"{path.relative_to(ROOT)} imports {name!r}: write byolfast.{name}")
+                if parts[0] == "byolfast" and len(parts) > 1:
+                    found.add(parts[1])
+    return found - {package}
+
+
+def test_layers_pipeline_and_model_stand_alone_train_composes_them() -> None:
+    assert _imports("pipeline") == set()
+    assert _imports("model") == set()
+    assert _imports("train") <= {"pipeline", "model"}
+    assert _imports("benchmarks") <= {"pipeline", "model", "train"}

@@ -1,6 +1,8 @@
-"""`byol bench`: images/sec of the loaders alone, the model alone and both together; the weight updates (EMA, LARS).
+"""`byol bench`: images/sec of the loaders alone, the model alone and both together; the weight updates (EMA, LARS);
+where each loader's CPU time goes.
 
-    byol bench --what loader|model|e2e|ema|optim|all --out runs/bench/bench.json [--config FILE] [section.key=value ...]
+    byol bench --what loader|model|e2e|ema|optim|stages|all --out runs/bench/bench.json [--config FILE]
+               [section.key=value ...]
 
 - loader: two-view images/s of each backend (dali, ffcv, torch) on the same real JPEGs (~320x240 crops of
   scikit-image's photographs, built once under `--data`, converted with `byol convert` into shards and a beton, kept
@@ -14,6 +16,8 @@
   needs to move the same bytes (lerp reads two tensors and writes one).
 - optim: milliseconds per LARS step of the same model on random gradients, the fused step against the per-tensor
   reference (`lars_step_per_tensor_`: the trust ratios as a list of 0-d tensors), timed alternately.
+- stages: CPU ms per image of each stage (decode, crop, colour, blur, normalise, ...) of each backend's CPU path on
+  the first `--stage-images` benchmark JPEGs, one thread, printed as a table per backend (`benchmarks.stages`).
 Timing: warm-up batches/steps first, then `--steps` timed ones per repeat (each repeat a new epoch for loaders), the
 device synchronised around the clock, the median over `--repeats`. images/s counts images (each gives two views).
 """
@@ -32,11 +36,12 @@ from byolfast.benchmarks import common, environment
 from byolfast.benchmarks.bench_update import bench_ema, bench_optim
 from byolfast.benchmarks.common import backend_path, build_bench_images, time_epochs
 from byolfast.benchmarks.report import format_table, hidden_ratio, summary_lines
+from byolfast.benchmarks.stages import bench_stages, stage_table
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "ffcv", "torch")
-WHATS = ("loader", "model", "e2e", "ema", "optim")
+WHATS = ("loader", "model", "e2e", "ema", "optim", "stages")
 
 
 def _scalar_stats(stats: dict) -> dict:
@@ -270,7 +275,8 @@ def _config(args, overrides: Sequence[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="byol bench", description="images/sec: loader-only, model-only, e2e, EMA")
+    p = argparse.ArgumentParser(prog="byol bench", description="images/sec: loader-only, model-only, e2e, EMA; "
+                                "CPU ms per image of each loader stage")
     p.add_argument("--what", choices=(*WHATS, "all"), default="all")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON file (the PNG chart is written beside it)")
     p.add_argument("--config", action="append", help="a YAML preset (configs/*.yaml); several: later ones override "
@@ -287,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--budget", type=float, default=-1,
                    help="seconds of timed steps per model/e2e run, fewer when slower (-1: 15 on CPU, 0: off)")
+    p.add_argument("--stage-images", type=int, default=64, help="benchmark JPEGs each backend's stages are timed on")
     p.add_argument("--ema-iters", type=int, default=10, help="EMA updates per timed repeat")
     p.add_argument("--optim-iters", type=int, default=5, help="LARS steps per timed repeat")
     p.add_argument("--matmul-size", type=int, default=0, help="n of the n^3 bf16 matmul (0: 8192 GPU, 1024 CPU)")
@@ -311,10 +318,10 @@ def _resolve_args(args, device: torch.device) -> None:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [b for b in args.backends if b not in BACKENDS] + [v for v in args.variants if v not in VARIANT_KINDS]
-    if bad or args.repeats < 1 or args.steps < 1:
+    if bad or args.repeats < 1 or args.steps < 1 or args.stage_images < 1:
         from byolfast.train.config import ConfigError
         raise ConfigError(f"--backends takes {', '.join(BACKENDS)}, --variants {', '.join(VARIANT_KINDS)} (unknown: "
-                          f"{', '.join(bad) or 'none'}); --repeats and --steps must be >= 1")
+                          f"{', '.join(bad) or 'none'}); --repeats, --steps and --stage-images must be >= 1")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -358,7 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "model": lambda: bench_model(cfg, device, args, overrides, matmul_rates),
                 "e2e": lambda: bench_e2e(cfg, device, args, overrides, [r for r in records if r["what"] == "model"]),
                 "ema": lambda: bench_ema(cfg, device, args, overrides),
-                "optim": lambda: bench_optim(cfg, device, args, overrides)}
+                "optim": lambda: bench_optim(cfg, device, args, overrides),
+                "stages": lambda: bench_stages(cfg, device, *_bench_folder(args), backends=args.backends,
+                                               images=args.stage_images, repeats=args.repeats)}
     for what in WHATS:
         if what in whats:
             for rec in sections[what]():
@@ -368,6 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chart = common.write_bar_chart(out.with_suffix(".png"), records,
                                    f"byol bench on {env['device_name']} ({cfg.model.arch}, {cfg.data.image_size} px)")
     print(format_table(records))
+    if "stages" in whats:
+        print(stage_table(records))
     for line in summary_lines(records):
         print(line)
     print(f"wrote {out}" + (f" and {chart}" if chart else ""))

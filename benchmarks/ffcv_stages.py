@@ -13,18 +13,18 @@ decode, crop and flip run the primitives of `pipeline.ffcv_decode.TwoViewCropFli
 decoder fuses them); the colour stages time the loader's own `BatchedViewAugment.apply_cpu`, its kernels wrapped.
 Everything runs in the calling thread, one thread (thread CPU time, robust to a shared machine): the CPU cost a
 loader pays, whatever number of workers spreads it. On a GPU the colour stages run on the device instead.
+`byol bench --what stages` runs this beside the other backends' timers (`benchmarks.stages`).
 """
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
-from typing import Callable, Iterator
 
 import numba
 import numpy as np
 import torch
 
+from byolfast.benchmarks.stages import clock, median_ms, one_torch_thread, timed_calls
 from byolfast.pipeline.config import DataConfig
 from byolfast.pipeline.ffcv_decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
 
@@ -65,31 +65,6 @@ def _flip(views, flips):
                 flip_columns(views[v, k])
 
 
-@contextlib.contextmanager
-def _timed(module, name: str, seconds: dict, stage: str) -> Iterator[None]:
-    """Add the thread CPU time of every call of `module.name` to `seconds[stage]` while the block runs."""
-    fn = getattr(module, name)
-
-    def timed(*args, **kwargs):
-        t = time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            seconds[stage] += time.thread_time() - t
-
-    setattr(module, name, timed)
-    try:
-        yield
-    finally:
-        setattr(module, name, fn)
-
-
-def _clock(seconds: dict, stage: str, fn: Callable, *args) -> None:
-    t = time.thread_time()
-    fn(*args)
-    seconds[stage] += time.thread_time() - t
-
-
 def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, repeats: int = 3,
                   seed: int = 0) -> dict[str, float]:
     """CPU ms per image of each stage (`STAGES`, and `total`) on the first `max_images` images of `cfg.path`'s
@@ -128,32 +103,24 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
 
     def one_pass() -> dict[str, float]:
         seconds = dict.fromkeys(STAGES, 0.0)
-        _clock(seconds, "decode", _decode, data, ptrs, sizes, heights, widths, is_jpeg, decoded)
-        _clock(seconds, "crop", _crop, decoded, heights, widths, seeds, index, scale, ratio, flip_p, views, flips)
-        _clock(seconds, "flip", _flip, views, flips)
+        clock(seconds, "decode", _decode, data, ptrs, sizes, heights, widths, is_jpeg, decoded)
+        clock(seconds, "crop", _crop, decoded, heights, widths, seeds, index, scale, ratio, flip_p, views, flips)
+        clock(seconds, "flip", _flip, views, flips)
         with contextlib.ExitStack() as timers:
             for module, name, stage in ((cpu_augment, "jitter_grayscale_", "colour"),
                                         (device_augment, "gaussian_blur", "blur"),
                                         (cpu_augment, "solarize_normalise_", "normalise")):
-                timers.enter_context(_timed(module, name, seconds, stage))
+                timers.enter_context(timed_calls(module, name, seconds, stage))
             whole = 0.0
             for b in range(0, n, batch_size):
                 for v in range(2):
                     crops = torch.from_numpy(views[v, b:b + batch_size])
-                    _clock(seconds, "hand_over", handed[:len(crops)].copy_, crops)
+                    clock(seconds, "hand_over", handed[:len(crops)].copy_, crops)
                     t = time.thread_time()
                     augment[v](handed[:len(crops)], generator)
                     whole += time.thread_time() - t
         seconds["augment_other"] = whole - seconds["colour"] - seconds["blur"] - seconds["normalise"]
         return seconds
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: the kernels then run in this one (cpu_augment reads torch's count)
-    try:
-        one_pass()
-        passes = [one_pass() for _ in range(repeats)]
-    finally:
-        torch.set_num_threads(threads)
-    ms = {stage: 1000 * statistics.median(p[stage] for p in passes) / n for stage in STAGES}
-    ms["total"] = sum(ms.values())
-    return ms
+    with one_torch_thread():   # the kernels then run in this thread (cpu_augment reads torch's count)
+        return median_ms(one_pass, STAGES, n, repeats)

@@ -259,7 +259,9 @@ def bench_stages(cfg, device: torch.device, folder: Path | None, problem: BaseEx
     """One `stages` record per backend: `stage_fields` of its CPU path on the first `images` benchmark JPEGs, or
     `skipped` (a package missing: the reason) or `error` (anything else)."""
     for backend in backends:
-        rec = common.record("stages", "backend", backend, cfg, device, images=images, repeats=repeats, threads=1)
+        # the CPU path whatever the run's device: the record says cpu, and which device the run was for
+        rec = common.record("stages", "backend", backend, cfg, torch.device("cpu"), run_device=device.type,
+                            images=images, repeats=repeats, threads=1)
         try:
             if folder is None:
                 raise RuntimeError(f"no benchmark images ({type(problem).__name__}: {problem})") from problem

@@ -9,12 +9,15 @@ its own ops, in its own order, one image at a time while it sits in cache, every
     reference's, when `reference` is set; else torchvision's);
   - (blur: the torch module's separable convolution, run only on the samples that draw it);
   - `solarize_normalise_`: solarize and the mean/std normalisation in one pass.
-The random draws are the torch module's (`BatchedViewAugment.sample_params`), so a seed gives the same views on
-either path; `tests/test_device_augment.py` holds this path to the torch module (which is held to torchvision).
+`augment_crops` runs these stages (`STAGES`, the spec's ops grouped by fused pass) on a batch of crops. The op order,
+the luma weights, the jitter op ids and the draws are `pipeline.augment_spec`'s; the draws are the torch module's
+(`BatchedViewAugment.sample_params`), so a seed gives the same views on either path. `tests/test_augment_spec.py` and
+`tests/test_device_augment.py` hold this path to the torch module (which is held to torchvision).
 
-Measured on 2 cores at 224 px, batch 32, both views: see `BatchedViewAugment` and the README's loader table.
 Samples run in parallel on `threads` Python threads (the kernels release the GIL). The kernels compile on first use
-(a few seconds) and are cached on disk beside this file.
+(a few seconds) and are cached on disk beside this file. numba bakes the spec's constants into that cache, which it
+keys by this file only: after changing them in `augment_spec`, delete `__pycache__/cpu_augment*.nb*` (the
+conformance test fails until then).
 """
 from __future__ import annotations
 
@@ -22,9 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+import torch
+
+from byolfast.pipeline.augment_spec import BRIGHTNESS, CONTRAST, DRAW, HUE, LUMA, SATURATION
+from byolfast.pipeline.config import ViewSpec
 
 _F = np.float32
-_LUMA_R, _LUMA_G, _LUMA_B = _F(0.2989), _F(0.587), _F(0.114)
+_LUMA_R, _LUMA_G, _LUMA_B = (_F(w) for w in LUMA)
 _ZERO, _ONE = _F(0.0), _F(1.0)
 _TO01 = _F(1.0 / 255.0)
 
@@ -201,22 +208,22 @@ def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturat
     if jitter:
         for k in range(4):
             op = order[k]
-            if op == 0:
+            if op == BRIGHTNESS:
                 if reference:
                     _add_brightness(img, brightness)
                 else:
                     _brightness(img, brightness)
-            elif op == 1:
+            elif op == CONTRAST:
                 if reference:
                     _channel_contrast(img, contrast)
                 else:
                     _contrast(img, contrast)
-            elif op == 2:
+            elif op == SATURATION:
                 if reference:
                     _hsv_saturation(img, saturation)
                 else:
                     _saturation(img, saturation)
-            elif with_hue:
+            elif op == HUE and with_hue:
                 _hue(img, hue)
     if grayscale:
         _grayscale(img)
@@ -275,23 +282,67 @@ def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float,
     _over_samples(_solarize_normalise, img.shape[0], threads, img, solarize, np.float32(threshold), mean, std)
 
 
-# --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.color_jitter`) -------
-# jitter on, the 4 ops in order, brightness, contrast, saturation, hue shift, hue on, grayscale, reference maths
-JITTER_PARAMS = 12
+# --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.cpu_jitter_grayscale`) ---
+# The packed float32 vector of one sample's parameters, (name, width) in order: the spec's draws of the jitter and
+# grayscale ops (the order as op ids) and the two flags the kernel needs (hue on, the reference's maths).
+KERNEL_PARAMS = (("jitter", 1), ("order", DRAW["order"].width), ("brightness", 1), ("contrast", 1),
+                 ("saturation", 1), ("hue", 1), ("hue_on", 1), ("grayscale", 1), ("reference", 1))
+_AT = {name: sum(w for _, w in KERNEL_PARAMS[:i]) for i, (name, _) in enumerate(KERNEL_PARAMS)}
+JITTER_PARAMS = sum(w for _, w in KERNEL_PARAMS)
+_P_JITTER, _P_ORDER, _P_B, _P_C, _P_S, _P_H = (_AT[k] for k in ("jitter", "order", "brightness", "contrast",
+                                                                "saturation", "hue"))
+_P_HUE_ON, _P_GRAY, _P_REF, _P_WIDTH = _AT["hue_on"], _AT["grayscale"], _AT["reference"], DRAW["order"].width
 
 
 @numba.njit(nogil=True, cache=True)
 def jitter_grayscale_hwc(out, img, params):
     """uint8 (H, W, 3) `img` -> uint8 `out`: colour jitter in the sample's order and grayscale, in float32 on
-    [0, 1], rounded once at the end. `params` (float32, JITTER_PARAMS): jitter on (0/1), the op ids in order,
-    brightness (a delta with the reference's maths), contrast, saturation factors, hue shift (turns), hue on (0/1),
-    grayscale (0/1), the reference's (`deepmind`) maths (0/1)."""
+    [0, 1], rounded once at the end. `params` (float32, JITTER_PARAMS) packed as `KERNEL_PARAMS`: jitter on (0/1),
+    the op ids in order, brightness (a delta with the reference's maths), contrast, saturation factors, hue shift
+    (turns), hue on (0/1), grayscale (0/1), the reference's (`deepmind`) maths (0/1)."""
     h, w = img.shape[0], img.shape[1]
     x = np.empty((h, w, 3), dtype=np.float32)
-    order = params[1:5].astype(np.int64)
-    _jitter_grayscale_one(x, img, params[0] != 0, order, params[5], params[6], params[7], params[8], params[9] != 0,
-                          params[10] != 0, params[11] != 0)
+    order = params[_P_ORDER:_P_ORDER + _P_WIDTH].astype(np.int64)
+    _jitter_grayscale_one(x, img, params[_P_JITTER] != 0, order, params[_P_B], params[_P_C], params[_P_S],
+                          params[_P_H], params[_P_HUE_ON] != 0, params[_P_GRAY] != 0, params[_P_REF] != 0)
     for y in range(h):
         for xx in range(w):
             for c in range(3):
                 out[y, xx, c] = np.uint8(x[y, xx, c] * _F(255.0) + _F(0.5))
+
+
+# --- a batch of crops: the stages of this engine --------------------------------------------------------------------
+# The spec's ops (after the crop) as this engine runs them, grouped by fused pass.
+STAGES = (("flip",), ("jitter", "grayscale"), ("blur",), ("solarize", "normalise"))
+# The kernel of each jitter op, per maths (`color_ops`); `_jitter_grayscale_one` dispatches to them by op id.
+JITTER_KERNELS = {
+    "deepmind": {"brightness": _add_brightness, "contrast": _channel_contrast, "saturation": _hsv_saturation,
+                 "hue": _hue},
+    "torchvision": {"brightness": _brightness, "contrast": _contrast, "saturation": _saturation, "hue": _hue},
+}
+
+
+def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, color_ops: str, flip: bool,
+                  kernel_size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """`STAGES` on uint8 (N, 3, S, S) crops (any strides) with the draws of `BatchedViewAugment.sample_params`: each
+    sample runs only its own ops, the blur (the torch module's separable convolution) only on the samples that draw
+    it, over torch's intra-op thread count. Returns float32 (N, 3, S, S), channels_last."""
+    from byolfast.pipeline.device_augment import gaussian_blur
+
+    threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
+    nhwc = nchw.permute(0, 2, 3, 1)
+    if flip:
+        nhwc = torch.where(params["flip"].view(-1, 1, 1, 1), nhwc.flip(2), nhwc)
+    nhwc = nhwc.contiguous()
+    out = torch.empty(nhwc.shape, dtype=torch.float32)
+    f32 = {k: params[k].to(torch.float32).numpy() for k in ("brightness", "contrast", "saturation", "hue")}
+    jitter_grayscale_(nhwc.numpy(), out.numpy(), params["jitter"].numpy(), params["order"].numpy(),
+                      f32["brightness"], f32["contrast"], f32["saturation"], f32["hue"], spec.hue > 0,
+                      params["grayscale"].numpy(), threads, color_ops == "deepmind")
+    result = out.permute(0, 3, 1, 2)   # channels_last view of the NHWC buffer
+    blurred = params["blur"].nonzero().flatten()   # on the CPU a data-dependent subset costs no sync
+    if kernel_size > 1 and blurred.numel():
+        result[blurred] = gaussian_blur(result[blurred], params["sigma"][blurred], kernel_size)
+    solarize_normalise_(out.numpy(), params["solarize"].numpy(), np.float32(spec.solarize_threshold), mean, std,
+                        threads)
+    return result

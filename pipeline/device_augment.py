@@ -16,26 +16,24 @@ Colour jitter has two sets of maths (`AugmentConfig.color_ops`), the same four o
     the jitter, then a final clip. The reference's lower bounds are 1 - s, not clamped at 0 (they differ from
     torchvision's only for strengths above 1). Its saturation is computed here in closed form,
     out_c = V - (V - x_c) * clip(f, 0, V / (V - min)), V the channel maximum: the HSV round trip with S scaled, as
-    the hue, V and the channels' order are kept (measured within 1.3e-7 of the float64 round trip, f up to 3).
+    the hue, V and the channels' order are kept.
   - `torchvision`: `torchvision.transforms.v2.functional` (adjust_brightness/contrast/saturation/hue) op for op, so
     the torchvision backend and this one sample the same distribution: brightness x * f, contrast and saturation
     blends with the mean of the grayscale image and with the grayscale image, factors in [max(0, 1 - s), 1 + s].
 The hue is the same HSV shift in both. Grayscale, blur, solarize and normalise follow torchvision's functional ops
-(rgb_to_grayscale, gaussian_blur, solarize, normalize). The draws are one table for both (see `sample_params`): the
-brightness column u gives torchvision's factor max(0, 1 - b) + u (1 + b - max(0, 1 - b)) or the reference's delta
+(rgb_to_grayscale, gaussian_blur, solarize, normalize). The draws are one table for both (`augment_spec.DRAWS`):
+the brightness column u gives torchvision's factor max(0, 1 - b) + u (1 + b - max(0, 1 - b)) or the reference's delta
 2 b u - b, which for b <= 1 is that factor minus 1: a seed draws the same views' randomness under either maths.
 
-torchvision maths measured against torchvision on photographs (float32, [0, 1] pixels): brightness, saturation,
-grayscale, solarize and hue bit-identical (hue uses torchvision's `_rgb_to_hsv` / `_hsv_to_rgb` maths with a
-per-sample shift); contrast within 4e-7 (one fused blend per slot and the batched mean's reduction order); blur within
-3e-7 (two separable 1-D passes with per-sample kernels instead of torchvision's 2-D kernel, the same reflect padding
-and kernel); whole jitter chains in random order within 1e-6.
-The tests hold each op to atol 1e-6 and chains to 2e-6; the deepmind ops are held to a float64 numpy transcription of
-the reference's formulas with the same tolerances (`tests/test_color_ops.py`; measured <= 5e-7).
+With torchvision's maths, brightness, saturation, grayscale, solarize and hue follow torchvision's float32 maths
+step for step; contrast (one fused blend per slot, the batched mean's reduction order) and blur (two separable 1-D
+passes with per-sample kernels, the same reflect padding and kernel) differ in float rounding only. The tests hold each
+op to atol 1e-6 and chains to 2e-6, against torchvision or a float64 transcription of the reference's formulas.
 
-On the CPU, `forward` hands the same draws to the per-pixel kernels of `pipeline.cpu_augment` (`apply_cpu`): each
-sample runs only its own ops there, 4x faster at 224 px on 2 cores; `apply` stays the reference they are tested
-against.
+The op order, the table of draws and the jitter orders are `pipeline.augment_spec`'s: `apply` runs the spec's ops
+after the crop (`STAGES`) in its order, `sample_params` reads the draws from the spec's columns.
+On the CPU, `forward` hands the same draws to the per-pixel kernels of `pipeline.cpu_augment` (`apply_cpu`), where
+each sample runs only its own ops; `apply` stays the reference they are tested against.
 
 Host-device syncs: none in `forward`/`sample_params`/`apply`. Every probability is a mask applied with `torch.where`
 or folded into a factor, never a Python branch on a tensor value; a sample that is not blurred still goes through the
@@ -47,21 +45,22 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from byolfast.pipeline.augment_spec import LUMA as _LUMA
-# noqa: F401 below: the engines' shared names, re-exported
-from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, HUE, SATURATION,  # noqa: F401
-                                            blur_kernel_size, jitter_ranges)
+from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, JITTER_ORDERS, NUM_COLUMNS, OPS,
+                                            SATURATION, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE, blur_kernel_size,
+                                            draw_range, jitter_ranges)
 from byolfast.pipeline.config import ViewSpec
 
-# Columns of the single uniform draw per sample (one RNG call per batch, a fixed layout so a seed means one thing).
-_FLIP, _JITTER, _B, _C, _S, _H, _PERM, _GRAY, _BLUR, _SIGMA, _SOLAR = 0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13
-_NUM_DRAWS = 14
+__all__ = ["BRIGHTNESS", "CONTRAST", "SATURATION", "HUE", "JITTER_FUNCTIONS", "STAGES", "BatchedViewAugment",
+           "add_brightness", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
+           "blur_kernel_size", "channel_contrast", "gaussian_blur", "gaussian_kernels", "hsv_saturation",
+           "jitter_ranges", "rgb_to_grayscale", "solarize"]   # with the spec's names that callers import from here
 
-
+# The spec's ops this engine runs, one pass each, in the spec's order (the crop is done upstream).
+STAGES = tuple((name,) for name in OPS if name != "crop")
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
@@ -166,6 +165,29 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor, select: torch.Tensor | None
     return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1), select)
 
 
+# The single jitter ops of each maths (`color_ops`); `BatchedViewAugment` fuses them (see its `_jitter`).
+JITTER_FUNCTIONS = {
+    "deepmind": {"brightness": add_brightness, "contrast": channel_contrast, "saturation": hsv_saturation,
+                 "hue": adjust_hue},
+    "torchvision": {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+                    "hue": adjust_hue},
+}
+
+
+def _order_code(order: torch.Tensor) -> torch.Tensor:
+    # A jitter order (n, 4) as the base-4 number of its op ids: a row of `_slot_table`.
+    return ((order[:, 0] * 4 + order[:, 1]) * 4 + order[:, 2]) * 4 + order[:, 3]
+
+
+def _slot_table() -> torch.Tensor:
+    # (256, 6): per order code, the spec's slots before the hue and after it (-1 where nothing runs, and for codes
+    # that are no permutation).
+    table = torch.full((256, 6), -1, dtype=torch.int64)
+    for order, before, after in zip(JITTER_ORDERS, SLOTS_BEFORE_HUE, SLOTS_AFTER_HUE):
+        table[_order_code(torch.tensor([order]))] = torch.tensor(before + after)
+    return table
+
+
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(N, K) normalised 1-D gaussian kernels, torchvision's construction (`_get_gaussian_kernel1d`) per sigma."""
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
@@ -222,6 +244,7 @@ class BatchedViewAugment(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("hsv_select", torch.tensor(_HSV_SELECT, dtype=torch.int64), persistent=False)
+        self.register_buffer("slot_table", _slot_table(), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"image_size={self.image_size}, kernel_size={self.kernel_size}, apply_flip={self.apply_flip}, "
@@ -240,29 +263,13 @@ class BatchedViewAugment(torch.nn.Module):
         return self.apply(self.to_float01(x), params)
 
     def apply_cpu(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`apply` for uint8 crops on the CPU: each sample runs only its own ops (`pipeline.cpu_augment`), the blur
-        only on the samples that draw it. x: uint8 (N, S, S, 3) or (N, 3, S, S). Returns float32 channels_last."""
+        """`apply` for uint8 crops on the CPU: each sample runs only its own ops (`pipeline.cpu_augment`'s stages),
+        the blur only on the samples that draw it. x: uint8 (N, S, S, 3) or (N, 3, S, S). Returns float32
+        channels_last."""
         from byolfast.pipeline import cpu_augment
 
-        threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
-        nhwc = self._nchw_uint8(x).permute(0, 2, 3, 1)
-        if self.apply_flip:
-            nhwc = torch.where(_per_sample(params["flip"]), nhwc.flip(2), nhwc)
-        nhwc = nhwc.contiguous()
-        out = torch.empty(nhwc.shape, dtype=torch.float32)
-        f32 = {k: params[k].to(torch.float32).numpy() for k in ("brightness", "contrast", "saturation", "hue")}
-        cpu_augment.jitter_grayscale_(nhwc.numpy(), out.numpy(), params["jitter"].numpy(), params["order"].numpy(),
-                                      f32["brightness"], f32["contrast"], f32["saturation"], f32["hue"],
-                                      self.spec.hue > 0, params["grayscale"].numpy(), threads,
-                                      self.color_ops == "deepmind")
-        nchw = out.permute(0, 3, 1, 2)   # channels_last view of the NHWC buffer
-        blurred = params["blur"].nonzero().flatten()   # on the CPU a data-dependent subset costs no sync
-        if self.kernel_size > 1 and blurred.numel():
-            nchw[blurred] = gaussian_blur(nchw[blurred], params["sigma"][blurred], self.kernel_size)
-        cpu_augment.solarize_normalise_(out.numpy(), params["solarize"].numpy(),
-                                        np.float32(self.spec.solarize_threshold),
-                                        self.mean.flatten().numpy(), self.std.flatten().numpy(), threads)
-        return nchw
+        return cpu_augment.augment_crops(self._nchw_uint8(x), params, self.spec, self.color_ops, self.apply_flip,
+                                         self.kernel_size, self.mean.flatten().numpy(), self.std.flatten().numpy())
 
     def _nchw_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC or NCHW crops as an (N, 3, S, S) view (NHWC input becomes a channels_last view)."""
@@ -281,7 +288,8 @@ class BatchedViewAugment(torch.nn.Module):
         return self._nchw_uint8(x).to(torch.float32).mul_(1.0 / 255.0)
 
     def sample_params(self, n: int, device, generator) -> dict[str, torch.Tensor]:
-        """Draw every random choice of `n` samples from `generator` (one uniform (n, 14) draw), placed on `device`.
+        """Draw every random choice of `n` samples from `generator`, placed on `device`: one uniform
+        (n, `NUM_COLUMNS`) draw, each draw of the spec's table (`augment_spec.DRAWS`) read from its columns.
 
         Returns:
             flip, jitter, grayscale, blur, solarize: bool (n,) masks (flip all False unless `apply_flip`);
@@ -292,73 +300,76 @@ class BatchedViewAugment(torch.nn.Module):
                 sample i runs k-th, a uniform random permutation per sample;
             sigma: float (n,) blur sigma, uniform in spec.blur_sigma.
         """
-        sp = self.spec
         draw_device = generator.device if generator is not None else torch.device(device)
-        u = torch.rand(n, _NUM_DRAWS, generator=generator, device=draw_device, dtype=torch.float32)
+        u = torch.rand(n, NUM_COLUMNS, generator=generator, device=draw_device, dtype=torch.float32)
         # A no-op when the generator lives on `device`; a CPU generator with CUDA images costs a small copy here
         # (from pageable memory: the host waits for it), the one place a mismatched call can stall.
         u = u.to(device, non_blocking=True)
-
-        def uniform(col: int, lo: float, hi: float) -> torch.Tensor:
-            return u[:, col].mul(hi - lo).add_(lo)
-
-        flip = u[:, _FLIP] < sp.flip_p
-        r = self.ranges
-        return {
-            "flip": flip if self.apply_flip else torch.zeros_like(flip),
-            "jitter": u[:, _JITTER] < sp.jitter_p,
-            "brightness": uniform(_B, *r["brightness"]),
-            "contrast": uniform(_C, *r["contrast"]),
-            "saturation": uniform(_S, *r["saturation"]),
-            "hue": uniform(_H, *r["hue"]),
-            "order": torch.argsort(u[:, _PERM:_PERM + 4], dim=1),
-            "grayscale": u[:, _GRAY] < sp.grayscale_p,
-            "blur": u[:, _BLUR] < sp.blur_p,
-            "sigma": uniform(_SIGMA, sp.blur_sigma[0], sp.blur_sigma[1]),
-            "solarize": u[:, _SOLAR] < sp.solarize_p,
-        }
+        params = {}
+        for d in DRAWS:
+            if d.column is None:   # drawn by the crop step
+                continue
+            if d.kind == "coin":
+                params[d.name] = u[:, d.column] < getattr(self.spec, d.param)
+            elif d.kind == "uniform":
+                lo, hi = draw_range(d, self.spec, self.color_ops)
+                params[d.name] = u[:, d.column].mul(hi - lo).add_(lo)
+            else:   # order: a uniform random permutation per sample
+                params[d.name] = torch.argsort(u[:, d.column:d.column + d.width], dim=1)
+        if not self.apply_flip:
+            params["flip"] = torch.zeros_like(params["flip"])
+        return params
 
     def apply(self, x_float01_nchw: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Augment float [0, 1] (N, 3, S, S) images with `params` (see `sample_params`) and normalise.
 
-        Order: flip, colour jitter (each sample's own op order), grayscale, blur, solarize, normalise.
-        Deterministic given `params`. Returns float32 channels_last.
+        Order: the spec's (`STAGES`): flip, colour jitter (each sample's own op order), grayscale, blur, solarize,
+        normalise. Deterministic given `params`. Returns float32 channels_last.
         """
         x = x_float01_nchw
-        if self.apply_flip:  # a Python flag, not a tensor value: no sync
-            x = torch.where(_per_sample(params["flip"]), x.flip(-1), x)
-        x = self._jitter(x, params)
+        for (name,) in STAGES:
+            x = self.STEPS[name](self, x, params)
+        return x
+
+    def _flip(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.apply_flip:  # a Python flag, not a tensor value: no sync
+            return x
+        return torch.where(_per_sample(params["flip"]), x.flip(-1), x)
+
+    def _grayscale(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         gray = rgb_to_grayscale(x)
-        x = torch.where(_per_sample(params["grayscale"]), gray.expand_as(x), x)
-        if self.kernel_size > 1:
-            x = torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], self.kernel_size), x)
-        x = solarize(x, params["solarize"], self.spec.solarize_threshold)
+        return torch.where(_per_sample(params["grayscale"]), gray.expand_as(x), x)
+
+    def _blur(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kernel_size <= 1:
+            return x
+        return torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], self.kernel_size), x)
+
+    def _solarize(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return solarize(x, params["solarize"], self.spec.solarize_threshold)
+
+    def _normalise(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         mean = self.mean.to(x.device, non_blocking=True)
         std = self.std.to(x.device, non_blocking=True)
         return (x - mean).div_(std).contiguous(memory_format=torch.channels_last)
 
     def _jitter(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         # Each sample runs its 4 ops in its own order. Hue (an HSV round trip, the costly op) runs once for the whole
-        # batch; the three linear ops are split around it: up to 3 slots before it, up to 3 after, each slot a single
-        # fused pass (`_linear_slot`) whose factors are exact identities for samples with nothing to do there.
-        # Samples without jitter get identities everywhere and are kept out of the hue pass by a mask.
+        # batch; the three linear ops run in the spec's slots around it (`SLOTS_BEFORE_HUE`, `SLOTS_AFTER_HUE`),
+        # each slot a single fused pass (`_linear_slot`) whose factors are exact identities for samples with nothing
+        # to do there. Samples without jitter get identities everywhere and are kept out of the hue pass by a mask.
         # With `deepmind` maths the three ops of the slots are the reference's (`_reference_slot`), the hue the same.
         slot = self._linear_slot if self.color_ops == "torchvision" else self._reference_slot
         on = params["jitter"]
-        order = params["order"]
-        is_hue = order == HUE
-        hue_pos = is_hue.to(torch.int64).argmax(dim=1)
-        # The linear ops in the sample's order, hue removed: a stable sort of the positions, hue's pushed last.
-        positions = torch.arange(4, device=order.device).expand_as(order)
-        linear = order.gather(1, torch.argsort(positions + 4 * is_hue.to(torch.int64), dim=1)[:, :3])
-        none = torch.full_like(hue_pos, -1)
+        slots = self.slot_table.to(x.device, non_blocking=True)[_order_code(params["order"])]   # (n, 6)
+        none = torch.full_like(slots[:, 0], -1)
         for j in range(3):
-            x = slot(x, torch.where(on & (j < hue_pos), linear[:, j], none), params)
+            x = slot(x, torch.where(on, slots[:, j], none), params)
         if self.spec.hue > 0:  # a config value, not a tensor: no sync
             select = self.hsv_select.to(x.device, non_blocking=True)
             x = torch.where(_per_sample(on), adjust_hue(x, params["hue"], select), x)
         for j in range(3):
-            x = slot(x, torch.where(on & (j >= hue_pos), linear[:, j], none), params)
+            x = slot(x, torch.where(on, slots[:, 3 + j], none), params)
         return x
 
     @staticmethod
@@ -387,3 +398,7 @@ class BatchedViewAugment(torch.nn.Module):
         y = torch.addcmul(mean * (1.0 - c) + _per_sample(d), x, c).clamp_(0.0, 1.0)
         sat = (op == SATURATION) & (params["saturation"] != 1.0)
         return torch.where(_per_sample(sat), hsv_saturation(x, params["saturation"]), y)
+
+    # The implementation of each of `STAGES`' ops.
+    STEPS = {"flip": _flip, "jitter": _jitter, "grayscale": _grayscale, "blur": _blur, "solarize": _solarize,
+             "normalise": _normalise}

@@ -30,7 +30,9 @@ uint8 and round after each op, so results agree within 1.5 grey levels, most pix
     when all ten fail (only images far outside the aspect range), DALI's fallback window (the largest one in the
     aspect range) sits at a random position where torchvision centres it. The window is resized with antialiased
     bicubic interpolation.
-The flip is applied last, inside the normalising op: it commutes with every op in between.
+The flip is applied last, inside the normalising op: it commutes with every op in between (`augment_spec.ORDER_FREE`).
+The op order, the draws (`draw_view`, the spec's table) and the jitter orders are `pipeline.augment_spec`'s;
+`STAGES` is the order this graph runs the spec's ops in.
 
 Where the images are on the CPU (`data.dali.cpu_kernels`, the default), colour jitter and grayscale run instead as one
 `fn.python_function` over `pipeline.cpu_augment`'s per-pixel numba kernels (`CpuJitter`): the same draws, the same
@@ -39,7 +41,6 @@ is ~60 DALI arithmetic operators over float images). The GPU keeps the graph ops
 """
 from __future__ import annotations
 
-import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Union
@@ -50,13 +51,19 @@ from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import do_not_convert
 
+from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, JITTER_OPS, JITTER_ORDERS,
+                                            SATURATION, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE, blur_kernel_size,
+                                            draw_range)
 from byolfast.pipeline.config import ViewSpec
-from byolfast.pipeline.cpu_augment import jitter_grayscale_hwc
-from byolfast.pipeline.augment_spec import blur_kernel_size, jitter_ranges
+from byolfast.pipeline.cpu_augment import KERNEL_PARAMS, jitter_grayscale_hwc
 
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-# The 24 orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue); a sample draws one index.
-JITTER_ORDERS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))
+__all__ = ["JITTER_OPS", "JITTER_ORDERS", "JITTER_FUNCTIONS", "STAGES", "adjust_contrast", "adjust_hue",
+           "apply_view", "augment_view", "channel_contrast", "color_jitter", "cpu_jitter_grayscale", "crop_window",
+           "decode_window", "draw_view", "gaussian_blur", "grayscale", "hsv_saturation", "resize_window",
+           "solarize"]   # with the spec's names that callers import from here
+# The spec's ops (after the crop) in the order this graph runs them; jitter and grayscale are one operator
+# (`CpuJitter`) where `cpu_threads` is set and the images are on the CPU, graph ops elsewhere.
+STAGES = (("jitter", "grayscale"), ("blur",), ("solarize",), ("flip", "normalise"))
 
 # The helpers marked `do_not_convert` hold no `if` on per-sample data: keeping them out of DALI's conditional
 # (AutoGraph) rewriting builds the pipeline about twice as fast; inside a branch their ops still see only its samples.
@@ -187,51 +194,53 @@ def adjust_hue(images: DataNode, shift: Union[DataNode, float]) -> DataNode:
 
 
 @do_not_convert
+def shift_brightness(images: DataNode, delta: Union[DataNode, float]) -> DataNode:
+    """The reference's brightness: x + delta (255 delta on uint8), rounded and saturated."""
+    return fn.brightness_contrast(images, brightness_shift=delta)
+
+
+@do_not_convert
+def scale_brightness(images: DataNode, factor: Union[DataNode, float]) -> DataNode:
+    """torchvision's adjust_brightness: x * factor, rounded and saturated."""
+    return fn.brightness_contrast(images, brightness=factor)
+
+
+@do_not_convert
+def blend_saturation(images: DataNode, factor: Union[DataNode, float]) -> DataNode:
+    """torchvision's adjust_saturation: `fn.hsv`'s saturation, a linear blend with the luma."""
+    return fn.hsv(images, saturation=factor)
+
+
+# The graph op of each jitter op, per maths (`color_ops`).
+JITTER_FUNCTIONS = {
+    "deepmind": {"brightness": shift_brightness, "contrast": channel_contrast, "saturation": hsv_saturation,
+                 "hue": adjust_hue},
+    "torchvision": {"brightness": scale_brightness, "contrast": adjust_contrast, "saturation": blend_saturation,
+                    "hue": adjust_hue},
+}
+
+
+@do_not_convert
 def _jitter_op(images: DataNode, op: int, factors: dict[str, DataNode], exact_hue: bool = True,
                color_ops: str = "deepmind") -> DataNode:
-    """One jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue) with the maths of `color_ops`; an op of strength
-    0 is absent from `factors`."""
+    """One jitter op (an id of `JITTER_OPS`) with the maths of `color_ops`; an op of strength 0 is absent from
+    `factors`. `exact_hue=False`: DALI's chroma rotation instead of the HSV hue shift."""
     name = JITTER_OPS[op]
     if name not in factors:
         return images
-    reference = color_ops == "deepmind"
-    if op == 0:
-        if reference:
-            return fn.brightness_contrast(images, brightness_shift=factors[name])
-        return fn.brightness_contrast(images, brightness=factors[name])
-    if op == 1:
-        return channel_contrast(images, factors[name]) if reference else adjust_contrast(images, factors[name])
-    if op == 2:
-        if reference:
-            return hsv_saturation(images, factors[name])
-        return fn.hsv(images, saturation=factors[name])
-    if exact_hue:
-        return adjust_hue(images, factors[name])
-    return fn.hsv(images, hue=360.0 * factors[name])  # DALI's hue is in degrees
-
-
-def _orders_around_hue() -> tuple[list[list[int]], list[list[int]]]:
-    """Per order index and slot j < 3: the j-th non-hue op if it runs before the hue (else -1), and if after."""
-    before, after = [], []
-    for order in JITTER_ORDERS:
-        k = order.index(3)
-        rest = [op for op in order if op != 3]
-        before.append([rest[j] if j < k else -1 for j in range(3)])
-        after.append([rest[j] if j >= k else -1 for j in range(3)])
-    return before, after
-
-
-_BEFORE_HUE, _AFTER_HUE = _orders_around_hue()
+    if op == HUE and not exact_hue:
+        return fn.hsv(images, hue=360.0 * factors[name])  # DALI's hue is in degrees
+    return JITTER_FUNCTIONS[color_ops][name](images, factors[name])
 
 
 def _jitter_slot(images: DataNode, op: DataNode, factors: dict[str, DataNode], color_ops: str) -> DataNode:
     """Brightness, contrast or saturation as the per-sample `op` says (-1: nothing)."""
-    if op == 0:
-        images = _jitter_op(images, 0, factors, color_ops=color_ops)
-    elif op == 1:
-        images = _jitter_op(images, 1, factors, color_ops=color_ops)
-    elif op == 2:
-        images = _jitter_op(images, 2, factors, color_ops=color_ops)
+    if op == BRIGHTNESS:
+        images = _jitter_op(images, BRIGHTNESS, factors, color_ops=color_ops)
+    elif op == CONTRAST:
+        images = _jitter_op(images, CONTRAST, factors, color_ops=color_ops)
+    elif op == SATURATION:
+        images = _jitter_op(images, SATURATION, factors, color_ops=color_ops)
     return images
 
 
@@ -240,13 +249,14 @@ def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode]
     """Brightness, contrast, saturation and hue with the maths of `color_ops`, in the per-sample order
     `JITTER_ORDERS[order]`.
 
-    The hue (the costly op) has one instance: the other three run in up to three slots before it and three after,
-    each slot's op looked up from the sample's order (a static graph of 4 slots x 4 ops would hold four hues).
+    The hue (the costly op) has one instance: the other three run in the spec's slots before it and after it
+    (`SLOTS_BEFORE_HUE`, `SLOTS_AFTER_HUE`), each slot's op looked up from the sample's order (a static graph of 4
+    slots x 4 ops would hold four hues).
     """
     keys = list(range(len(JITTER_ORDERS)))
-    for table in (_BEFORE_HUE, _AFTER_HUE):
-        if table is _AFTER_HUE:
-            images = _jitter_op(images, 3, factors, exact_hue, color_ops)
+    for table in (SLOTS_BEFORE_HUE, SLOTS_AFTER_HUE):
+        if table is SLOTS_AFTER_HUE:
+            images = _jitter_op(images, HUE, factors, exact_hue, color_ops)
         for j in range(3):
             op = fn.lookup_table(order, keys=keys, values=[row[j] for row in table], dtype=types.INT32)
             images = _jitter_slot(images, op, factors, color_ops)
@@ -291,46 +301,43 @@ def cpu_jitter_grayscale(images: DataNode, spec: ViewSpec, jitter: DataNode, ord
            for k in range(4)]
     reference = color_ops == "deepmind"
     identities = {"brightness": 0.0 if reference else 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
-    values = [factors.get(name, identities[name]) for name in JITTER_OPS]
-    params = fn.stack(_as_node(jitter, order), *ops, *[_as_node(v, order) for v in values],
-                      _as_node(float(spec.hue > 0), order), _as_node(gray, order), _as_node(float(reference), order))
+    # The packed vector of `cpu_augment.KERNEL_PARAMS`, built in its order (the graph's operators, and so their seeds,
+    # keep the order they are built in).
+    scalars = {"jitter": jitter, **{name: factors.get(name, identities[name]) for name in JITTER_OPS},
+               "hue_on": float(spec.hue > 0), "grayscale": gray, "reference": float(reference)}
+    groups = [ops if name == "order" else [_as_node(scalars[name], order)] for name, _ in KERNEL_PARAMS]
+    params = fn.stack(*[node for group in groups for node in group])
     return fn.python_function(images, params, function=CpuJitter(threads), batch_processing=True, output_layouts="HWC")
 
 
-def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[float, float, float],
-                 std: tuple[float, float, float], dtype: types.DALIDataType = types.FLOAT,
-                 draws: Optional[dict[str, DataNode]] = None, exact_hue: bool = True,
-                 cpu_threads: int = 0, color_ops: str = "deepmind") -> DataNode:
-    """Flip, colour jitter, grayscale, blur, solarise and normalise cropped uint8 HWC images (one view).
+@do_not_convert
+def draw_view(spec: ViewSpec, color_ops: str = "deepmind") -> dict[str, Union[DataNode, float]]:
+    """Every per-sample random draw of one view but the crop's, as the spec's table (`augment_spec.DRAWS`) lists
+    them, in its order: coins as BOOL (the flip as INT32, the type of `mirror`), the jitter order as an INT32 index
+    into `JITTER_ORDERS`, uniform draws as FLOAT (a plain number where the range is one point). A jitter op of
+    strength 0 is not drawn (absent)."""
+    drawn: dict[str, Union[DataNode, float]] = {}
+    for d in DRAWS:
+        if d.kind == "coin":
+            p = float(getattr(spec, d.param))
+            dtype = types.INT32 if d.name == "flip" else types.BOOL
+            drawn[d.name] = fn.random.coin_flip(probability=p, dtype=dtype)
+        elif d.kind == "order":
+            drawn[d.name] = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
+        elif d.kind == "uniform" and (d.name not in JITTER_OPS or getattr(spec, d.param) > 0):
+            drawn[d.name] = _uniform(*draw_range(d, spec, color_ops))   # the hue shift a fraction of the circle
+    return drawn
 
-    Args:
-        images: uint8 HWC images already cropped and resized to `image_size`.
-        spec: the view's distribution.
-        image_size: side of the images (sets the blur window).
-        mean, std: normalisation on [0, 1] pixels.
-        dtype: output dtype (FLOAT or FLOAT16).
-        draws: if given, filled with every per-sample random draw (for tests and debugging).
-        exact_hue: torchvision's HSV hue shift (True) or DALI's faster chroma rotation (`fn.hsv`, False); only for
-            the graph ops (the CPU kernel's hue is always torchvision's).
-        cpu_threads: if > 0 and the images are on the CPU, colour jitter and grayscale run as one `CpuJitter`
-            operator on this many threads instead of the graph ops (the same draws).
-        color_ops: the maths of colour jitter, `deepmind` (the paper's) or `torchvision`; the brightness draw is a
-            delta for `deepmind`, a factor for `torchvision` (`jitter_ranges`).
 
-    Returns:
-        Normalised float HWC images (a channels-last NCHW view on the torch side without a copy).
-    """
-    flip = fn.random.coin_flip(probability=float(spec.flip_p), dtype=types.INT32)
-    jitter = _coin(spec.jitter_p)
-    order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
-    strengths = dict(zip(JITTER_OPS, (spec.brightness, spec.contrast, spec.saturation, spec.hue)))
-    ranges = jitter_ranges(spec, color_ops)   # the hue shift a fraction of the hue circle
-    factors = {name: _uniform(*ranges[name]) for name, s in strengths.items() if s > 0}
-    gray = _coin(spec.grayscale_p)
-    blur = _coin(spec.blur_p)
-    sigma = _uniform(*spec.blur_sigma)
-    sol = _coin(spec.solarize_p)
-
+def apply_view(images: DataNode, spec: ViewSpec, drawn: dict[str, Union[DataNode, float]], image_size: int,
+               mean: tuple[float, float, float], std: tuple[float, float, float],
+               dtype: types.DALIDataType = types.FLOAT, exact_hue: bool = True, cpu_threads: int = 0,
+               color_ops: str = "deepmind") -> DataNode:
+    """`STAGES` on cropped uint8 HWC images with the draws of `draw_view` (or any nodes of the same types, e.g. from
+    an external source): see `augment_view` for the arguments."""
+    flip, jitter, order, gray = drawn["flip"], drawn["jitter"], drawn["order"], drawn["grayscale"]
+    blur, sigma, sol = drawn["blur"], drawn["sigma"], drawn["solarize"]
+    factors = {name: drawn[name] for name in JITTER_OPS if name in drawn}
     if cpu_threads > 0 and images.device == "cpu":
         images = cpu_jitter_grayscale(images, spec, jitter, order, factors, gray, cpu_threads, color_ops)
     else:
@@ -349,10 +356,37 @@ def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[
     if spec.solarize_p > 0:
         if sol:
             images = solarize(images, spec.solarize_threshold)
+    return fn.crop_mirror_normalize(images, mirror=flip, dtype=dtype, output_layout="HWC",
+                                    mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
-    out = fn.crop_mirror_normalize(images, mirror=flip, dtype=dtype, output_layout="HWC",
-                                   mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+
+def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], dtype: types.DALIDataType = types.FLOAT,
+                 draws: Optional[dict[str, DataNode]] = None, exact_hue: bool = True,
+                 cpu_threads: int = 0, color_ops: str = "deepmind") -> DataNode:
+    """Draw (`draw_view`), then flip, colour jitter, grayscale, blur, solarise and normalise cropped uint8 HWC images
+    (one view, `apply_view`).
+
+    Args:
+        images: uint8 HWC images already cropped and resized to `image_size`.
+        spec: the view's distribution.
+        image_size: side of the images (sets the blur window).
+        mean, std: normalisation on [0, 1] pixels.
+        dtype: output dtype (FLOAT or FLOAT16).
+        draws: if given, filled with every per-sample random draw, by its DALI name (`augment_spec.Draw.dali_name`;
+            for tests and debugging).
+        exact_hue: torchvision's HSV hue shift (True) or DALI's faster chroma rotation (`fn.hsv`, False); only for
+            the graph ops (the CPU kernel's hue is always torchvision's).
+        cpu_threads: if > 0 and the images are on the CPU, colour jitter and grayscale run as one `CpuJitter`
+            operator on this many threads instead of the graph ops (the same draws).
+        color_ops: the maths of colour jitter, `deepmind` (the paper's) or `torchvision`; the brightness draw is a
+            delta for `deepmind`, a factor for `torchvision` (`jitter_ranges`).
+
+    Returns:
+        Normalised float HWC images (a channels-last NCHW view on the torch side without a copy).
+    """
+    drawn = draw_view(spec, color_ops)
+    out = apply_view(images, spec, drawn, image_size, mean, std, dtype, exact_hue, cpu_threads, color_ops)
     if draws is not None:
-        drawn = dict(flip=flip, jitter=jitter, order=order, gray=gray, blur=blur, sigma=sigma, solarize=sol, **factors)
-        draws.update((k, v) for k, v in drawn.items() if isinstance(v, DataNode))
+        draws.update((d.dali_name, drawn[d.name]) for d in DRAWS if isinstance(drawn.get(d.name), DataNode))
     return out

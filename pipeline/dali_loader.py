@@ -50,6 +50,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from byolfast.pipeline.augment_spec import DRAWS
 from byolfast.pipeline.config import AugmentConfig, DataConfig
 from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from byolfast.pipeline.convert_report import skipped_at_convert
@@ -64,8 +65,8 @@ logger = logging.getLogger(__name__)
 
 _DECODE_FAILURES = ("Failed to decode", "nvImageCodec failure", "decoders.image", "peek_image_shape")
 SHUFFLE_BUFFER = 2048  # samples in the webdataset reader's shuffle buffer (per rank)
-DEBUG_DRAWS = ("flip", "jitter", "order", "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma",
-               "solarize", "crop_anchor", "crop_shape")
+# The per-view draws delivered with `debug_params`, by DALI name, in the spec's table order.
+DEBUG_DRAWS = tuple(d.dali_name for d in DRAWS)
 
 
 class StreamHold:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from byolfast.pipeline.augment_spec import OPS
 from byolfast.pipeline.config import DataConfig, ViewSpec
 from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from byolfast.pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, add_brightness, adjust_hue,
@@ -93,25 +94,29 @@ class ReferenceColorJitter(torch.nn.Module):
 
 def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float], std: Sequence[float],
                          color_ops: str = "deepmind") -> v2.Compose:
-    """One view's BYOL augmentation as a torchvision `transforms.v2` pipeline on a uint8 (3, H, W) image; colour
-    jitter with the reference's maths (`deepmind`) or torchvision's `ColorJitter` (`torchvision`)."""
+    """One view's BYOL augmentation as a torchvision `transforms.v2` pipeline on a uint8 (3, H, W) image, the ops in
+    the spec's order (`augment_spec.OPS`); colour jitter with the reference's maths (`deepmind`) or torchvision's
+    `ColorJitter` (`torchvision`)."""
     jitter_ranges(spec, color_ops)   # checks color_ops
     if color_ops == "torchvision":
         jitter = v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
     else:
         jitter = ReferenceColorJitter(spec)
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
-                             interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(spec.flip_p),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.RandomApply([jitter], p=spec.jitter_p),
-        v2.RandomGrayscale(spec.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size, spec.blur_kernel_frac), sigma=spec.blur_sigma)],
-                       p=spec.blur_p),
-        v2.RandomSolarize(spec.solarize_threshold, p=spec.solarize_p),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    steps = {
+        "crop": v2.RandomResizedCrop(image_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
+                                     interpolation=InterpolationMode.BICUBIC, antialias=True),
+        "flip": v2.RandomHorizontalFlip(spec.flip_p),
+        "jitter": v2.RandomApply([jitter], p=spec.jitter_p),
+        "grayscale": v2.RandomGrayscale(spec.grayscale_p),
+        "blur": v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size, spec.blur_kernel_frac),
+                                                sigma=spec.blur_sigma)], p=spec.blur_p),
+        "solarize": v2.RandomSolarize(spec.solarize_threshold, p=spec.solarize_p),
+        "normalise": v2.Normalize(list(mean), list(std)),
+    }
+    transforms = [steps[name] for name in OPS]   # the spec's order
+    # uint8 through the crop and flip, float from the colour ops on (see the module's doc)
+    transforms.insert(OPS.index("jitter"), v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(transforms)
 
 
 def load_rgb(path: str) -> torch.Tensor:

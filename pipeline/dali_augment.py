@@ -57,10 +57,6 @@ from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, JI
 from byolfast.pipeline.config import ViewSpec
 from byolfast.pipeline.cpu_augment import KERNEL_PARAMS, jitter_grayscale_hwc
 
-__all__ = ["JITTER_OPS", "JITTER_ORDERS", "JITTER_FUNCTIONS", "STAGES", "adjust_contrast", "adjust_hue",
-           "apply_view", "augment_view", "channel_contrast", "color_jitter", "cpu_jitter_grayscale", "crop_window",
-           "decode_window", "draw_view", "gaussian_blur", "grayscale", "hsv_saturation", "resize_window",
-           "solarize"]   # with the spec's names that callers import from here
 # The spec's ops (after the crop) in the order this graph runs them; jitter and grayscale are one operator
 # (`CpuJitter`) where `cpu_threads` is set and the images are on the CPU, graph ops elsewhere.
 STAGES = (("jitter", "grayscale"), ("blur",), ("solarize",), ("flip", "normalise"))

@@ -73,8 +73,9 @@ class Draw:
             object.__setattr__(self, "dali_name", self.name)
 
 
-# Listed in the order the DALI graph creates them (its random operators' seeds follow that order); the columns fix
-# what a seed means for the batched engines, so neither order may change without changing the views of a seed.
+# Listed in the order the DALI graph builds them and lists them in its debug outputs (DALI's automatic seeds depend on
+# the graph's operator order); the columns fix what a seed means for the batched engines. Changing either changes the
+# views a seed gives.
 DRAWS = (
     Draw("flip", "flip", "coin", "flip_p", 0),
     Draw("jitter", "jitter", "coin", "jitter_p", 1),

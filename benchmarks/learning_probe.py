@@ -37,6 +37,11 @@ def draw_digit(gray: np.ndarray, size: int, rng: np.random.Generator, style: str
     """One 8x8 digit (0..255) as a (size, size, 3) uint8 image in `style`."""
     if style == "plain":
         return np.asarray(Image.fromarray(gray, "L").resize((size, size), Image.BICUBIC).convert("RGB"))
+    if style == "shade":  # plain digits in grey levels: paper 0-50 %, ink 30-50 % above it (within the jitter's reach)
+        alpha = np.asarray(Image.fromarray(gray, "L").resize((size, size), Image.BICUBIC), np.float32)[..., None] / 255
+        paper = rng.uniform(0, 0.5) * 255
+        img = paper + alpha * rng.uniform(0.3, 0.5) * 255
+        return np.repeat(img, 3, axis=2).clip(0, 255).astype(np.uint8)
     lo, hi = (0.4, 0.8) if style in ("posscale", "gray") else (0.6, 1.0)
     side = int(round(size * rng.uniform(lo, hi)))
     alpha = np.asarray(Image.fromarray(gray, "L").resize((side, side), Image.BICUBIC), np.float32)[..., None] / 255
@@ -102,7 +107,7 @@ def evaluate(encoder: torch.nn.Module, xtr, ytr, xva, yva) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="posscale", choices=("plain", "posscale", "gray", "color"))
+    p.add_argument("--data", default="posscale", choices=("plain", "shade", "posscale", "gray", "color"))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--evals", type=int, default=4)

@@ -1,14 +1,15 @@
-"""A fast learning probe: BYOL on digits held in memory, kNN and the features' effective rank along the way.
+"""A fast learning probe: BYOL on images held in memory, kNN and the features' effective rank along the way.
 
-    python -m byolfast.benchmarks.learning_probe --data posscale --steps 200 --evals 4 [--eta 0.005 --lr 1.0 ...]
+    python -m byolfast.benchmarks.learning_probe --data scenes --steps 200 --evals 4 [--opt sgd --lr 0.2 ...]
 
 It answers "does this recipe move the features past a random network's, and how soon" in minutes on a CPU, without
-JPEGs or a loader: scikit-learn's digits are drawn once into a uint8 tensor (`plain` white on black, `posscale` white
-on black at 40-80 % size and a random position, `color` random ink and paper as the demo's data), both views are cut
-with a batched random resized crop and flip (`grid_sample`, bilinear) and coloured by the project's
-`BatchedViewAugment`, and the model, LARS/SGD and schedules are the trainer's own. Every eval prints the kNN top-1
-(k = 20, held-out fifth) of the online encoder and the effective rank of its features (`train.evaluate`).
-It is a research tool: the trainer (`byol train` / `byol demo`) is what users run.
+JPEGs or a loader. Data: `scenes` (the demo's scene patches), or scikit-learn's digits drawn into a uint8 tensor
+(`plain` white on black; `shade` the same in random grey levels; `posscale` white on black at 40-80 % size and a
+random position; `gray` posscale in random grey levels; `color` random ink and paper). Both views are cut with a
+batched random resized crop and flip (`grid_sample`, bilinear) and coloured by the project's `BatchedViewAugment`;
+the model, LARS/SGD and schedules are the trainer's own. Every eval prints the kNN top-1 (k = 20, held-out split) of
+the online encoder and the effective rank of its features (`train.evaluate`). It is a research tool: the trainer
+(`byol train` / `byol demo`) is what users run.
 """
 from __future__ import annotations
 
@@ -61,7 +62,13 @@ def draw_digit(gray: np.ndarray, size: int, rng: np.random.Generator, style: str
 
 
 def digits(style: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train images, train labels, held-out images, held-out labels), NCHW uint8, a fixed 80/20 split."""
+    """(train images, train labels, held-out images, held-out labels), NCHW uint8: the digits in a fixed 80/20 split,
+    or with `style="scenes"` the demo's scene patches (`pipeline.demo_data.scene_patches`)."""
+    if style == "scenes":
+        from byolfast.pipeline.demo_data import scene_patches
+        (xtr, ytr), (xva, yva) = scene_patches("train", size), scene_patches("val", size)
+        return tuple(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() if a.ndim == 4 else torch.from_numpy(a)
+                     for a in (xtr, ytr, xva, yva))
     from sklearn.datasets import load_digits
     d = load_digits()
     gray = (d.images / 16 * 255).clip(0, 255).astype(np.uint8)
@@ -107,7 +114,7 @@ def evaluate(encoder: torch.nn.Module, xtr, ytr, xva, yva) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="posscale", choices=("plain", "shade", "posscale", "gray", "color"))
+    p.add_argument("--data", default="posscale", choices=("scenes", "plain", "shade", "posscale", "gray", "color"))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--evals", type=int, default=4)

@@ -1,12 +1,15 @@
 """The embedded default data: real images that installed packages ship, written as ImageFolder trees of JPEGs.
 
+- `scenes` (the demo's data): 22 photographs that scikit-image and scikit-learn ship (an astronaut, a cat, coffee,
+  coins, bricks, grass, a galaxy field, a retina, ...), cut into small square patches at random places and sizes; the
+  class is the photograph. Training patches come from the top 65 % of each photograph and held-out patches from the
+  bottom 30 %, so a held-out patch shows a part of the scene no training patch shows: recognising it takes what the
+  scene's parts have in common (materials, textures, shapes), the kind of content two random crops of one image share.
 - `digits`: scikit-learn's 1,797 handwritten digits (8x8, 10 classes), upscaled with bicubic interpolation to `size`
-  px RGB JPEGs, split into `train/` and `val/` (stratified, fixed seed) — a labelled set for pretraining and kNN.
-  With `style="color"` (the demo's default) each digit is drawn in a random ink colour on a random paper colour, at a
-  random scale and position: the nuisance factors that BYOL's augmentations teach invariance to, and that dominate
-  a randomly initialised network's features.
-- `photos`: scikit-image's sample photographs (astronaut, coffee, chelsea, ...) as full-size RGB JPEGs, one class
-  folder each — realistic JPEGs for loader benchmarks and conversion tests.
+  px RGB JPEGs, split into `train/` and `val/` (stratified, fixed seed). `style="color"` draws each digit in random
+  ink on random paper at a random scale and position.
+- `photos`: scikit-image's sample photographs as full-size RGB JPEGs, one class folder each: realistic JPEGs for
+  loader benchmarks and conversion tests.
 Nothing is downloaded.
 """
 from __future__ import annotations
@@ -83,6 +86,72 @@ def build_digits(out: str | Path, size: int = 32, val_fraction: float = 0.2, see
     return out
 
 
+# (name, loader): the scenes, in class order. Loaders return uint8 (H, W[, 3]) arrays, bool for the horse silhouette.
+SCENES = ("astronaut", "brick", "camera", "cat", "coffee", "coins", "grass", "gravel", "horse", "hubble_deep_field",
+          "immunohistochemistry", "moon", "motorcycle", "page", "retina", "rocket", "text", "cell", "microaneurysms",
+          "clock", "china", "flower")
+SCENE_SPLITS = {"train": (0.0, 0.65), "val": (0.70, 1.0)}   # rows of each photograph each split cuts patches from
+
+
+def _scene(name: str) -> np.ndarray:
+    """One scene photograph as an RGB uint8 array (H, W, 3)."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+        arr = load_sample_image(f"{name}.jpg")
+    else:
+        import skimage.data
+        arr = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def scene_patches(split: str, size: int = 32, per_class: int | None = None, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Square patches of every scene from `split`'s rows: (N, size, size, 3) uint8 and (N,) class indices.
+
+    Each patch's side is 15-35 % of the photograph's shorter side (capped by the split's height), at a uniformly
+    random place, resized with bilinear interpolation. Defaults: 200 patches per scene for `train`, 50 for `val`.
+    """
+    lo, hi = SCENE_SPLITS[split]
+    per_class = per_class or (200 if split == "train" else 50)
+    images, labels = [], []
+    for c, name in enumerate(SCENES):
+        photo = _scene(name)
+        h, w = photo.shape[:2]
+        top, bottom = int(lo * h), int(hi * h)
+        rng = np.random.default_rng([seed, c, 0 if split == "train" else 1])
+        for _ in range(per_class):
+            side = min(int(min(h, w) * rng.uniform(0.15, 0.35)), bottom - top)
+            y, x = top + rng.integers(0, bottom - top - side + 1), rng.integers(0, w - side + 1)
+            patch = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+            images.append(np.asarray(patch))
+            labels.append(c)
+    return np.stack(images), np.asarray(labels)
+
+
+def build_scenes(out: str | Path, size: int = 32, seed: int = 0) -> Path:
+    """Write the scene patches as `out/train/<scene>/*.jpg` and `out/val/<scene>/*.jpg`; skipped when complete."""
+    out = Path(out)
+    done = out / ".complete"
+    if done.is_file():
+        return out
+    total = 0
+    for split in SCENE_SPLITS:
+        images, labels = scene_patches(split, size, seed=seed)
+        for i, (img, c) in enumerate(zip(images, labels)):
+            folder = out / split / SCENES[c]
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_jpeg(Image.fromarray(img), folder / f"{i:05d}.jpg")
+        total += len(images)
+    done.write_text(f"{total} patches of {len(SCENES)} scenes, {size} px\n")
+    log.info("wrote %d scene patches to %s", total, out)
+    return out
+
+
 def build_photos(out: str | Path) -> Path:
     """Write scikit-image's sample photographs as `out/<name>/<name>.jpg` (full size, RGB)."""
     import skimage.data
@@ -115,8 +184,9 @@ def build_photos(out: str | Path) -> Path:
     return out
 
 
-def build_demo_data(root: str | Path = "data/demo", size: int = 32, style: str = "color") -> dict[str, Path]:
-    """Both embedded sets under `root`; returns their paths."""
+def build_demo_data(root: str | Path = "data/demo", size: int = 32) -> dict[str, Path]:
+    """The embedded sets under `root` (scenes, digits, photos); returns their paths."""
     root = Path(root)
-    return {"digits": build_digits(root / f"digits{size}-{style}", size=size, style=style),
+    return {"scenes": build_scenes(root / f"scenes{size}", size=size),
+            "digits": build_digits(root / f"digits{size}", size=size),
             "photos": build_photos(root / "photos")}

@@ -1,4 +1,4 @@
-"""`byol demo --quick`: the main job end to end on the embedded digits (a few steps), and its verdict line."""
+"""`byol demo --quick`: the main job end to end on the embedded scenes (a few steps), its verdict line, its data."""
 import json
 
 from byolfast.train.demo import run_demo, verdict
@@ -20,3 +20,23 @@ def test_quick_demo_writes_its_summary_and_prints_a_verdict(tmp_path, capsys):
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "verdict" in out and "feature rank" in out
+
+
+def test_scene_patches_are_reproducible_and_held_out_rows_are_unseen():
+    from byolfast.pipeline.demo_data import SCENE_SPLITS, SCENES, scene_patches
+    x, y = scene_patches("val", 16, per_class=3)
+    x2, y2 = scene_patches("val", 16, per_class=3)
+    assert x.shape == (3 * len(SCENES), 16, 16, 3) and x.dtype.name == "uint8"
+    assert (x == x2).all() and (y == y2).all() and sorted(set(y.tolist())) == list(range(len(SCENES)))
+    (_, train_hi), (val_lo, _) = SCENE_SPLITS["train"], SCENE_SPLITS["val"]
+    assert train_hi < val_lo   # a gap of rows between the two splits: no held-out patch overlaps a training one
+    assert not (x == scene_patches("val", 16, per_class=3, seed=1)[0]).all()
+
+
+def test_the_demo_runs_longer_on_a_gpu():
+    from byolfast.train.config import load_config
+    from byolfast.train.demo import DEFAULT_PRESET, GPU_SCALE, device_overrides
+    cfg = load_config(DEFAULT_PRESET, [])
+    assert device_overrides("cpu", cfg) == []
+    scaled = load_config(DEFAULT_PRESET, device_overrides("cuda", cfg))
+    assert scaled.train.epochs == GPU_SCALE * cfg.train.epochs and scaled.eval.every == GPU_SCALE * cfg.eval.every

@@ -24,6 +24,7 @@ device synchronised around the clock, the median over `--repeats`. images/s coun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -37,10 +38,10 @@ from byolfast.benchmarks.bench_update import bench_ema, bench_optim
 from byolfast.benchmarks.common import backend_path, build_bench_images, time_epochs
 from byolfast.benchmarks.report import format_table, hidden_ratio, summary_lines
 from byolfast.benchmarks.stages import bench_stages, stage_table
+from byolfast.pipeline.registry import BACKENDS, bench_backends
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("dali", "ffcv", "torch")
 WHATS = ("loader", "model", "e2e", "ema", "optim", "stages")
 
 
@@ -60,8 +61,8 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
                         seed=cfg.train.seed, channels_last=cfg.model.channels_last)
     for backend in args.backends:
         settings = {"num_workers": cfg.data.num_workers}
-        if backend == "dali":
-            settings.update(dali_threads=cfg.data.dali.num_threads, dali_decoder=cfg.data.dali.decoder)
+        if BACKENDS[backend].settings is not None:   # its own section, e.g. data.dali's threads and decoder
+            settings[backend] = dataclasses.asdict(getattr(cfg.data, backend))
         rec = common.record("loader", "backend", backend, cfg, device, **settings)
         loader = None
         try:
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON file (the PNG chart is written beside it)")
     p.add_argument("--config", action="append", help="a YAML preset (configs/*.yaml); several: later ones override "
                    "earlier ones, as in byol train")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated loader backends")
+    p.add_argument("--backends", default=",".join(bench_backends()),
+                   help=f"comma-separated loader backends among {', '.join(bench_backends())}")
     p.add_argument("--data", default="data/bench", help="folder for the benchmark images and their conversions")
     p.add_argument("--images", type=int, default=0,
                    help="benchmark images (0: enough per epoch for the warm-up, the loaders' read-ahead and the timed "
@@ -317,11 +319,12 @@ def _resolve_args(args, device: torch.device) -> None:
         args.budget = 0.0 if gpu else 15.0
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [b for b in args.backends if b not in BACKENDS] + [v for v in args.variants if v not in VARIANT_KINDS]
+    bad = [b for b in args.backends if b not in bench_backends()] + [v for v in args.variants
+                                                                     if v not in VARIANT_KINDS]
     if bad or args.repeats < 1 or args.steps < 1 or args.stage_images < 1:
         from byolfast.train.config import ConfigError
-        raise ConfigError(f"--backends takes {', '.join(BACKENDS)}, --variants {', '.join(VARIANT_KINDS)} (unknown: "
-                          f"{', '.join(bad) or 'none'}); --repeats, --steps and --stage-images must be >= 1")
+        raise ConfigError(f"--backends takes {', '.join(bench_backends())}, --variants {', '.join(VARIANT_KINDS)} "
+                          f"(unknown: {', '.join(bad) or 'none'}); --repeats, --steps and --stage-images must be >= 1")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

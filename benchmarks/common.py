@@ -335,15 +335,21 @@ def build_bench_images(root: str | Path, num_images: int, size: tuple[int, int] 
 
 
 def backend_path(folder: Path, backend: str) -> str:
-    """`data.path` of `backend` for the benchmark images, converting them on first use (the JPEGs kept as they are)."""
-    if backend == "torch":
-        return str(folder)
+    """`data.path` of `backend` for the benchmark images, converting them on first use (the JPEGs kept as they are)
+    when the backend reads a format of its own; "" for a backend that reads no images."""
+    from byolfast.pipeline.registry import BACKENDS
+
+    record = BACKENDS[backend]
+    if record.bench_path is None:
+        return ""
+    if record.writer is None:
+        return record.bench_path(folder)
     from byolfast.pipeline.convert import convert_dataset
 
     out = folder.parent / "converted"
     convert_dataset(str(folder), str(out), (backend,), workers=os.cpu_count() or 1, max_side=max(PHOTO_SIZE),
                     progress=False)
-    return str(out / "dali") if backend == "dali" else str(out)
+    return record.bench_path(out)
 
 
 # --- output --------------------------------------------------------------------------------------------------------

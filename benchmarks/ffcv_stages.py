@@ -9,8 +9,8 @@ Stages, in the loader's order (per image; the crop, flip, hand-over and colour s
   - blur: the gaussian blur of the samples that draw it;
   - normalise: solarize and the mean/std normalisation (`cpu_augment.solarize_normalise_`);
   - augment_other: the rest of the CPU colour path (its draws, layouts and allocations).
-decode, crop and flip run the primitives of `pipeline.ffcv_decode.TwoViewCropFlipDecoder` in separate loops (the
-decoder fuses them); the colour stages time the loader's own `BatchedViewAugment.apply_cpu`, its kernels wrapped.
+decode, crop and flip run the primitives of `pipeline.backends.ffcv.decode.TwoViewCropFlipDecoder` in separate loops
+(the decoder fuses them); the colour stages time the loader's own `BatchedViewAugment.apply_cpu`, its kernels wrapped.
 Everything runs in the calling thread, one thread (thread CPU time, robust to a shared machine): the CPU cost a
 loader pays, whatever number of workers spreads it. On a GPU the colour stages run on the device instead.
 `byol bench --what stages` runs this beside the other backends' timers (`benchmarks.stages`).
@@ -26,7 +26,7 @@ import torch
 
 from byolfast.benchmarks.stages import clock, median_ms, one_torch_thread, timed_calls
 from byolfast.pipeline.config import DataConfig
-from byolfast.pipeline.ffcv_decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
+from byolfast.pipeline.backends.ffcv.decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
 
 with keep_torch_threads():
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -71,7 +71,7 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
     beton, at `cfg.image_size` with `cfg.augment`, in batches of `batch_size`; the median over `repeats` passes
     (after one untimed pass: numba compiles on first use)."""
     from byolfast.pipeline import cpu_augment, device_augment
-    from byolfast.pipeline.ffcv_loader import resolve_beton
+    from byolfast.pipeline.backends.ffcv.loader import resolve_beton
 
     path = resolve_beton(cfg.path)
     reader = Reader(str(path))

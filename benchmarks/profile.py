@@ -128,11 +128,9 @@ def run_facts(trainer, ema: str = "fused", peak_mem_mb: Optional[float] = None) 
     stats = trainer.loader.stats()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return RunFacts(
-        device_type=device.type, backend=cfg.data.backend, batch_size=trainer.loader.ctx.batch_size,
+        device_type=device.type, data=cfg.data, batch_size=trainer.loader.ctx.batch_size,
         image_size=cfg.data.image_size, precision=trainer.precision, channels_last=cfg.model.channels_last,
-        compile=cfg.train.compile, cpu_count=cpus, num_workers=cfg.data.num_workers,
-        dali_threads=cfg.data.dali.num_threads, dali_decoder=str(stats.get("decoder", cfg.data.dali.decoder)),
-        random_crop_decoder=cfg.data.dali.random_crop_decoder,
+        compile=cfg.train.compile, cpu_count=cpus,
         stored_max_side=stats.get("stored_max_side"), peak_mem_mb=peak_mem_mb,
         total_mem_mb=common.total_memory_mb(device), world_size=trainer.dist.world_size, ema=ema,
         cpu_bf16=device.type == "cuda" or cpu_has_native_bf16())

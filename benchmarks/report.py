@@ -1,15 +1,18 @@
 """The bottleneck report: from per-stage times of training steps to a verdict and the next thing to try.
 
-Pure functions of plain data (no torch), so the logic is tested without running a model. A step is split into
+Pure functions of plain data, so the logic is tested without running a model. A step is split into
 `STAGES`; the share of `data_wait` decides between input-bound (the model waits for the loader) and compute-bound,
-and the facts of the run (backend, workers, precision, memory format, compile, batch, memory) turn into advice.
+and the facts of the run (the data config, precision, memory format, compile, batch, memory) turn into advice: the
+loader's from its backend's record (`pipeline.registry.BACKENDS[...].advice`), the model's from here.
 The table and summary lines of `byol bench` records live here too.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
+
+from byolfast.pipeline.config import DataConfig
 
 STAGES = ("data_wait", "forward_online", "forward_target", "loss", "backward", "all_reduce", "optimizer", "ema")
 COMPUTE_STAGES = ("forward_online", "forward_target", "loss", "backward")
@@ -23,14 +26,12 @@ class RunFacts:
 
     Args:
         device_type: `cuda` or `cpu`.
-        backend: the loader backend (`dali`, `ffcv`, `torch`, `synthetic`).
+        data: the data config the loader was built from (its backend, workers and backend section).
         batch_size: samples per step on this device.
         image_size: side of the views.
         precision: `bf16`, `fp16` or `fp32`.
         channels_last, compile: the model's memory format and whether it is compiled.
         cpu_count: host cores available to the loader.
-        num_workers: loader workers (`torch`, `ffcv`).
-        dali_threads, dali_decoder, random_crop_decoder: the DALI settings.
         stored_max_side: longer side of the stored images, where the loader reports it.
         peak_mem_mb, total_mem_mb: peak and total device memory.
         world_size: processes in the job.
@@ -39,23 +40,23 @@ class RunFacts:
     """
 
     device_type: str = "cpu"
-    backend: str = "torch"
+    data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 32
     image_size: int = 224
     precision: str = "bf16"
     channels_last: bool = True
     compile: bool = False
     cpu_count: int = 1
-    num_workers: int = 0
-    dali_threads: int = 0
-    dali_decoder: str = "cpu"
-    random_crop_decoder: bool = True
     stored_max_side: Optional[int] = None
     peak_mem_mb: Optional[float] = None
     total_mem_mb: Optional[float] = None
     world_size: int = 1
     ema: str = "fused"
     cpu_bf16: bool = True
+
+    @property
+    def backend(self) -> str:
+        return self.data.backend
 
 
 def stage_shares(stage_seconds: dict[str, float]) -> dict[str, float]:
@@ -69,34 +70,20 @@ def classify(shares: dict[str, float], threshold: float = INPUT_BOUND_SHARE) -> 
     return "input-bound" if shares.get("data_wait", 0.0) >= threshold else "compute-bound"
 
 
-def input_advice(f: RunFacts) -> list[str]:
-    """What makes the loader faster, given its settings."""
-    tips = []
-    if f.backend == "torch":
-        tips.append("switch to data.backend=dali (or ffcv): the torch backend decodes and augments each image with "
-                    "PIL in Python workers, the slowest of the three")
-        if f.num_workers < f.cpu_count:
-            tips.append(f"raise data.num_workers from {f.num_workers} towards the {f.cpu_count} CPU cores")
-    elif f.backend == "dali":
-        if f.device_type == "cuda" and f.dali_decoder != "mixed":
-            tips.append("use data.dali.decoder=mixed: nvJPEG decodes on the GPU instead of the CPU threads")
-        if f.dali_threads < f.cpu_count:
-            tips.append(f"raise data.dali.num_threads from {f.dali_threads} towards the {f.cpu_count} CPU cores")
-        if not f.random_crop_decoder:
-            tips.append("set data.dali.random_crop_decoder=true: decode only each view's crop window")
-    elif f.backend == "ffcv":
-        if f.num_workers < f.cpu_count:
-            tips.append(f"raise data.num_workers (FFCV's decoding threads) from {f.num_workers} towards the "
-                        f"{f.cpu_count} CPU cores")
-        if f.device_type == "cpu":
-            tips.append("on a GPU FFCV's colour augmentation runs on the device; here it shares the CPU with the model")
-    elif f.backend == "synthetic":
-        tips.append("the synthetic loader should cost nothing: the wait is likely host overhead (logging, syncs)")
+def input_advice(f: RunFacts, loader_stats: Optional[dict] = None) -> list[str]:
+    """What makes the loader faster: its backend's advice (given the loader's `stats()`), then what holds for any
+    backend that reads images."""
+    from byolfast.pipeline.registry import BACKENDS
+
+    backend = BACKENDS.get(f.backend)
+    if backend is None:
+        return []
+    tips = backend.advice(f.data, f.device_type, f.cpu_count, loader_stats or {})
     if f.stored_max_side and f.stored_max_side > max(256, int(1.15 * f.image_size)):
         tips.append(f"lower the stored JPEG size: images are stored at up to {f.stored_max_side} px for "
                     f"{f.image_size} px views; `byol convert --max-side {max(256, int(1.15 * f.image_size))}` makes "
                     "decoding several times cheaper")
-    if f.backend != "synthetic" and f.cpu_count < 8 and f.device_type == "cuda":
+    if backend.bench_path is not None and f.cpu_count < 8 and f.device_type == "cuda":
         tips.append(f"the host has only {f.cpu_count} CPU cores for decoding: prefer GPU decoding (DALI mixed)")
     return tips
 
@@ -146,7 +133,7 @@ def build_report(stage_seconds: dict[str, float], steps: int, facts: RunFacts, l
     step_s = sum(times.values()) / max(1, steps)
     ips = facts.batch_size * facts.world_size / step_s if step_s > 0 else 0.0
     if bound == "input-bound":
-        advice = input_advice(facts) + compute_advice(facts, shares, mfu)[:1]
+        advice = input_advice(facts, loader_stats) + compute_advice(facts, shares, mfu)[:1]
     else:
         advice = compute_advice(facts, shares, mfu)
     top = sorted((k for k in shares if k != "data_wait"), key=lambda k: -shares[k])[:3]

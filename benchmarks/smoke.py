@@ -143,7 +143,7 @@ def _scalars(stats: dict) -> dict:
 
 def dali_batch(folder: Path, device: str) -> dict:
     from byolfast.pipeline.config import DaliConfig, DataConfig
-    from byolfast.pipeline.dali_loader import DaliTwoViewLoader
+    from byolfast.pipeline.backends.dali.loader import DaliTwoViewLoader
 
     ctx = _context(device)
     cfg = DataConfig(backend="dali", path=str(folder), image_size=IMAGE_SIZE,
@@ -160,7 +160,7 @@ def dali_batch(folder: Path, device: str) -> dict:
 def ffcv_batch(folder: Path, work: Path, device: str) -> dict:
     from byolfast.pipeline.config import DataConfig
     from byolfast.pipeline.convert import convert_dataset
-    from byolfast.pipeline.ffcv_loader import FfcvTwoViewLoader
+    from byolfast.pipeline.backends.ffcv.loader import FfcvTwoViewLoader
 
     t0 = time.perf_counter()
     out = work / "converted"

@@ -123,7 +123,7 @@ def torch_stage_ms(cfg: DataConfig, files: Sequence[Path], *, repeats: int = 3, 
     views, at `cfg.image_size` with `cfg.augment`: the loader's own dataset, its decode and transforms timed."""
     from torchvision.transforms import v2
 
-    from byolfast.pipeline import torch_loader
+    from byolfast.pipeline.backends.torch import loader as torch_loader
     from byolfast.pipeline.contract import DataError
 
     seconds = dict.fromkeys(TORCH_STAGES, 0.0)

@@ -122,10 +122,10 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     backends = data_backends(cfg.data.path, cfg.data.backend)
     if args.backends:
         asked = [b.strip() for b in args.backends.split(",") if b.strip()]
-        from byolfast.pipeline import LOADERS
-        unknown = sorted(set(asked) - set(LOADERS))
+        from byolfast.pipeline.registry import BACKENDS
+        unknown = sorted(set(asked) - set(BACKENDS))
         if unknown:
-            raise ConfigError(f"--backends takes {', '.join(LOADERS)} (unknown: {', '.join(unknown)})")
+            raise ConfigError(f"--backends takes {', '.join(BACKENDS)} (unknown: {', '.join(unknown)})")
         backends = [b for b in backends if b == cfg.data.backend or b in asked]
     preset = {"data.backend": cfg.data.backend,
               **{k.key: get(cfg, k.key) for k in knobs(cfg.data.backend, measure.device.type, cores)}}

@@ -3,7 +3,8 @@ the colour-jitter ops, the luma weights and the blur kernel's size rule.
 
 Every engine implements the ops named here and takes the order and the draws' layout from this module: the batched
 torch ops (`pipeline.device_augment`), the per-pixel numba kernels (`pipeline.cpu_augment`), the DALI graph
-(`pipeline.dali_augment`, `pipeline.dali_loader`) and the torchvision pipeline of `pipeline.torch_loader`.
+(`pipeline.dali_augment`, `pipeline.backends.dali.loader`) and the torchvision pipeline of
+`pipeline.backends.torch.loader`.
 The formulas of each op (two maths of colour jitter, `AugmentConfig.color_ops`) are described in
 `pipeline.device_augment`. `tests/test_augment_spec.py` runs every op of every engine against this module.
 
@@ -57,7 +58,7 @@ class Draw:
         column: its first column in the batched engines' one uniform draw per sample, (n, `NUM_COLUMNS`); None for
             the draws the crop step makes.
         width: columns it takes.
-        dali_name: the name of DALI's debug output of it (`dali_loader.DEBUG_DRAWS`), where that differs.
+        dali_name: the name of DALI's debug output of it (`backends.dali.loader.DEBUG_DRAWS`), where that differs.
     """
 
     name: str

@@ -7,6 +7,12 @@ the same `ViewSpec`, so the augmentation has one source of truth.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+# Each backend's own section (`data.<backend name>`) is declared in its package; DataConfig holds one field per
+# backend that has settings.
+from byolfast.pipeline.backends.dali.settings import DaliConfig
+from byolfast.pipeline.backends.ffcv.settings import FfcvConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The maths of colour jitter (`AugmentConfig.color_ops`); the formulas are in `pipeline.device_augment`.
@@ -74,62 +80,20 @@ class AugmentConfig:
 
 
 @dataclass
-class DaliConfig:
-    """Settings of the DALI backend.
-
-    Args:
-        num_threads: CPU threads of the DALI pipeline.
-        decoder: `mixed` (nvJPEG on the GPU; falls back to `cpu` with a warning when no GPU is present) or `cpu`.
-        random_crop_decoder: decode each view's crop window separately (`decoders.image_slice`) instead of decoding
-            once and cropping twice; measured no faster on CPUs (not yet measured with nvJPEG), so off.
-        exact_hue: torchvision's hue (an exact HSV shift in DALI arithmetic) rather than DALI's `fn.hsv`, whose hue
-            differs from torchvision's by more than the shift itself; ~40 % more CPU time with the graph ops (its GPU
-            cost is not measured yet).
-        cpu_kernels: where images are augmented on the CPU, run colour jitter and grayscale as one operator of
-            per-pixel numba kernels (`pipeline.cpu_augment`, exact hue included) instead of DALI's per-op graph (the
-            GPU's); the same draws, rounded once instead of after every op.
-        prefetch_queue_depth: batches DALI prepares ahead.
-        hw_decoder_load: share of JPEG decoding given to the hardware decoder (A100/H100), 0..1.
-    """
-
-    num_threads: int = 4
-    decoder: str = "mixed"
-    random_crop_decoder: bool = False
-    exact_hue: bool = True
-    cpu_kernels: bool = True
-    prefetch_queue_depth: int = 2
-    hw_decoder_load: float = 0.65
-
-
-@dataclass
-class FfcvConfig:
-    """Settings of the FFCV backend.
-
-    Args:
-        order: `random` (per-epoch shuffle, supports `distributed`), `quasi_random` (page-wise, lower RAM) or `sequential`.
-        os_cache: read the whole file through the OS page cache (True) or with FFCV's own process cache.
-        batches_ahead: batches FFCV prepares ahead.
-    """
-
-    order: str = "random"
-    os_cache: bool = True
-    batches_ahead: int = 3
-
-
-@dataclass
 class DataConfig:
     """Where the images are and how they become two views on the device.
 
     Args:
-        backend: one of `dali`, `ffcv`, `torch`, `synthetic`.
-        path: an ImageFolder tree (`torch`, `dali`), a `.beton` file (`ffcv`), a shard folder with `manifest.json`
-            (`dali`), or unused (`synthetic`).
+        backend: the name of a registered backend (`pipeline.registry.BACKENDS`: `dali`, `ffcv`, `torch`,
+            `synthetic`).
+        path: what the backend reads: an ImageFolder tree (`torch`, `dali`), a `.beton` file (`ffcv`), a shard folder
+            with `manifest.json` (`dali`), or nothing (`synthetic`).
         image_size: side of the square output views in pixels.
         num_workers: loader worker processes (`torch`, `ffcv`).
         synthetic_size: images per epoch of the `synthetic` backend.
         augment: the two view distributions.
-        dali: DALI-specific settings.
-        ffcv: FFCV-specific settings.
+        dali: DALI-specific settings (`pipeline.backends.dali.settings`).
+        ffcv: FFCV-specific settings (`pipeline.backends.ffcv.settings`).
         max_bad_fraction: images that fail to decode are replaced and counted; above this share of an epoch the
             run stops with an error naming the files (the data is then more broken than a few bad JPEGs).
     """

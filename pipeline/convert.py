@@ -3,18 +3,18 @@
 Three steps, each in parallel worker processes:
   1. check + normalise (chunks of samples per task): every image is decoded with PIL. What cannot be decoded is
      skipped and reported with its reason (missing, empty, not an image, corrupt/truncated, smaller than
-     `image_normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x
-     `Image.MAX_IMAGE_PIXELS`, ~179 MP by default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
-     downscaled. A baseline or progressive 8-bit RGB JPEG with no EXIF rotation and no side over `max_side` is kept
-     byte for byte; anything else (PNG and other formats, CMYK, grayscale, palette, 16-bit, alpha (dropped, as
-     torchvision's loader does), arithmetic/lossless/12-bit JPEG, EXIF-rotated, larger than `max_side`) is
-     converted to RGB, rotated upright, resized so its longer side is `max_side` (antialiased bicubic; 0 keeps the
-     size) and re-encoded as a baseline JPEG at `jpeg_quality`. `max_side=256` suits training at 224 px: a full-image
-     crop needs no upsampling, and the stored dataset is several times smaller (and faster to decode) than full-size
-     ImageNet. Re-encoded bytes go to a work folder (`out/.convert-work/`, removed at the end); kept images are read
-     from the source.
-  2. DALI shards (`pipeline.dali_format`): one shard per task, resumable.
-  3. FFCV beton (`pipeline.ffcv_format`): FFCV's own writer processes.
+     `image_normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`,
+     ~179 MP by default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
+     downscaled. A baseline or progressive 8-bit RGB JPEG with no EXIF rotation and no side over `max_side` is kept byte
+     for byte; anything else (PNG and other formats, CMYK, grayscale, palette, 16-bit, alpha (dropped, as torchvision's
+     loader does), arithmetic/lossless/12-bit JPEG, EXIF-rotated, larger than `max_side`) is converted to RGB, rotated
+     upright, resized so its longer side is `max_side` (antialiased bicubic; 0 keeps the size) and re-encoded as a
+     baseline JPEG at `jpeg_quality`. `max_side=256` suits training at 224 px: a full-image crop needs no upsampling,
+     and the stored dataset is several times smaller (and faster to decode) than full-size ImageNet. Re-encoded bytes go
+     to a work folder (`out/.convert-work/`, removed at the end); kept images are read from the source.
+  2. each requested format, by its backend's `Writer` (`pipeline.registry.BACKENDS`) into `out/<backend name>/`:
+     DALI shards (`pipeline.backends.dali.format`) one shard per task of the worker pool, resumable; then the FFCV
+     beton (`pipeline.backends.ffcv.format`) with FFCV's own writer processes.
 Sample i is the i-th image that survived step 1, in the sorted listing (class, then path): its global index. The
 shards and the beton both store the samples in one fixed shuffled order (`storage.shard_order`), each sample
 carrying its global index, so that a reader's local shuffle (DALI's buffer, FFCV's quasi-random pages) still mixes
@@ -38,21 +38,21 @@ from typing import Sequence
 from PIL import ImageFile
 from tqdm import tqdm
 
-from byolfast.pipeline import dali_format, ffcv_format
+from byolfast.pipeline import storage
+from byolfast.pipeline.backends import WriteJob
 from byolfast.pipeline.contract import DataError
 from byolfast.pipeline.convert_report import REPORT, ConvertReport, other_outputs, previous_report
-from byolfast.pipeline import storage
-from byolfast.pipeline.storage import SampleRef, write_json_atomic
 from byolfast.pipeline.folder import scan_image_folder
 from byolfast.pipeline.image_normalise import SkipImage, normalise_file
+from byolfast.pipeline.registry import BACKENDS, formats as writable_formats
+from byolfast.pipeline.storage import SampleRef, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("ffcv", "dali")
 WORK = ".convert-work"
 
 
-def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, file_list: str | None = None,
+def convert_dataset(src: str, out: str, formats: Sequence[str] = (), *, file_list: str | None = None,
                     workers: int = os.cpu_count() or 1, max_side: int = 256, jpeg_quality: int = 90,
                     ffcv_write_mode: str = "jpg", shard_size: int = 1000, progress: bool = True,
                     overwrite: bool = False) -> ConvertReport:
@@ -61,7 +61,7 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     Args:
         src: `src/<class>/<image>` or `src/train/<class>/<image>`; with `file_list`, the root its paths are under.
         out: output folder (outside `src`); gets `dali/`, `ffcv/` and `convert_report.json`.
-        formats: any of "ffcv", "dali".
+        formats: backends with a writer (`pipeline.registry.formats()`: "dali", "ffcv"); empty: all of them.
         file_list: text file of `relative/path<TAB or space>label` lines (`#` comments allowed); labels are all ints
             (class i is named "i") or else all class names (indexed in sorted order).
         workers: worker processes.
@@ -76,14 +76,13 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
         DataError: bad arguments, an unreadable source, no usable image, or an output made with other settings.
     """
     t0 = time.perf_counter()
-    formats = list(dict.fromkeys(formats))
-    if not formats or any(f not in FORMATS for f in formats):
-        raise DataError(f"formats {formats}: choose from {', '.join(FORMATS)}")
+    known = writable_formats()
+    formats = list(dict.fromkeys(formats or known))
+    if any(f not in known for f in formats):
+        raise DataError(f"formats {formats}: choose from {', '.join(known)}")
     if max_side < 0 or not 1 <= jpeg_quality <= 100 or shard_size < 1 or workers < 1:
         raise DataError(f"need max_side >= 0, 1 <= jpeg_quality <= 100, shard_size >= 1, workers >= 1; got "
                         f"{max_side}, {jpeg_quality}, {shard_size}, {workers}")
-    if "ffcv" in formats and ffcv_write_mode not in ffcv_format.WRITE_MODES:
-        raise DataError(f"ffcv_write_mode {ffcv_write_mode!r}: choose one of {', '.join(ffcv_format.WRITE_MODES)}")
     src_path, out_path = Path(src).resolve(), Path(out).resolve()
     if out_path == src_path or src_path in out_path.parents:
         raise DataError(f"output folder {out} is inside the source {src}: choose a folder outside it")
@@ -95,13 +94,13 @@ def convert_dataset(src: str, out: str, formats: Sequence[str] = FORMATS, *, fil
     listing = hashlib.sha256("\n".join([*classes, *(f"{os.path.relpath(p, src_path)}\t{y}" for p, y in samples)])
                              .encode("utf-8")).hexdigest()
     base = {"source": listing, "num_candidates": len(samples), "max_side": max_side, "jpeg_quality": jpeg_quality}
-    settings = {"dali": {**base, "shard_size": shard_size, "order": storage.ORDER},
-                "ffcv": {**base, "write_mode": ffcv_write_mode, "order": ffcv_format.ORDER}}
+    options = {"shard_size": shard_size, "ffcv_write_mode": ffcv_write_mode}
+    settings = {fmt: BACKENDS[fmt].writer.settings(base, options) for fmt in formats}
     if overwrite:
         for fmt in formats:
             shutil.rmtree(out_path / fmt, ignore_errors=True)
         shutil.rmtree(out_path / WORK, ignore_errors=True)
-    outputs = {fmt: _complete_output(out_path, fmt, settings[fmt]) for fmt in formats}
+    outputs = {fmt: BACKENDS[fmt].writer.complete(out_path / fmt, settings[fmt]) for fmt in formats}
     todo = [fmt for fmt in formats if outputs[fmt] is None]
     if not todo:
         logger.info("%s: output complete (%s); nothing to do (overwrite=True rebuilds it)", out, ", ".join(formats))
@@ -157,34 +156,10 @@ def list_samples(src: Path, file_list: str | None) -> tuple[list[tuple[str, int]
     return [(str(src / rel), y) for y, rel in samples], classes
 
 
-def _complete_output(out: Path, fmt: str, settings: dict) -> dict | None:
-    """The output record of a finished `fmt` made with `settings`; None if unfinished; DataError if made otherwise."""
-    if fmt == "dali":
-        try:
-            with open(out / "dali" / dali_format.MANIFEST, encoding="utf-8") as f:
-                old = json.load(f).get("settings")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return None
-        if old != settings:
-            raise DataError(f"{out / 'dali'} was made from another source or with other settings ({old} vs "
-                            f"{settings}): pass overwrite=True (`--overwrite`) or choose another output folder")
-        try:
-            manifest = dali_format.load_manifest(out / "dali")
-        except DataError as e:
-            logger.warning("%s; rewriting what is damaged", e)
-            return None
-        return {"status": "complete", "path": manifest["dir"], "num_samples": manifest["num_samples"],
-                "num_shards": len(manifest["shards"]), "bytes": sum(s["bytes"] for s in manifest["shards"])}
-    if not ffcv_format.beton_is_complete(out / "ffcv", settings):
-        return None
-    meta = ffcv_format.load_beton_meta(out / "ffcv" / ffcv_format.BETON)
-    return {"status": "complete", "path": meta["path"], "num_samples": meta["num_samples"], "bytes": meta["bytes"]}
-
-
 def _convert(samples: list[tuple[str, int]], classes: list[str], src: Path, out: Path, todo: list[str], base: dict,
              settings: dict, *, workers: int, progress: bool) -> ConvertReport:
-    """Steps 1-3 for the formats in `todo`; `base` holds the settings of step 1, `settings` those of each format."""
-    max_side, quality = base["max_side"], base["jpeg_quality"]
+    """Step 1, then the writers of the formats in `todo`; `base` holds the settings of step 1, `settings` those of
+    each format."""
     work = out / WORK
     # fork: workers inherit the listing instead of unpickling it; they run PIL and numpy only.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -210,21 +185,14 @@ def _convert(samples: list[tuple[str, int]], classes: list[str], src: Path, out:
             shutil.rmtree(work, ignore_errors=True)
             raise DataError(f"none of the {len(samples)} images under {src} could be used: "
                             + "; ".join(f"{p}: {r}" for p, r in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
-        if "dali" in todo:
-            with tqdm(total=len(refs), desc="dali", unit="img", disable=not progress) as bar:
-                manifest, resumed = dali_format.write_shards(
-                    out / "dali", refs, classes, settings["dali"]["shard_size"], settings["dali"],
-                    pool.imap_unordered, bar.update)
-            outputs["dali"] = {"status": "resumed" if resumed else "written", "path": str(out / "dali"),
-                               "num_samples": len(refs), "num_shards": len(manifest["shards"]),
-                               "bytes": sum(s["bytes"] for s in manifest["shards"])}
-    if "ffcv" in todo:
-        meta = ffcv_format.write_beton(out / "ffcv", refs, classes, max_side=max_side, jpeg_quality=quality,
-                                       write_mode=settings["ffcv"]["write_mode"], workers=workers,
-                                       max_image_bytes=max_bytes, total_bytes=total_bytes, settings=settings["ffcv"],
-                                       progress=progress)
-        outputs["ffcv"] = {"status": "written", "path": meta["path"], "num_samples": meta["num_samples"],
-                           "bytes": meta["bytes"]}
+        job = WriteJob(pool=pool, workers=workers, progress=progress, max_image_bytes=max_bytes,
+                       total_bytes=total_bytes)
+        for fmt in todo:   # formats written with the pool's workers
+            if BACKENDS[fmt].writer.uses_pool:
+                outputs[fmt] = BACKENDS[fmt].writer.write(out / fmt, refs, classes, settings[fmt], job)
+    for fmt in todo:       # formats with their own writer processes, once the pool's have ended
+        if not BACKENDS[fmt].writer.uses_pool:
+            outputs[fmt] = BACKENDS[fmt].writer.write(out / fmt, refs, classes, settings[fmt], job)
     shutil.rmtree(work, ignore_errors=True)
     return ConvertReport(src=str(src), out=str(out), num_candidates=len(samples), num_samples=len(refs),
                          classes=classes, skipped=skipped, reencoded=dict(reencoded), passthrough=passthrough,

@@ -1,21 +1,22 @@
-"""`convert_report.json`: what `byol convert` did, and what it left out of each output, read back by the loaders.
+"""`convert_report.json`: what `byol convert` did, and what it left out of each output.
 
-The report lies in the conversion's `out` folder, beside `dali/` and `ffcv/`. Loaders of converted data find it
-through `skipped_at_convert`, so a run says how many images the conversion skipped and why.
+The report lies in the conversion's `out` folder, beside each format's folder. Loaders of converted data read it back
+through `storage.skipped_at_convert` (below the backends, which must not import the conversion), so a run says how
+many images the conversion skipped and why.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from byolfast.pipeline.storage import REPORT
+
 logger = logging.getLogger(__name__)
 
-REPORT = "convert_report.json"
 
 
 @dataclass
@@ -47,48 +48,6 @@ class ConvertReport:
                 f"({reencoded}), {self.passthrough} kept byte for byte; empty classes: "
                 f"{', '.join(self.empty_classes) or 'none'}. Outputs: {outs}. {self.seconds:.1f} s, "
                 f"{self.images_per_sec:.0f} images/s.")
-
-
-def skipped_at_convert(output: str | os.PathLike, num_samples: int | None = None) -> dict:
-    """What `byol convert` left out of one of its outputs, from the `convert_report.json` above it.
-
-    The report lies in the conversion's `out` folder, one level above `ffcv/train.beton` and `dali/`. It counts only
-    when it lists `output` (at the same place relative to the report, so a moved `out` folder still matches) and,
-    when `num_samples` is given, with that many samples; anything else is another conversion's report.
-
-    Args:
-        output: the beton file or the shard folder a loader reads.
-        num_samples: the samples the loader found in `output`.
-
-    Returns:
-        {"convert_skipped": count, "convert_skip_reasons": {reason: count}, "convert_report": report path}, or {}
-        when no report describes `output`.
-    """
-    output = Path(output).resolve()
-    folder = output if output.is_dir() else output.parent
-    for path in (folder / REPORT, folder.parent / REPORT):
-        if not path.is_file():
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                report = json.load(f)
-            records = list(report["outputs"].values())
-            skipped = [reason for _, reason in report["skipped"]]
-            listed = [Path(r["path"]).resolve().relative_to(Path(report["out"]).resolve()) for r in records]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            logger.warning("%s is unreadable (%s): cannot tell how many images `byol convert` skipped", path, e)
-            return {}
-        here = output.relative_to(path.parent)
-        record = next((r for r, rel in zip(records, listed) if rel == here), None)
-        if record is None:
-            continue
-        if num_samples is not None and record.get("num_samples") != num_samples:
-            logger.warning("%s lists %s samples for %s, which holds %d: the report is from another conversion; "
-                           "skipped images are not counted", path, record.get("num_samples"), output, num_samples)
-            return {}
-        reasons = Counter(r.split(":", 1)[0] for r in skipped)
-        return {"convert_skipped": len(skipped), "convert_skip_reasons": dict(reasons), "convert_report": str(path)}
-    return {}
 
 
 def other_outputs(out: Path, report: ConvertReport, formats: Sequence[str]) -> dict:

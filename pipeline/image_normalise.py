@@ -7,12 +7,12 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from byolfast.pipeline.rgb import exif_orientation, upright_rgb
 
 MIN_SIDE = 8  # smaller images cannot give a meaningful random resized crop
 _PASS_SOF = (0xC0, 0xC2)  # baseline and progressive Huffman JPEG: what nvJPEG and every CPU decoder read
-_EXIF_ORIENTATION = 0x0112
 
 
 class SkipImage(Exception):
@@ -96,34 +96,6 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, quality: int):
     except (OSError, ValueError, MemoryError) as e:   # e.g. a side JPEG cannot store (65,535 px), odd modes
         raise SkipImage(f"cannot be re-encoded as JPEG ({reason}): {e}") from None
     return buf.getvalue(), reason, len(data), (tw, th)
-
-
-def exif_orientation(img: Image.Image) -> int | None:
-    """A JPEG's EXIF orientation (1, as stored, for other formats or without the tag); None if the EXIF is malformed."""
-    if img.format not in ("JPEG", "MPO"):
-        return 1
-    try:
-        return img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # malformed EXIF raises assorted errors
-        return None
-
-
-def upright_rgb(img: Image.Image, orientation: int) -> Image.Image:
-    """`to_rgb`, turned as the EXIF `orientation` says (as DALI's decoders do). Shared by `byol convert` and the
-    `torch` loader."""
-    return ImageOps.exif_transpose(to_rgb(img)) if orientation not in (0, 1) else to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB: 16/32-bit grayscale is scaled (PIL would clip it), transparency is dropped like torchvision does.
-    Shared by `byol convert` and the `torch` loader, so both read such images alike."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)
-        img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _jpeg_sof(data: bytes) -> tuple[int, int] | None:

@@ -1,4 +1,5 @@
-"""What the converted formats and the trainer share on disk: atomic writes, sample references and the shard order.
+"""What the converted formats and the trainer share on disk: atomic writes, sample references, the shard order and
+what `byol convert` skipped (`skipped_at_convert`, read by the loaders of converted data).
 
 Backends import from here, never from each other: the FFCV writer deals its samples in the same fixed order as the
 DALI shards, and the trainer and checkpoints write files the same all-or-nothing way.
@@ -6,15 +7,20 @@ DALI shards, and the trainer and checkpoints write files the same all-or-nothing
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from byolfast.pipeline.contract import DataError
 
+logger = logging.getLogger(__name__)
+
 ORDER = "shuffled"            # the recorded "order" (manifest, beton meta, convert's settings) of `shard_order`
 ORDER_SEED = 0x5EED5A3D
+REPORT = "convert_report.json"   # `byol convert`'s report, in its `out` folder beside the formats' folders
 
 # One sample's bytes: `length` bytes at `offset` of the file `path`, then its class index.
 SampleRef = tuple[str, int, int, int]
@@ -53,3 +59,45 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as JSON to a temporary name, then rename: readers see the old file or the whole new one."""
     write_bytes_atomic(Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+
+def skipped_at_convert(output: str | os.PathLike, num_samples: int | None = None) -> dict:
+    """What `byol convert` left out of one of its outputs, from the `convert_report.json` above it.
+
+    The report lies in the conversion's `out` folder, one level above `ffcv/train.beton` and `dali/`. It counts only
+    when it lists `output` (at the same place relative to the report, so a moved `out` folder still matches) and,
+    when `num_samples` is given, with that many samples; anything else is another conversion's report.
+
+    Args:
+        output: the beton file or the shard folder a loader reads.
+        num_samples: the samples the loader found in `output`.
+
+    Returns:
+        {"convert_skipped": count, "convert_skip_reasons": {reason: count}, "convert_report": report path}, or {}
+        when no report describes `output`.
+    """
+    output = Path(output).resolve()
+    folder = output if output.is_dir() else output.parent
+    for path in (folder / REPORT, folder.parent / REPORT):
+        if not path.is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+            records = list(report["outputs"].values())
+            skipped = [reason for _, reason in report["skipped"]]
+            listed = [Path(r["path"]).resolve().relative_to(Path(report["out"]).resolve()) for r in records]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            logger.warning("%s is unreadable (%s): cannot tell how many images `byol convert` skipped", path, e)
+            return {}
+        here = output.relative_to(path.parent)
+        record = next((r for r, rel in zip(records, listed) if rel == here), None)
+        if record is None:
+            continue
+        if num_samples is not None and record.get("num_samples") != num_samples:
+            logger.warning("%s lists %s samples for %s, which holds %d: the report is from another conversion; "
+                           "skipped images are not counted", path, record.get("num_samples"), output, num_samples)
+            return {}
+        reasons = Counter(r.split(":", 1)[0] for r in skipped)
+        return {"convert_skipped": len(skipped), "convert_skip_reasons": dict(reasons), "convert_report": str(path)}
+    return {}

@@ -233,7 +233,8 @@ def test_the_dali_engine_draws_the_tables_draws():
     pytest.importorskip("nvidia.dali", reason="DALI is not installed")
     from nvidia.dali import pipeline_def
 
-    from byolfast.pipeline import dali_augment, dali_loader
+    from byolfast.pipeline import dali_augment
+    from byolfast.pipeline.backends.dali import loader as dali_loader
 
     assert dali_loader.DEBUG_DRAWS == tuple(d.dali_name for d in S.DRAWS)
     keys = []
@@ -262,7 +263,7 @@ def test_the_dali_engine_draws_the_tables_draws():
 def _torch_loader_stages() -> list[tuple[str]]:
     from torchvision.transforms import v2
 
-    from byolfast.pipeline.torch_loader import ReferenceColorJitter, build_view_transform
+    from byolfast.pipeline.backends.torch.loader import ReferenceColorJitter, build_view_transform
 
     names = {v2.RandomResizedCrop: "crop", v2.RandomHorizontalFlip: "flip", v2.RandomGrayscale: "grayscale",
              v2.RandomSolarize: "solarize", v2.Normalize: "normalise", v2.ColorJitter: "jitter",

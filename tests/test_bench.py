@@ -15,6 +15,7 @@ import torch
 from byolfast.benchmarks import common
 from byolfast.benchmarks.report import (RunFacts, build_report, classify, format_table, hidden_ratio, render_text,
                                         stage_shares, summary_lines)
+from byolfast.pipeline.config import DaliConfig, DataConfig
 
 TINY = ["model.arch=resnet18", "data.image_size=16", "train.batch_size=4", "model.projector_hidden=32",
         "model.predictor_hidden=32", "model.projector_out=16", "train.precision=fp32", "train.num_threads=1",
@@ -45,7 +46,7 @@ def _timed_steps(loader_s: float, model_s: float, steps: int = 3) -> dict[str, f
 
 
 def test_slow_loader_is_input_bound_with_loader_advice():
-    facts = RunFacts(backend="torch", num_workers=1, cpu_count=8, image_size=224, stored_max_side=500)
+    facts = RunFacts(data=DataConfig(backend="torch", num_workers=1), cpu_count=8, image_size=224, stored_max_side=500)
     report = build_report(_timed_steps(0.03, 0.003), 3, facts, {"bad_images": 0})
     assert report["bound"] == "input-bound"
     assert report["data_wait_share"] > 0.5
@@ -57,7 +58,8 @@ def test_slow_loader_is_input_bound_with_loader_advice():
 
 
 def test_slow_model_is_compute_bound_with_model_advice():
-    facts = RunFacts(device_type="cuda", backend="dali", precision="fp32", channels_last=False, compile=False,
+    facts = RunFacts(device_type="cuda", data=DataConfig(backend="dali"), precision="fp32", channels_last=False,
+                     compile=False,
                      batch_size=128, peak_mem_mb=10_000, total_mem_mb=80_000)
     report = build_report(_timed_steps(0.0005, 0.03), 3, facts)
     assert report["bound"] == "compute-bound"
@@ -73,9 +75,10 @@ def test_slow_model_is_compute_bound_with_model_advice():
 
 
 @pytest.mark.parametrize("facts, expected", [
-    (RunFacts(device_type="cuda", backend="dali", dali_threads=2, cpu_count=16, dali_decoder="cpu"),
+    (RunFacts(device_type="cuda", cpu_count=16,
+              data=DataConfig(backend="dali", dali=DaliConfig(num_threads=2, decoder="cpu"))),
      ["data.dali.decoder=mixed", "data.dali.num_threads"]),
-    (RunFacts(backend="ffcv", num_workers=2, cpu_count=16), ["data.num_workers"]),
+    (RunFacts(data=DataConfig(backend="ffcv", num_workers=2), cpu_count=16), ["data.num_workers"]),
 ])
 def test_input_advice_per_backend(facts, expected):
     advice = " ".join(build_report({"data_wait": 1.0, "backward": 1.0}, 1, facts)["advice"])

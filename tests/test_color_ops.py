@@ -269,7 +269,7 @@ def test_config_default_is_the_reference_and_checked():
 # --- the torch backend ------------------------------------------------------------------------------------------------
 
 def test_torch_backend_op_matches_the_reference(photos_u8):
-    from byolfast.pipeline.torch_loader import ReferenceColorJitter
+    from byolfast.pipeline.backends.torch.loader import ReferenceColorJitter
 
     spec = ViewSpec()
     x = photos_u8.float().mul_(1.0 / 255.0)
@@ -290,7 +290,7 @@ def test_torch_backend_op_matches_the_reference(photos_u8):
 def test_torch_backend_draws_what_colorjitter_draws_in_the_reference_ranges():
     from torchvision.transforms import v2
 
-    from byolfast.pipeline.torch_loader import ReferenceColorJitter
+    from byolfast.pipeline.backends.torch.loader import ReferenceColorJitter
 
     spec = ViewSpec()
     ours, theirs = ReferenceColorJitter(spec), v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
@@ -318,7 +318,7 @@ def test_torch_loader_builds_the_chosen_jitter(tmp_path, photos_u8, color_ops):
     from torchvision.transforms import v2
 
     from byolfast.pipeline.contract import LoaderContext
-    from byolfast.pipeline.torch_loader import ReferenceColorJitter, TorchTwoViewLoader
+    from byolfast.pipeline.backends.torch.loader import ReferenceColorJitter, TorchTwoViewLoader
 
     for n in range(4):
         (tmp_path / "c").mkdir(exist_ok=True)

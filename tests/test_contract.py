@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from byolfast.pipeline import LOADERS, DataConfig, LoaderContext, build_two_view_loader
+from byolfast.pipeline import BACKENDS, DataConfig, LoaderContext, build_two_view_loader
 from byolfast.pipeline.contract import check_batch
 from byolfast.pipeline.convert import convert_dataset
 
@@ -37,18 +37,21 @@ def photo_tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(photo_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
-    report = convert_dataset(str(photo_tree), str(out), ("ffcv", "dali"), workers=1, max_side=64, shard_size=10,
+    report = convert_dataset(str(photo_tree), str(out), (), workers=1, max_side=64, shard_size=10,   # every format
                              progress=False)
     assert report.num_samples == 24 and not report.skipped
     return out
 
 
 def _source(backend, photo_tree, converted) -> str:
-    return {"torch": str(photo_tree), "dali": str(converted / "dali"), "ffcv": str(converted / "ffcv" / "train.beton"),
-            "synthetic": ""}[backend]
+    """The backend's `data.path` as `byol bench` finds it: the tree, what `byol convert` wrote, or nothing."""
+    record = BACKENDS[backend]
+    if record.bench_path is None:
+        return ""
+    return record.bench_path(converted if record.writer is not None else photo_tree)
 
 
-@pytest.mark.parametrize("backend", sorted(LOADERS))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_every_backend_keeps_the_batch_contract(backend, photo_tree, converted):
     cfg = DataConfig(backend=backend, path=_source(backend, photo_tree, converted), image_size=SIZE, num_workers=1,
                      synthetic_size=24)
@@ -67,7 +70,7 @@ def test_every_backend_keeps_the_batch_contract(backend, photo_tree, converted):
             check_batch(b, ctx, SIZE)
             assert not torch.equal(b.view1, b.view2)            # two different views of each image
             assert torch.isfinite(b.view1.float()).all()
-        if backend == "synthetic":
+        if BACKENDS[backend].bench_path is None:   # no images: no labels
             assert (torch.cat([b.labels for b in batches]) == -1).all()
             continue
         index = torch.cat([b.index.cpu() for b in batches])
@@ -82,7 +85,7 @@ def test_every_backend_keeps_the_batch_contract(backend, photo_tree, converted):
 def test_classes_agree_across_backends(photo_tree, converted):
     import json
 
-    from byolfast.pipeline.dali_format import load_manifest
+    from byolfast.pipeline.backends.dali.format import load_manifest
     manifest = load_manifest(str(converted / "dali"))
     ffcv_classes = json.loads((converted / "ffcv" / "classes.json").read_text())
     assert manifest["classes"] == ffcv_classes == ["astronaut", "chelsea", "coffee"]
@@ -111,7 +114,7 @@ def test_image_folder_layouts(tmp_path):
 
 def test_rank_streams_do_not_repeat_across_seeds():
     """Run (seed 1, rank 0) must not draw what run (seed 0, rank 1) draws, as `seed + rank` streams did."""
-    from byolfast.pipeline.ffcv_decode import view_seed
+    from byolfast.pipeline.backends.ffcv.decode import view_seed
     from byolfast.pipeline.sharding import rank_seed
 
     assert len({rank_seed(s, r) for s in range(8) for r in range(8)}) == 64

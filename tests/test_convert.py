@@ -21,13 +21,15 @@ import pytest
 from PIL import Image
 
 from byolfast.pipeline import convert as convert_mod
-from byolfast.pipeline import dali_format, ffcv_format, storage
+from byolfast.pipeline import storage
+from byolfast.pipeline.backends.dali import format as dali_format
+from byolfast.pipeline.backends.ffcv import format as ffcv_format
 from byolfast.pipeline.contract import DataError
 from byolfast.pipeline.convert import convert_dataset
-from byolfast.pipeline.convert_report import skipped_at_convert
+from byolfast.pipeline.storage import skipped_at_convert
 from byolfast.pipeline.image_normalise import SkipImage, normalise_file
-from byolfast.pipeline.dali_format import load_manifest
-from byolfast.pipeline.ffcv_format import load_beton_meta
+from byolfast.pipeline.backends.dali.format import load_manifest
+from byolfast.pipeline.backends.ffcv.format import load_beton_meta
 
 skimage_data = pytest.importorskip("skimage.data")
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from nvidia.dali import backend as dali_backend  # noqa: E402
 from nvidia.dali import types  # noqa: E402
 
 from byolfast.pipeline.config import AugmentConfig, DaliConfig  # noqa: E402
-from byolfast.pipeline.dali_loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeline  # noqa: E402
+from byolfast.pipeline.backends.dali.loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeline  # noqa: E402
 
 SIZE = 32
 FOLDER = {"kind": "folder", "files": ["/nowhere/0.jpg"], "indices": [0]}   # tracing opens no file

@@ -52,7 +52,7 @@ from nvidia.dali.tensors import TensorListGPU  # noqa: E402
 from byolfast.pipeline import dali_augment as A  # noqa: E402
 from byolfast.pipeline.config import AugmentConfig, DaliConfig, DataConfig, ViewSpec  # noqa: E402
 from byolfast.pipeline.contract import LoaderContext  # noqa: E402
-from byolfast.pipeline.dali_loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeline  # noqa: E402
+from byolfast.pipeline.backends.dali.loader import DEBUG_DRAWS, DaliTwoViewLoader, two_view_pipeline  # noqa: E402
 
 SIZE = 32
 BATCH = 8

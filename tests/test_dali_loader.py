@@ -24,12 +24,12 @@ from skimage import data
 
 from byolfast.pipeline.config import DaliConfig, DataConfig
 from byolfast.pipeline.contract import Batch, DataError, LoaderContext, check_batch
-from byolfast.pipeline.dali_format import write_shards
-from byolfast.pipeline import dali_loader
-from byolfast.pipeline import image_files
-from byolfast.pipeline.dali_loader import DaliTwoViewLoader, StreamHold, is_shard_folder
+from byolfast.pipeline.backends.dali.format import write_shards
+from byolfast.pipeline.backends.dali import loader as dali_loader
+from byolfast.pipeline.backends.dali import image_files
+from byolfast.pipeline.backends.dali.loader import DaliTwoViewLoader, StreamHold, is_shard_folder
 from byolfast.pipeline.device_augment import jitter_ranges
-from byolfast.pipeline.image_files import image_file_ok
+from byolfast.pipeline.backends.dali.image_files import image_file_ok
 from byolfast.pipeline.folder import scan_image_folder
 from byolfast.pipeline.sharding import epoch_permutation
 

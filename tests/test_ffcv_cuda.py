@@ -26,7 +26,7 @@ pytest.importorskip("ffcv")
 from byolfast.pipeline.config import AugmentConfig, DataConfig  # noqa: E402
 from byolfast.pipeline.contract import LoaderContext  # noqa: E402
 from byolfast.pipeline.device_augment import BatchedViewAugment  # noqa: E402
-from byolfast.pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
+from byolfast.pipeline.backends.ffcv.loader import FfcvTwoViewLoader  # noqa: E402
 from byolfast.pipeline.sharding import mix_seed, rank_seed  # noqa: E402
 
 SIZE = 32

@@ -33,12 +33,12 @@ from ffcv.pipeline.graph import DecoderNode  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.writer import DatasetWriter  # noqa: E402
 
-from byolfast.pipeline import ffcv_format  # noqa: E402
+from byolfast.pipeline.backends.ffcv import format as ffcv_format  # noqa: E402
 from byolfast.pipeline.config import DataConfig  # noqa: E402
 from byolfast.pipeline.contract import DataError, LoaderContext, check_batch  # noqa: E402
 from byolfast.pipeline.storage import shard_order  # noqa: E402
-from byolfast.pipeline.ffcv_decode import crop_flip_params, view_seed  # noqa: E402
-from byolfast.pipeline.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
+from byolfast.pipeline.backends.ffcv.decode import crop_flip_params, view_seed  # noqa: E402
+from byolfast.pipeline.backends.ffcv.loader import FfcvTwoViewLoader  # noqa: E402
 from byolfast.pipeline.sharding import num_batches, rank_indices  # noqa: E402
 
 NUM_IMAGES = 48
@@ -354,11 +354,11 @@ def test_quasi_random_batches_mix_classes(tmp_path: Path, ctx: LoaderContext, mo
             assert sorted(order.tolist()) == list(range(n))   # global indices, each once
         return _classes_per_batch(np.concatenate(orders) // per_class), stored
 
-    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.ffcv_loader"):
+    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.backends.ffcv.loader"):
         shuffled, stored = classes_per_batch(tmp_path / "shuffled")
     assert stored.tolist() == shard_order(n).tolist() and "class order" not in caplog.text
     monkeypatch.setattr(ffcv_format, "shard_order", np.arange)   # the layout of an earlier convert
-    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.ffcv_loader"):
+    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.backends.ffcv.loader"):
         class_ordered, stored = classes_per_batch(tmp_path / "class_ordered")
     assert stored.tolist() == list(range(n)) and "class order" in caplog.text
     uniform = num_classes * (1 - (1 - 1 / num_classes) ** BATCH)   # expected classes in a uniform batch: 7.13
@@ -425,7 +425,7 @@ def test_upsampling_warns_and_torch_threads_are_kept(tmp_path: Path, caplog: pyt
     threads = torch.get_num_threads()
     torch.set_num_threads(3)  # FFCV would set torch's thread count to its worker count (2)
     try:
-        with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.ffcv_loader"):
+        with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.backends.ffcv.loader"):
             ld = FfcvTwoViewLoader(DataConfig(backend="ffcv", path=str(mixed), image_size=MAX_SIDE - 8,
                                               num_workers=2), LoaderContext(batch_size=BATCH))
             ld.close()

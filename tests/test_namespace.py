@@ -61,3 +61,39 @@ def test_layers_pipeline_and_model_stand_alone_train_composes_them() -> None:
     assert _imports("model") == set()
     assert _imports("train") <= {"pipeline", "model"}
     assert _imports("benchmarks") <= {"pipeline", "model", "train"}
+
+
+def _module_imports(folder: Path) -> dict[str, set[str]]:
+    """Per file under `folder`: the absolute module names it imports (`from a.b import c` counts as `a.b.c` too, so a
+    sub-module imported by name is seen), lazy imports inside functions included."""
+    found = {}
+    for path in folder.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_backends_import_neither_each_other_nor_the_conversion() -> None:
+    backends = sorted(p.name for p in (ROOT / "pipeline" / "backends").iterdir() if (p / "__init__.py").is_file())
+    assert {"dali", "ffcv", "torch", "synthetic"} <= set(backends)
+    for name in backends:
+        for path, names in _module_imports(ROOT / "pipeline" / "backends" / name).items():
+            for other in backends:
+                if other != name:
+                    prefix = f"byolfast.pipeline.backends.{other}"
+                    assert not any(n == prefix or n.startswith(prefix + ".") for n in names), \
+                        f"{path} imports the {other} backend: share code through a module below both"
+            assert not any(n.split(".")[:3] == ["byolfast", "pipeline", "convert"] for n in names), \
+                f"{path} imports pipeline.convert: what a backend and the conversion share goes below both"
+
+
+def test_the_conversion_reaches_the_formats_only_through_the_registry() -> None:
+    for path, names in _module_imports(ROOT / "pipeline" / "convert").items():
+        backends = [n for n in names if n.startswith("byolfast.pipeline.backends.")]
+        assert not backends, f"{path} imports {backends}: it writes each format through its `Writer`"

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from skimage import data
 
-import byolfast.pipeline.torch_loader as torch_loader
+from byolfast.pipeline.backends.torch import loader as torch_loader
 from byolfast.pipeline.config import DataConfig, ViewSpec
 from byolfast.pipeline.contract import DataError, LoaderContext, check_batch
 from byolfast.pipeline.sharding import epoch_permutation, sample_seed
-from byolfast.pipeline.synthetic import SyntheticTwoViewLoader
-from byolfast.pipeline.torch_loader import TorchTwoViewLoader, build_view_transform, load_rgb
+from byolfast.pipeline.backends.synthetic.loader import SyntheticTwoViewLoader
+from byolfast.pipeline.backends.torch.loader import TorchTwoViewLoader, build_view_transform, load_rgb
 
 SIZE = 32
 PHOTOS = {"astronaut": data.astronaut, "cat": data.chelsea, "coffee": data.coffee}
@@ -188,7 +188,7 @@ def test_bad_images_are_substituted_counted_and_logged_once(tmp_path, caplog):
     files = _write_bad_tree(tmp_path)
     ctx = LoaderContext(batch_size=17, seed=0)  # one batch: the whole tree each epoch
     loader = TorchTwoViewLoader(_cfg(tmp_path, max_bad_fraction=0.5), ctx)
-    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.torch_loader"):
+    with caplog.at_level(logging.WARNING, logger="byolfast.pipeline.backends.torch.loader"):
         for epoch in range(2):
             loader.set_epoch(epoch)
             (batch,) = list(loader)

@@ -98,7 +98,7 @@ def _export(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from byolfast.pipeline.convert import convert_dataset
 
-    formats = ("ffcv", "dali") if args.format == "both" else (args.format,)
+    formats = () if args.format in ("all", "both") else (args.format,)   # (): every format
     report = convert_dataset(args.src, args.out, formats, file_list=args.file_list, workers=args.workers,
                              max_side=args.max_side, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
                              ffcv_write_mode=args.write_mode, overwrite=args.overwrite)
@@ -129,6 +129,8 @@ def _forward(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from byolfast.pipeline import registry
+
     p = argparse.ArgumentParser(prog="byol", description="Fast, faithful BYOL pretraining.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -157,16 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.set_defaults(func=_export)
 
-    c = sub.add_parser("convert", help="ImageNet-style folder -> FFCV .beton and DALI webdataset shards")
+    formats = registry.formats()
+    c = sub.add_parser("convert", help=f"ImageNet-style folder -> the formats of {', '.join(formats)}")
     c.add_argument("src", help="ImageFolder tree (root/<class>/<image>, or root/train/<class>/...)")
     c.add_argument("out", help="output folder")
-    c.add_argument("--format", choices=("ffcv", "dali", "both"), default="both")
+    c.add_argument("--format", choices=(*formats, "all", "both"), default="all",
+                   help="one format, or all of them (`both`: the same, its name from when there were two)")
     c.add_argument("--file-list", help="text file of 'relative/path label' lines instead of class folders")
     c.add_argument("--workers", type=int, default=0, help="worker processes (0: all cores)")
     c.add_argument("--max-side", type=int, default=256, help="longer side after resizing (0: keep)")
     c.add_argument("--jpeg-quality", type=int, default=90)
     c.add_argument("--shard-size", type=int, default=1000, help="images per DALI shard")
-    c.add_argument("--write-mode", default="jpg", choices=("jpg", "raw", "smart", "proportion"),
+    c.add_argument("--write-mode", default="jpg", choices=("jpg", "raw", "smart"),
                    help="FFCV image storage")
     c.add_argument("--overwrite", action="store_true", help="rebuild outputs that are already complete")
     c.set_defaults(func=_convert)

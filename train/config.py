@@ -294,21 +294,18 @@ def validate_eval(e: EvalConfig, prefix: str = "eval.") -> None:
 def validate(cfg: Config) -> None:
     """Reject values out of range, naming the key and the allowed range."""
     from byolfast.model.resnet import RESNETS
-    from byolfast.pipeline import LOADERS
+    from byolfast.pipeline.registry import BACKENDS
 
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
-    _check(d.backend in LOADERS, "data.backend", f"one of {', '.join(LOADERS)}", d.backend)
+    _check(d.backend in BACKENDS, "data.backend", f"one of {', '.join(BACKENDS)}", d.backend)
     _check(d.image_size >= 8, "data.image_size", ">= 8 pixels", d.image_size)
     _check(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
     _check(d.synthetic_size >= 1, "data.synthetic_size", ">= 1", d.synthetic_size)
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a fraction in [0, 1]", d.max_bad_fraction)
-    _check(d.dali.decoder in ("mixed", "cpu"), "data.dali.decoder", "mixed or cpu", d.dali.decoder)
-    _check(d.dali.num_threads >= 1, "data.dali.num_threads", ">= 1", d.dali.num_threads)
-    _check(0.0 <= d.dali.hw_decoder_load <= 1.0, "data.dali.hw_decoder_load", "[0, 1]", d.dali.hw_decoder_load)
-    _check(d.dali.prefetch_queue_depth >= 1, "data.dali.prefetch_queue_depth", ">= 1", d.dali.prefetch_queue_depth)
-    _check(d.ffcv.batches_ahead >= 1, "data.ffcv.batches_ahead", ">= 1", d.ffcv.batches_ahead)
-    _check(d.ffcv.order in ("random", "quasi_random", "sequential"), "data.ffcv.order",
-           "random, quasi_random or sequential", d.ffcv.order)
+    for backend in BACKENDS.values():   # each backend's section checks its own ranges
+        if backend.settings is not None:
+            for key, allowed, value in getattr(d, backend.name).problems():
+                _check(False, f"data.{backend.name}.{key}", allowed, value)
     for name in ("view1", "view2"):
         v = getattr(d.augment, name)
         k = f"data.augment.{name}"

@@ -1,9 +1,9 @@
 """The DALI two-view loader: read, decode once, draw BYOL's two views with per-sample randomness, hand them to torch.
 
 Sources:
-  - a shard folder (`manifest.json`, see `pipeline.dali_format`): `fn.readers.webdataset`, each rank reading its own
-    contiguous share of the samples (DALI's `shard_id` / `num_shards`) through a shuffle buffer; the order of the
-    tars is permuted per epoch with the same seed on every rank, so the shares stay disjoint and change every epoch;
+  - a shard folder (`manifest.json`, see `pipeline.backends.dali.format`): `fn.readers.webdataset`, each rank reading
+    its own contiguous share of the samples (DALI's `shard_id` / `num_shards`) through a shuffle buffer; the order of
+    the tars is permuted per epoch with the same seed on every rank, so the shares stay disjoint and change every epoch;
   - an ImageFolder tree: `fn.readers.file` over this rank's list of the epoch (`pipeline.sharding.rank_indices`, the
     same order as the torch backend). The reader's label is the sample's index; the class comes from a table on the
     torch side, so `Batch.index` is exact.
@@ -26,12 +26,12 @@ Decoding once is the default because the crop decoder saved nothing where it was
 window. On a GPU the choice is not measured yet; `byol bench --what loader data.dali.random_crop_decoder=true` measures
 it, and the numbers live in `benchmarks/results/`.
 
-Bad data: shards were validated by `byol convert`. A folder is checked at start (`pipeline.image_files`) for empty
-files, unknown signatures and JPEG/PNG files without their end marker (cut short); those are left out and counted
-(`stats()["bad_images"]`), and above `data.max_bad_fraction` the loader refuses to start. A file that passes the
+Bad data: shards were validated by `byol convert`. A folder is checked at start (`pipeline.backends.dali.image_files`)
+for empty files, unknown signatures and JPEG/PNG files without their end marker (cut short); those are left out and
+counted (`stats()["bad_images"]`), and above `data.max_bad_fraction` the loader refuses to start. A file that passes the
 check but whose compressed data is corrupt still stops DALI mid-epoch: that surfaces as a DataError carrying DALI's
-message (which names the file when the decoder knows it); convert the folder with `byol convert` to validate every
-image by decoding it.
+message (which names the file when the decoder knows it); convert the folder with `byol convert` to validate every image
+by decoding it.
 """
 from __future__ import annotations
 
@@ -53,12 +53,12 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from byolfast.pipeline.augment_spec import DRAWS
 from byolfast.pipeline.config import AugmentConfig, DataConfig
 from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from byolfast.pipeline.convert_report import skipped_at_convert
+from byolfast.pipeline.storage import skipped_at_convert
 from byolfast.pipeline.dali_augment import augment_view, crop_window, decode_window, resize_window
-from byolfast.pipeline.dali_format import MANIFEST, load_manifest
+from byolfast.pipeline.backends.dali.format import MANIFEST, load_manifest
 from byolfast.pipeline.storage import ORDER
 from byolfast.pipeline.folder import scan_image_folder
-from byolfast.pipeline.image_files import check_image_files
+from byolfast.pipeline.backends.dali.image_files import check_image_files
 from byolfast.pipeline.sharding import num_batches, rank_indices
 
 logger = logging.getLogger(__name__)

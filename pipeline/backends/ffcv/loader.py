@@ -23,11 +23,11 @@ Where this departs from stock FFCV 1.0.2, and why:
     `order=quasi_random` (page-wise reads, for datasets larger than RAM with `os_cache=False`) instead gives each rank
     a fixed round-robin shard of the beton's positions and lets FFCV's `QuasiRandom` order it per epoch (seeded by
     `seed`); it mixes the classes only as well as the pages do, hence the shuffled storage of `byol convert`.
-  - Storage order. `byol convert` stores the samples in a fixed shuffled order (see `pipeline.ffcv_format`), with
-    each sample's global index in the `index` field. Orders are computed over global indices (the same permutation as
-    the other backends; `sequential` is the dataset order, read all over the file) and mapped to beton positions for
-    FFCV; `Batch.index`, `epoch_order` and the crop seeds are global indices. A beton without an `index` field is
-    taken to be in index order.
+  - Storage order. `byol convert` stores the samples in a fixed shuffled order (see `pipeline.backends.ffcv.format`),
+    with each sample's global index in the `index` field. Orders are computed over global indices (the same permutation
+    as the other backends; `sequential` is the dataset order, read all over the file) and mapped to beton positions for
+    FFCV; `Batch.index`, `epoch_order` and the crop seeds are global indices. A beton without an `index` field is taken
+    to be in index order.
   - Interpolation. FFCV 1.0.2 resizes every crop with OpenCV's `INTER_AREA` (hard-coded in its C library), not
     torchvision's bicubic. Downscaling, INTER_AREA is box averaging, within about 1-1.5 grey levels (mean abs) of
     PIL's antialiased bicubic on photographs. Upscaling, INTER_AREA is nearest-neighbour-like (exactly nearest at
@@ -54,10 +54,10 @@ import torch
 
 from byolfast.pipeline.config import DataConfig
 from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from byolfast.pipeline.convert_report import skipped_at_convert
-from byolfast.pipeline.ffcv_decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf, allocate_once,
-                                           keep_torch_threads, view_seed)
-from byolfast.pipeline.ffcv_format import load_beton_meta, stored_in_class_order, stored_indices
+from byolfast.pipeline.storage import skipped_at_convert
+from byolfast.pipeline.backends.ffcv.decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf,
+                                                     allocate_once, keep_torch_threads, view_seed)
+from byolfast.pipeline.backends.ffcv.format import load_beton_meta, stored_in_class_order, stored_indices
 from byolfast.pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
@@ -108,7 +108,7 @@ def check_beton(path: Path) -> Reader:
     """Open a beton after checking that its header, field table, metadata and allocation table fit in the file.
 
     FFCV's own reader trusts the file: a truncated or foreign file gives an IndexError, garbage or a crash in compiled
-    code. The structural checks are `ffcv_format.load_beton_meta`'s (also used by `byol convert`); this adds what
+    code. The structural checks are `format.load_beton_meta`'s (also used by `byol convert`); this adds what
     needs FFCV itself: known field types and a metadata block that ends before the allocation table.
 
     Raises:
@@ -218,7 +218,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self._jpeg_fraction = float((images["mode"] == IMAGE_MODES["jpg"]).mean())
         self._check_image_size(images, cfg.image_size)
         self._has_index = "index" in reader.handlers
-        # position -> global index (see `ffcv_format`), and back
+        # position -> global index (see `format`), and back
         self._index_of = (stored_indices(_field_metadata(reader, "index"), self.path) if self._has_index
                           else np.arange(self._num_samples, dtype=np.int64))
         self._position_of = np.empty_like(self._index_of)

@@ -33,7 +33,7 @@ from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewL
 from byolfast.pipeline.device_augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, add_brightness, adjust_hue,
                                               blur_kernel_size, channel_contrast, hsv_saturation, jitter_ranges)
 from byolfast.pipeline.folder import scan_image_folder
-from byolfast.pipeline.image_normalise import exif_orientation, upright_rgb
+from byolfast.pipeline.rgb import exif_orientation, upright_rgb
 from byolfast.pipeline.sharding import num_batches, rank_indices, sample_seed
 
 logger = logging.getLogger(__name__)

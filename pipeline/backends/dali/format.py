@@ -268,3 +268,40 @@ def load_manifest(path: str | os.PathLike, verify: bool = False) -> dict:
     manifest["tar_paths"] = [str((folder / s["tar"]).resolve()) for s in shards]
     manifest["index_paths"] = [str((folder / s["index"]).resolve()) for s in shards]
     return manifest
+
+
+# --- `byol convert`'s writer (the `Writer` of this backend's record) ------------------------------------------------
+def convert_settings(base: dict, options: dict) -> dict:
+    """The settings recorded in the manifest: convert's shared ones, the shard size and the sample order."""
+    return {**base, "shard_size": options["shard_size"], "order": ORDER}
+
+
+def complete_output(folder: Path, settings: dict) -> dict | None:
+    """The output record of a finished shard folder made with `settings`; None if unfinished or damaged (it is then
+    rewritten where damaged); DataError if it was made from another source or with other settings."""
+    try:
+        with open(folder / MANIFEST, encoding="utf-8") as f:
+            old = json.load(f).get("settings")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if old != settings:
+        raise DataError(f"{folder} was made from another source or with other settings ({old} vs "
+                        f"{settings}): pass overwrite=True (`--overwrite`) or choose another output folder")
+    try:
+        manifest = load_manifest(folder)
+    except DataError as e:
+        logger.warning("%s; rewriting what is damaged", e)
+        return None
+    return {"status": "complete", "path": manifest["dir"], "num_samples": manifest["num_samples"],
+            "num_shards": len(manifest["shards"]), "bytes": sum(s["bytes"] for s in manifest["shards"])}
+
+
+def write_output(folder: Path, refs: Sequence[SampleRef], classes: Sequence[str], settings: dict, job) -> dict:
+    """Write the shards with convert's worker pool (`job.pool`, one shard per task); the output record."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(refs), desc="dali", unit="img", disable=not job.progress) as bar:
+        manifest, resumed = write_shards(folder, refs, classes, settings["shard_size"], settings,
+                                         job.pool.imap_unordered, bar.update)
+    return {"status": "resumed" if resumed else "written", "path": str(folder), "num_samples": len(refs),
+            "num_shards": len(manifest["shards"]), "bytes": sum(s["bytes"] for s in manifest["shards"])}

@@ -291,3 +291,29 @@ def load_beton_meta(path: str | os.PathLike) -> dict:
             raise DataError(f"{path.parent / CLASSES}: unreadable class list ({e}); {redo}") from None
     return {"path": str(path), "num_samples": num_samples, "fields": names, "page_size": int(header["page_size"]),
             "bytes": size, "classes": classes}
+
+
+# --- `byol convert`'s writer (the `Writer` of this backend's record) ------------------------------------------------
+def convert_settings(base: dict, options: dict) -> dict:
+    """The settings recorded in `meta.json`: convert's shared ones, FFCV's write mode and the sample order."""
+    mode = options["ffcv_write_mode"]
+    if mode not in WRITE_MODES:
+        raise DataError(f"ffcv_write_mode {mode!r}: choose one of {', '.join(WRITE_MODES)}")
+    return {**base, "write_mode": mode, "order": ORDER}
+
+
+def complete_output(folder: Path, settings: dict) -> dict | None:
+    """The output record of a whole beton made with `settings`; None if missing or damaged; DataError if made
+    otherwise (`beton_is_complete`)."""
+    if not beton_is_complete(folder, settings):
+        return None
+    meta = load_beton_meta(folder / BETON)
+    return {"status": "complete", "path": meta["path"], "num_samples": meta["num_samples"], "bytes": meta["bytes"]}
+
+
+def write_output(folder: Path, refs: Sequence[SampleRef], classes: Sequence[str], settings: dict, job) -> dict:
+    """Write the beton with FFCV's own writer processes (after convert's pool has closed); the output record."""
+    meta = write_beton(folder, refs, classes, max_side=settings["max_side"], jpeg_quality=settings["jpeg_quality"],
+                       write_mode=settings["write_mode"], workers=job.workers, max_image_bytes=job.max_image_bytes,
+                       total_bytes=job.total_bytes, settings=settings, progress=job.progress)
+    return {"status": "written", "path": meta["path"], "num_samples": meta["num_samples"], "bytes": meta["bytes"]}

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byolfast.pipeline import convert as convert_mod
+from byolfast.pipeline.convert import dataset as convert_mod
 from byolfast.pipeline import storage
 from byolfast.pipeline.backends.dali import format as dali_format
 from byolfast.pipeline.backends.ffcv import format as ffcv_format
 from byolfast.pipeline.contract import DataError
 from byolfast.pipeline.convert import convert_dataset
 from byolfast.pipeline.storage import skipped_at_convert
-from byolfast.pipeline.image_normalise import SkipImage, normalise_file
+from byolfast.pipeline.convert.normalise import SkipImage, normalise_file
 from byolfast.pipeline.backends.dali.format import load_manifest
 from byolfast.pipeline.backends.ffcv.format import load_beton_meta
 

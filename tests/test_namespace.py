@@ -79,21 +79,29 @@ def _module_imports(folder: Path) -> dict[str, set[str]]:
     return found
 
 
+def _backend_packages() -> list[str]:
+    return sorted(p.name for p in (ROOT / "pipeline" / "backends").iterdir() if (p / "__init__.py").is_file())
+
+
+def _imports_backend(names: set[str], backend: str) -> bool:
+    prefix = f"byolfast.pipeline.backends.{backend}"
+    return any(n == prefix or n.startswith(prefix + ".") for n in names)
+
+
 def test_backends_import_neither_each_other_nor_the_conversion() -> None:
-    backends = sorted(p.name for p in (ROOT / "pipeline" / "backends").iterdir() if (p / "__init__.py").is_file())
+    backends = _backend_packages()
     assert {"dali", "ffcv", "torch", "synthetic"} <= set(backends)
     for name in backends:
         for path, names in _module_imports(ROOT / "pipeline" / "backends" / name).items():
             for other in backends:
-                if other != name:
-                    prefix = f"byolfast.pipeline.backends.{other}"
-                    assert not any(n == prefix or n.startswith(prefix + ".") for n in names), \
-                        f"{path} imports the {other} backend: share code through a module below both"
+                assert other == name or not _imports_backend(names, other), \
+                    f"{path} imports the {other} backend: share code through a module below both"
             assert not any(n.split(".")[:3] == ["byolfast", "pipeline", "convert"] for n in names), \
                 f"{path} imports pipeline.convert: what a backend and the conversion share goes below both"
 
 
 def test_the_conversion_reaches_the_formats_only_through_the_registry() -> None:
+    assert (ROOT / "pipeline" / "convert" / "__init__.py").is_file()
     for path, names in _module_imports(ROOT / "pipeline" / "convert").items():
-        backends = [n for n in names if n.startswith("byolfast.pipeline.backends.")]
-        assert not backends, f"{path} imports {backends}: it writes each format through its `Writer`"
+        used = [b for b in _backend_packages() if _imports_backend(names, b)]
+        assert not used, f"{path} imports the {used} backend(s): it writes each format through its `Writer`"

@@ -3,7 +3,7 @@
 Three steps, each in parallel worker processes:
   1. check + normalise (chunks of samples per task): every image is decoded with PIL. What cannot be decoded is
      skipped and reported with its reason (missing, empty, not an image, corrupt/truncated, smaller than
-     `image_normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`,
+     `normalise.MIN_SIDE` px, or "huge": above PIL's decompression-bomb limit of 2 x `Image.MAX_IMAGE_PIXELS`,
      ~179 MP by default). Images between 1x and 2x that limit are decoded (JPEGs at reduced scale straight away) and
      downscaled. A baseline or progressive 8-bit RGB JPEG with no EXIF rotation and no side over `max_side` is kept byte
      for byte; anything else (PNG and other formats, CMYK, grayscale, palette, 16-bit, alpha (dropped, as torchvision's
@@ -41,9 +41,9 @@ from tqdm import tqdm
 from byolfast.pipeline import storage
 from byolfast.pipeline.backends import WriteJob
 from byolfast.pipeline.contract import DataError
-from byolfast.pipeline.convert_report import REPORT, ConvertReport, other_outputs, previous_report
+from byolfast.pipeline.convert.report import REPORT, ConvertReport, other_outputs, previous_report
 from byolfast.pipeline.folder import scan_image_folder
-from byolfast.pipeline.image_normalise import SkipImage, normalise_file
+from byolfast.pipeline.convert.normalise import SkipImage, normalise_file
 from byolfast.pipeline.registry import BACKENDS, formats as writable_formats
 from byolfast.pipeline.storage import SampleRef, write_json_atomic
 

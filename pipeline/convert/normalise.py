@@ -1,6 +1,7 @@
 """One image brought to what every loader decodes: an 8-bit RGB baseline/progressive JPEG no larger than `max_side`.
 
-Used by `byol convert` (`pipeline.convert`) in its worker processes; the rules are in that module's docstring.
+Used by `byol convert` (`pipeline.convert.dataset`) in its worker processes; the rules are in that module's
+docstring.
 """
 from __future__ import annotations
 

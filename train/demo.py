@@ -38,8 +38,8 @@ def _run(cfg) -> tuple[dict, Trainer]:
     return summary, trainer
 
 
-def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Loss and collapse_std against the step for each run (PNG)."""
+def plot_curves(histories: dict[str, list[dict]], path: Path, knn_random: float | None = None) -> None:
+    """Loss and collapse_std against the step for each run, and the kNN curve against the random network's (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,7 +58,9 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
     axes[1].set(title="collapse monitor", xlabel="step", ylabel="std of normalised projection x sqrt(d)")
     axes[1].axhline(0, color="grey", lw=0.5)
     if len(axes) > 2:
-        axes[2].set(title="kNN top-1 (held-out)", xlabel="step")
+        if knn_random is not None:
+            axes[2].axhline(knn_random, color="grey", ls="--", label="random init")
+        axes[2].set(title="kNN top-1 (held-out)", xlabel="step", ylim=(0, None))
     for ax in axes:
         ax.legend()
     fig.tight_layout()
@@ -139,8 +141,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: Optional[str] 
     n_classes = sum(1 for p in (scenes / "val").iterdir() if p.is_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "summary.json", summary)
-    plot_curves({"BYOL": trainer.state.history, "no predictor (ablation)": abl_trainer.state.history},
-                out_dir / "curves.png")
+    plot_curves({"BYOL": [{"step": 0, "knn_top1": knn_start["knn_top1"]}, *trainer.state.history],
+                 "no predictor (ablation)": abl_trainer.state.history}, out_dir / "curves.png", knn_random["knn_top1"])
     lines = [
         "byolfast demo summary",
         f"  pretraining speed      {summary['images_per_sec']:.1f} images/sec ({summary['device']})",

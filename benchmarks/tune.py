@@ -23,6 +23,7 @@ import yaml
 
 from byolfast.benchmarks import common
 from byolfast.benchmarks.tune_search import Tuner, data_backends, get, knobs, label
+from byolfast.pipeline.registry import formats
 from byolfast.pipeline.storage import write_bytes_atomic
 
 
@@ -61,9 +62,10 @@ def verdict(tuner: Tuner, preset: dict, winner: dict, backends: Sequence[str], t
         if first and winner.get(first[0].key, 0) >= tuner.cores:
             tips.append(f"more cores: the {backend} loader already runs {first[0].key}={winner[first[0].key]} on "
                         f"{tuner.cores} cores")
-        if "ffcv" not in backends:
-            tips.append("another backend: `byol convert` the images (at a max side near the view size) to try ffcv, "
-                        "which reads a .beton, and DALI's shards")
+        unconverted = [f for f in formats() if f not in backends]   # formats this data is not in yet
+        if unconverted:
+            tips.append(f"another backend: `byol convert` the images (at a max side near the view size) to try the "
+                        f"formats of {' and '.join(unconverted)}")
     return lines + ["What would move it further:"] + [f"  {i}. {tip}" for i, tip in enumerate(tips, 1)]
 
 

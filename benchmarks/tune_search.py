@@ -22,12 +22,13 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from byolfast.benchmarks import common
+from byolfast.pipeline.backends import Knob
+from byolfast.pipeline.registry import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ LOADER_SHARE = 0.06         # the longest loader trial (at least MIN_LOADER_S)
 MIN_LOADER_S = 3.0
 RESERVE_SHARE = 0.04        # kept for writing the results and closing the loaders (at least 1 s)
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-FIRST_START_S = {"ffcv": 30.0, "dali": 5.0}   # extra for a backend's first loader in the process (numba, graph build)
 
 
 class TrialTimeout(Exception):
@@ -95,33 +95,12 @@ def cap_deferred() -> Iterator[None]:
 
 
 # --- what is searched ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Knob:
-    """One setting: its config key, the candidate values, whether they are ordered numbers (climbed) or choices
-    (each tried), and `when` = (key, value) that must hold for the knob to matter."""
-
-    key: str
-    values: tuple
-    numeric: bool = False
-    when: Optional[tuple[str, Any]] = None
-
-
 def knobs(backend: str, device_type: str, cores: int) -> list[Knob]:
-    """The settings that matter for `backend`, parallelism first."""
+    """The settings that matter for `backend` (its record's `knobs`), parallelism first, on a ladder up to twice
+    the cores."""
     ladder = tuple(sorted({v for v in LADDER if v <= 2 * cores} | {cores}))
-    gpu = device_type == "cuda"
-    table = {
-        "torch": [Knob("data.num_workers", ladder, True)],   # not 0: loading in the training process never overlaps
-        "dali": [Knob("data.dali.num_threads", ladder, True)]
-        + ([Knob("data.dali.decoder", ("mixed", "cpu")),
-            Knob("data.dali.hw_decoder_load", (0.0, 0.25, 0.5, 0.65, 0.8, 1.0), True, ("data.dali.decoder", "mixed"))]
-           if gpu else [])
-        + [Knob("data.dali.random_crop_decoder", (False, True)),
-           Knob("data.dali.prefetch_queue_depth", (1, 2, 3, 4, 6), True)],
-        "ffcv": [Knob("data.num_workers", ladder, True), Knob("data.ffcv.batches_ahead", (1, 2, 3, 4, 6, 8), True),
-                 Knob("data.ffcv.os_cache", (True, False)), Knob("data.ffcv.order", ("random", "quasi_random"))],
-    }
-    return table.get(backend, [])
+    record = BACKENDS.get(backend)
+    return record.knobs(device_type, ladder) if record is not None else []
 
 
 def data_backends(path: str, backend: str) -> list[str]:
@@ -129,8 +108,8 @@ def data_backends(path: str, backend: str) -> list[str]:
     `byol convert` shards -> dali; an ImageFolder tree -> torch and dali. Packages not installed are left out."""
     import importlib.util
 
-    if backend == "synthetic":
-        return ["synthetic"]
+    if backend in BACKENDS and BACKENDS[backend].bench_path is None:   # reads no images: nothing to compare
+        return [backend]
     p = Path(path)
     found = []
     if p.suffix == ".beton" or any((p / rel).is_file() for rel in ("ffcv/train.beton", "train.beton")):
@@ -139,8 +118,7 @@ def data_backends(path: str, backend: str) -> list[str]:
         found.append("dali")
     elif not found and p.is_dir():
         found += ["torch", "dali"]
-    modules = {"dali": "nvidia.dali", "ffcv": "ffcv"}
-    found = [b for b in found if b not in modules or importlib.util.find_spec(modules[b]) is not None]
+    found = [b for b in found if all(importlib.util.find_spec(m) is not None for m in BACKENDS[b].requires)]
     return [backend] + [b for b in found if b != backend]
 
 
@@ -204,7 +182,7 @@ class Tuner:
                 return rec
         backend = settings.get("data.backend")
         if not any(r["settings"].get("data.backend") == backend for r in self.trials):
-            cap += FIRST_START_S.get(backend, 0.0)
+            cap += BACKENDS[backend].first_start_s if backend in BACKENDS else 0.0
         need = min(1.0, self.budget / 60) if kind == "loader" else self.e2e_needs()
         cap = min(max(cap, need), self.left())
         if cap < need:

@@ -1,6 +1,6 @@
 """One registry of backends: every record is whole, and a fifth backend registered in one place is seen everywhere
-that offers or switches on a backend (the loader factory, the config's validation, `byol convert`, `byol bench`, the
-profiler's advice)."""
+that offers or switches on a backend (the loader factory, the config's validation, `byol convert`, `byol bench`,
+`byol tune`'s knobs, the profiler's advice)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from byolfast.pipeline import BACKENDS, DataConfig, LoaderContext, build_two_view_loader
-from byolfast.pipeline.backends import Backend, Writer
+from byolfast.pipeline.backends import Backend, Knob, Writer
 from byolfast.pipeline.backends.dali.settings import DaliConfig
 from byolfast.pipeline.backends.synthetic.loader import SyntheticTwoViewLoader
 from byolfast.pipeline.contract import DataError
@@ -33,6 +33,15 @@ def test_every_backend_record_is_whole():
             assert all(callable(f) for f in (b.writer.settings, b.writer.complete, b.writer.write))
         tips = b.advice(dataclasses.replace(data, backend=name), "cuda", 64, {})
         assert isinstance(tips, list) and all(isinstance(t, str) for t in tips)
+        for device_type in ("cpu", "cuda"):   # every knob names a real setting, and the first is the parallelism
+            knobs = b.knobs(device_type, (1, 2, 4))
+            assert all(isinstance(k, Knob) and k.key.startswith("data.") for k in knobs)
+            for k in knobs:
+                section = data
+                for part in k.key.split(".")[1:]:
+                    section = getattr(section, part)
+            assert not knobs or knobs[0].values == (1, 2, 4)
+        assert isinstance(b.requires, tuple) and b.first_start_s >= 0
 
 
 def test_sections_check_themselves_and_the_config_names_the_key():
@@ -70,7 +79,8 @@ FAKE = Backend(name="fake", summary="a test's backend", loader=_fake_loader, set
                writer=Writer(settings=lambda base, options: {**base, "kind": "list"}, complete=_fake_complete,
                              write=_fake_write, uses_pool=False),
                bench_path=lambda converted: str(converted / "fake"),
-               advice=lambda cfg, device_type, cpu_count, stats: ["try the fake loader's own knob"])
+               advice=lambda cfg, device_type, cpu_count, stats: ["try the fake loader's own knob"],
+               knobs=lambda device_type, ladder: [Knob("data.num_workers", ladder, True)])
 
 
 @pytest.fixture()
@@ -94,9 +104,10 @@ def test_without_its_registry_line_the_backend_is_unknown():
         build_two_view_loader(DataConfig(backend="fake"), ctx)
 
 
-def test_a_fifth_backend_is_offered_by_the_cli_bench_and_profiler(fake, tmp_path):
+def test_a_fifth_backend_is_offered_by_the_cli_bench_tune_and_profiler(fake, tmp_path):
     from byolfast.benchmarks import bench, common
     from byolfast.benchmarks.report import RunFacts, input_advice
+    from byolfast.benchmarks.tune_search import knobs
     from byolfast.train.cli import build_parser
 
     args = build_parser().parse_args(["convert", "src", "out", "--format", "fake"])
@@ -105,6 +116,7 @@ def test_a_fifth_backend_is_offered_by_the_cli_bench_and_profiler(fake, tmp_path
     bench._resolve_args(bargs, torch.device("cpu"))   # raises ConfigError on an unknown backend
     assert bargs.backends == ["fake", "torch"]
     assert input_advice(RunFacts(data=DataConfig(backend="fake"))) == ["try the fake loader's own knob"]
+    assert [k.key for k in knobs("fake", "cpu", 2)] == ["data.num_workers"]   # what `byol tune` searches
 
     tree = tmp_path / "tree"
     for k in range(3):

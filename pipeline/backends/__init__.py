@@ -3,7 +3,8 @@
 A backend package holds its loader, and where it has them its on-disk format and its settings section; its
 `__init__` imports nothing heavy (DALI, FFCV, numba and the loader module are imported when a loader is built or a
 format written). `pipeline.registry.BACKENDS` lists the records: every place that offers or switches on a backend
-(the config's validation, `build_two_view_loader`, `byol convert`, `byol bench`, the profiler's advice) reads them.
+(the config's validation, `build_two_view_loader`, `byol convert`, `byol bench`, `byol tune`, the profiler's advice)
+reads them.
 A backend imports the shared modules below it (contract, config, storage, sharding, the augmentation engines),
 never another backend and never `pipeline.convert`.
 """
@@ -17,6 +18,17 @@ if TYPE_CHECKING:
     from byolfast.pipeline.config import DataConfig
     from byolfast.pipeline.contract import LoaderContext, TwoViewLoader
     from byolfast.pipeline.storage import SampleRef
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting `byol tune` searches: its config key, the candidate values, whether they are ordered numbers
+    (climbed) or choices (each tried), and `when` = (key, value) that must hold for the knob to matter."""
+
+    key: str
+    values: tuple
+    numeric: bool = False
+    when: Optional[tuple[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,11 @@ class Backend:
             has no writer, else the folder `byol convert` wrote them to; None for a backend that reads no images.
         advice: (data config, device type, CPU cores, the loader's `stats()`) -> what would make this loader
             faster, for the profiler's report (settings named as `section.key=value`).
+        knobs: (device type, the ladder of parallelism values) -> the settings that matter for its speed, parallelism
+            first, for `byol tune`.
+        requires: modules that must import for the backend to run (`byol tune` leaves it out where one is missing).
+        first_start_s: extra seconds its first loader in a process may take (numba compilation, graph build), which
+            `byol tune` adds to that trial's time limit.
     """
 
     name: str
@@ -84,6 +101,9 @@ class Backend:
     writer: Optional[Writer]
     bench_path: Optional[Callable[[Path], str]]
     advice: Callable[["DataConfig", str, int, dict], list[str]]
+    knobs: Callable[[str, tuple], list[Knob]]
+    requires: tuple[str, ...] = ()
+    first_start_s: float = 0.0
 
 
-__all__ = ["Backend", "WriteJob", "Writer"]
+__all__ = ["Backend", "Knob", "WriteJob", "Writer"]

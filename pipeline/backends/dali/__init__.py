@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from byolfast.pipeline.backends import Backend, Writer
+from byolfast.pipeline.backends import Backend, Knob, Writer
 from byolfast.pipeline.backends.dali import format as shard_format
 from byolfast.pipeline.backends.dali.settings import DaliConfig
 
@@ -28,6 +28,14 @@ def _advice(cfg, device_type: str, cpu_count: int, stats: dict) -> list[str]:
     return tips
 
 
+def _knobs(device_type: str, ladder: tuple) -> list[Knob]:
+    gpu = [Knob("data.dali.decoder", ("mixed", "cpu")),
+           Knob("data.dali.hw_decoder_load", (0.0, 0.25, 0.5, 0.65, 0.8, 1.0), True, ("data.dali.decoder", "mixed"))]
+    return [Knob("data.dali.num_threads", ladder, True), *(gpu if device_type == "cuda" else []),
+            Knob("data.dali.random_crop_decoder", (False, True)),
+            Knob("data.dali.prefetch_queue_depth", (1, 2, 3, 4, 6), True)]
+
+
 def _bench_path(converted: Path) -> str:
     return str(converted / "dali")
 
@@ -37,4 +45,4 @@ BACKEND = Backend(
     loader=_loader, settings=DaliConfig,
     writer=Writer(settings=shard_format.convert_settings, complete=shard_format.complete_output,
                   write=shard_format.write_output, uses_pool=True),
-    bench_path=_bench_path, advice=_advice)
+    bench_path=_bench_path, advice=_advice, knobs=_knobs, requires=("nvidia.dali",), first_start_s=5.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from byolfast.pipeline.backends import Backend, Writer
+from byolfast.pipeline.backends import Backend, Knob, Writer
 from byolfast.pipeline.backends.ffcv import format as beton_format
 from byolfast.pipeline.backends.ffcv.settings import FfcvConfig
 
@@ -25,6 +25,11 @@ def _advice(cfg, device_type: str, cpu_count: int, stats: dict) -> list[str]:
     return tips
 
 
+def _knobs(device_type: str, ladder: tuple) -> list[Knob]:
+    return [Knob("data.num_workers", ladder, True), Knob("data.ffcv.batches_ahead", (1, 2, 3, 4, 6, 8), True),
+            Knob("data.ffcv.os_cache", (True, False)), Knob("data.ffcv.order", ("random", "quasi_random"))]
+
+
 def _bench_path(converted: Path) -> str:
     return str(converted)   # the loader finds `ffcv/train.beton` below it
 
@@ -34,4 +39,4 @@ BACKEND = Backend(
     loader=_loader, settings=FfcvConfig,
     writer=Writer(settings=beton_format.convert_settings, complete=beton_format.complete_output,
                   write=beton_format.write_output, uses_pool=False),
-    bench_path=_bench_path, advice=_advice)
+    bench_path=_bench_path, advice=_advice, knobs=_knobs, requires=("ffcv",), first_start_s=30.0)

@@ -16,4 +16,5 @@ def _advice(cfg, device_type: str, cpu_count: int, stats: dict) -> list[str]:
 
 BACKEND = Backend(
     name="synthetic", summary="no data: random views made on the device, to time the model alone",
-    loader=_loader, settings=None, writer=None, bench_path=None, advice=_advice)
+    loader=_loader, settings=None, writer=None, bench_path=None, advice=_advice,
+    knobs=lambda device_type, ladder: [])   # nothing to tune

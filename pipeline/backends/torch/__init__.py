@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from byolfast.pipeline.backends import Backend
+from byolfast.pipeline.backends import Backend, Knob
 
 
 def _loader(cfg, ctx):
@@ -20,10 +20,14 @@ def _advice(cfg, device_type: str, cpu_count: int, stats: dict) -> list[str]:
     return tips
 
 
+def _knobs(device_type: str, ladder: tuple) -> list[Knob]:
+    return [Knob("data.num_workers", ladder, True)]   # not 0: loading in the training process never overlaps
+
+
 def _bench_path(folder: Path) -> str:
     return str(folder)
 
 
 BACKEND = Backend(
     name="torch", summary="torchvision: an ImageFolder tree through PIL in DataLoader workers (the reference)",
-    loader=_loader, settings=None, writer=None, bench_path=_bench_path, advice=_advice)
+    loader=_loader, settings=None, writer=None, bench_path=_bench_path, advice=_advice, knobs=_knobs)

@@ -226,3 +226,55 @@ def config_differences(saved: dict, current: dict, allowed: Iterable[str] = ()) 
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: checkpoint {a.get(key)!r} -> now {b.get(key)!r}")
     return diffs
+
+
+def find_resume_point(where: str, run_dir: Path) -> tuple[Path, dict] | None:
+    """`where` (`auto`: the newest valid checkpoint in `run_dir`, None when there is none) as (path, state)."""
+    if where == "auto":
+        return latest_valid_checkpoint(run_dir)
+    return Path(where), load_checkpoint(where)
+
+
+def check_resumable(state: dict, path: Path, config: dict, allowed: Iterable[str], steps_per_epoch: int) -> None:
+    """Refuse a checkpoint trained with another config, or on data with another number of steps per epoch (the LR
+    and tau schedules and the position in the epoch would jump), unless `train.allow_changed` names the change."""
+    allowed = list(allowed)
+    diffs = config_differences(state.get("config", {}), config, allowed)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with a different config:\n  " + "\n  ".join(diffs) +
+            "\nuse the checkpoint's values, or allow an intentional change with "
+            "train.allow_changed=[key,...] (e.g. train.allow_changed=[train.base_lr])")
+    saved_spe = state.get("steps_per_epoch")
+    if saved_spe is not None and saved_spe != steps_per_epoch and "data.size" not in allowed:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {saved_spe} steps per epoch, this run has "
+            f"{steps_per_epoch} (a different number of images in data.path, or another loader): "
+            "the LR and tau schedules and the position in the epoch would jump. Resume on the same data, or "
+            "accept the jump with train.allow_changed=[data.size]")
+
+
+def load_model(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """The saved weights, or a one-line error when they do not fit this model."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:   # another architecture, or heads of an older layout
+        first = str(err).strip().splitlines()
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0]}): "
+            "resume it with the model settings it was trained with, or start a fresh run in another "
+            "train.out_dir") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, path: Path, optimizer_name: str) -> None:
+    """The saved momentum buffers; the hyper-parameters stay this run's (`train.allow_changed` may change them; the
+    LR is set by the schedule every step). A checkpoint of another optimizer leaves fresh momentum, with a warning."""
+    saved = state.get("config", {}).get("train", {}).get("optimizer", optimizer_name)
+    if saved != optimizer_name:
+        log.warning("%s was trained with train.optimizer=%s: the %s optimizer starts with fresh momentum",
+                    path, saved, optimizer_name)
+        return
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])   # it restores the saved hyper-parameters too: undo that
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)

@@ -201,8 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from byolfast.pipeline.contract import DataError
     from byolfast.train.checkpoint import CheckpointError
     from byolfast.train.config import ConfigError
-    from byolfast.train.loop import NonFiniteError, Preempted
+    from byolfast.train.preempt import Preempted
     from byolfast.train.runtime import setup_logging
+    from byolfast.train.step import NonFiniteError
 
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)

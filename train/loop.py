@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from byolfast.model import Byol, build_byol, collapse_std
 from byolfast.pipeline import Batch, LoaderContext, TwoViewLoader, build_two_view_loader
 from byolfast.pipeline.contract import skipped_images
-from byolfast.pipeline.storage import write_json_atomic
 from byolfast.train import checkpoint as ckpt
 from byolfast.train.config import Config, ConfigError, check_world, to_dict
 from byolfast.train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
-from byolfast.train.metrics import MetricsWriter
+from byolfast.train.metrics import MetricsWriter, Window
 from byolfast.train.optim import build_optimizer
-from byolfast.train.preempt import EXIT_PREEMPTED, PREEMPT_CHECK_EVERY, PREEMPT_MARKER, PreemptFlag, Preempted
+from byolfast.train.preempt import PREEMPT_CHECK_EVERY, PREEMPT_MARKER, PreemptFlag, stand_preempted
 from byolfast.train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
 from byolfast.train.schedules import scaled_lr, target_tau, warmup_cosine_lr
 from byolfast.train.step import Forward, NonFiniteError, StageHook, Stepper, StepOutput, no_stage
@@ -140,59 +138,23 @@ class Trainer:
 
     def resume(self, where: str) -> None:
         """Load `where` (`auto`: the newest valid checkpoint in the run folder, if any) on every rank."""
-        if where == "auto":
-            found = ckpt.latest_valid_checkpoint(self.run_dir)
-            if found is None:
-                log.info("no checkpoint in %s: starting from scratch", self.run_dir)
-                return
-            path, state = found
-        else:
-            path, state = Path(where), ckpt.load_checkpoint(where)
-        diffs = ckpt.config_differences(state.get("config", {}), to_dict(self.cfg), self.cfg.train.allow_changed)
-        if diffs:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was trained with a different config:\n  " + "\n  ".join(diffs) +
-                "\nuse the checkpoint's values, or allow an intentional change with "
-                "train.allow_changed=[key,...] (e.g. train.allow_changed=[train.base_lr])")
-        saved_spe = state.get("steps_per_epoch")
-        allowed = self.cfg.train.allow_changed
-        if saved_spe is not None and saved_spe != self.schedule.steps_per_epoch and "data.size" not in allowed:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was trained with {saved_spe} steps per epoch, this run has "
-                f"{self.schedule.steps_per_epoch} (a different number of images in data.path, or another loader): "
-                "the LR and tau schedules and the position in the epoch would jump. Resume on the same data, or "
-                "accept the jump with train.allow_changed=[data.size]")
+        found = ckpt.find_resume_point(where, self.run_dir)
+        if found is None:
+            log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            return
+        path, state = found
+        ckpt.check_resumable(state, path, to_dict(self.cfg), self.cfg.train.allow_changed,
+                             self.schedule.steps_per_epoch)
         if self.dist.is_main:
             ckpt.set_aside_later(self.run_dir, int(state["step"]))
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as err:   # another architecture, or heads of an older layout
-            first = str(err).strip().splitlines()
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0]}): "
-                "resume it with the model settings it was trained with, or start a fresh run in another "
-                "train.out_dir") from None
-        self._load_optimizer(state, path)
+        ckpt.load_model(self.model, state, path)
+        ckpt.load_optimizer(self.optimizer, state, path, self.cfg.train.optimizer)
         if state.get("scaler") and self.scaler.is_enabled():   # an fp16 run's scaler; bf16/fp32 saved `{}`
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], self.device)
         self.state = RunState(step=state["step"], history=list(state.get("history", [])))
         self.stepper.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.state.step)
-
-    def _load_optimizer(self, state: dict, path: Path) -> None:
-        """The saved momentum buffers; the hyper-parameters stay this run's (`train.allow_changed` may change them;
-        the LR is set by the schedule every step)."""
-        t = self.cfg.train
-        saved = state.get("config", {}).get("train", {}).get("optimizer", t.optimizer)
-        if saved != t.optimizer:
-            log.warning("%s was trained with train.optimizer=%s: the %s optimizer starts with fresh momentum",
-                        path, saved, t.optimizer)
-            return
-        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])   # it restores the saved hyper-parameters too: undo that
-        for group, settings in zip(self.optimizer.param_groups, configured):
-            group.update(settings)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
@@ -252,12 +214,9 @@ class Trainer:
                 self.writer.close()
 
     def _train(self, flag: PreemptFlag) -> dict:
-        cfg, t, sched = self.cfg, self.cfg.train, self.schedule
-        global_batch = t.batch_size
-        loss_sum = torch.zeros((), device=self.device)
-        window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
-        paused = 0.0   # seconds of the window spent in the kNN monitor: not training, left out of images/s
-        last_loss, last_collapse, total_images, total_time = math.nan, math.nan, 0, 0.0
+        """The loop: epochs of steps; a log line, the kNN monitor, a checkpoint or a preemption between steps."""
+        sched, log_every = self.schedule, self.cfg.train.log_every
+        window, last = Window(self.device), {"loss": math.nan, "collapse_std": math.nan}
         self.model.train()
         from tqdm import tqdm
         bar = tqdm(total=sched.stop_step, initial=self.state.step, disable=not self.dist.is_main,
@@ -266,71 +225,19 @@ class Trainer:
         while self.state.step < sched.stop_step:
             epoch, start_batch = divmod(self.state.step, sched.steps_per_epoch)
             self.loader.set_epoch(epoch, start_batch)
-            it = iter(self.loader)
-            epoch_start_step = self.state.step
+            it, epoch_start_step = iter(self.loader), self.state.step
             while self.state.step < sched.stop_step:
-                t0 = time.perf_counter()
-                batch = next(it, None)
-                data_wait += time.perf_counter() - t0
+                batch = window.next_batch(it)
                 if batch is None:
                     break
                 out = self.train_step(batch, self.state.step)
-                loss_sum += out.loss.float()
+                window.add(out.loss)
                 self.state.step += 1
-                window_steps += 1
                 bar.update(1)
-
                 end = self.state.step == sched.stop_step
-                if self.state.step % t.log_every == 0 or end:
-                    self._check_finite()
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    elapsed = time.perf_counter() - window_start - paused
-                    if self.dist.distributed:   # the loss of the global batch, not of rank 0's share
-                        torch.distributed.all_reduce(loss_sum)
-                        loss_sum /= self.dist.world_size
-                    last_loss = float(loss_sum.item()) / window_steps
-                    last_collapse = float(collapse_std(out.projection).item())
-                    metrics = {"step": self.state.step, "epoch": self.state.step / sched.steps_per_epoch,
-                               "loss": last_loss, "lr": out.lr, "tau": out.tau, "collapse_std": last_collapse,
-                               "grad_norm": float(out.grad_norm.item()),
-                               "images_per_sec": window_steps * global_batch / elapsed,
-                               "data_wait_frac": min(1.0, data_wait / elapsed)}
-                    metrics.update({f"loader/{k}": v for k, v in self.loader.stats().items()
-                                    if isinstance(v, (int, float))})
-                    total_images += window_steps * global_batch
-                    total_time += elapsed
-                    bar.set_postfix(loss=f"{last_loss:.4f}", ips=f"{metrics['images_per_sec']:.0f}")
-                    self._log(metrics)
-                    loss_sum.zero_()
-                    window_steps, data_wait, paused = 0, 0.0, 0.0
-                    window_start = time.perf_counter()
-                if cfg.dist.check_every and self.state.step % cfg.dist.check_every == 0:
-                    check_weights_agree(self.model, self.state.step, buffers=cfg.model.bn == "sync")
-                if self.eval_monitor is not None and (self.state.step % cfg.eval.every == 0 or end):
-                    t_eval = time.perf_counter()
-                    acc = self.eval_monitor(self.model.encoder)
-                    if acc:
-                        self._log({"step": self.state.step, **acc})
-                    paused += time.perf_counter() - t_eval
-                saved = False
-                if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not end:
-                    self._check_finite()
-                    self.save()
-                    saved = True
-                # On the last step the run finishes normally (final checkpoint, summary) whatever the signal.
-                if not end and self._preempt_pending(flag, agreement):
-                    self._check_finite()
-                    path = ckpt.checkpoint_path(self.run_dir, self.state.step) if saved else self.save()
-                    if self.dist.is_main:
-                        signame = signal.Signals(flag.signum).name if flag.signum is not None else None
-                        write_json_atomic(self.run_dir / PREEMPT_MARKER, {
-                            "step": self.state.step, "checkpoint": str(path), "signal": signame,
-                            "exit_status": EXIT_PREEMPTED})
-                    bar.close()
-                    log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue",
-                                self.state.step, EXIT_PREEMPTED)
-                    raise Preempted(self.state.step, path)
+                if self.state.step % log_every == 0 or end:
+                    last = self._log_window(window, out, bar)
+                self._between_steps(window, end, flag, agreement, bar)
             if self.state.step == epoch_start_step:
                 raise RuntimeError(f"the {self.cfg.data.backend} loader yielded no batch in epoch {epoch} although "
                                    f"it reports {sched.steps_per_epoch} per epoch")
@@ -338,14 +245,50 @@ class Trainer:
         agreement.finish()   # the exchange still in flight, before any other collective
         self._check_finite()
         final = self.save()
-        stats = self.loader.stats()
-        num_skipped, skipped_note = skipped_images(stats)
+        num_skipped, skipped_note = skipped_images(stats := self.loader.stats())
         if skipped_note and self.dist.is_main:
             log.warning("%s", skipped_note)
-        return {"steps": self.state.step, "final_loss": last_loss, "collapse_std": last_collapse,
-                "images_per_sec": total_images / total_time if total_time else math.nan,
+        return {"steps": self.state.step, "final_loss": last["loss"], "collapse_std": last["collapse_std"],
+                "images_per_sec": window.images / window.seconds if window.seconds else math.nan,
                 "skipped_steps": self.stepper.skipped_steps, "skipped_images": num_skipped, "loader": stats,
                 "checkpoint": str(final) if final else None, "run_dir": str(self.run_dir)}
+
+    def _log_window(self, window: Window, out: StepOutput, bar) -> dict:
+        """Close the metrics window (a host sync: only on logging steps) and log it."""
+        self._check_finite()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics = {"step": self.state.step, "epoch": self.state.step / self.schedule.steps_per_epoch,
+                   **window.close(self.cfg.train.batch_size, self.dist.distributed, self.dist.world_size),
+                   "lr": out.lr, "tau": out.tau, "collapse_std": float(collapse_std(out.projection).item()),
+                   "grad_norm": float(out.grad_norm.item())}
+        metrics.update({f"loader/{k}": v for k, v in self.loader.stats().items() if isinstance(v, (int, float))})
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_sec']:.0f}")
+        self._log(metrics)
+        return metrics
+
+    def _between_steps(self, window: Window, end: bool, flag: PreemptFlag, agreement: FlagAgreement, bar) -> None:
+        """The weight check, the kNN monitor, the periodic checkpoint and a pending preemption, in that order."""
+        cfg, step = self.cfg, self.state.step
+        if cfg.dist.check_every and step % cfg.dist.check_every == 0:
+            check_weights_agree(self.model, step, buffers=cfg.model.bn == "sync")
+        if self.eval_monitor is not None and (step % cfg.eval.every == 0 or end):
+            t_eval = time.perf_counter()
+            acc = self.eval_monitor(self.model.encoder)
+            if acc:
+                self._log({"step": step, **acc})
+            window.pause(time.perf_counter() - t_eval)
+        saved = False
+        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and not end:
+            self._check_finite()
+            self.save()
+            saved = True
+        # On the last step the run finishes normally (final checkpoint, summary) whatever the signal.
+        if not end and self._preempt_pending(flag, agreement):
+            self._check_finite()
+            path = ckpt.checkpoint_path(self.run_dir, step) if saved else self.save()
+            bar.close()
+            stand_preempted(self.run_dir, step, path, flag, self.dist.is_main)
 
 
 def train(cfg: Config) -> dict:

@@ -1,9 +1,57 @@
-"""The run's metrics on disk: `metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars."""
+"""The run's metrics: the window between two log lines (`Window`) and their record on disk (`MetricsWriter`:
+`metrics.jsonl`, one JSON object per logged step, and TensorBoard scalars)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+import torch
+
+
+class Window:
+    """What happened since the last log line: the steps, their summed loss (kept on the device, so no step waits for
+    the host), the seconds spent waiting for the loader, and the seconds paused (the kNN monitor, left out of the
+    images/s). `totals` accumulates every closed window for the run's summary."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.images, self.seconds = 0, 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.data_wait, self.paused, self.start = 0, 0.0, 0.0, time.perf_counter()
+
+    def next_batch(self, it: Iterator):
+        """The loader's next batch (None at the end of the epoch), its wait counted."""
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        self.data_wait += time.perf_counter() - t0
+        return batch
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.float()
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def close(self, global_batch: int, distributed: bool, world_size: int) -> dict:
+        """The window's loss (of the global batch), images/s and data-wait share; then a new window starts.
+        The caller has synchronised the device, so the elapsed time covers the window's work."""
+        elapsed = time.perf_counter() - self.start - self.paused
+        if distributed:   # the loss of the global batch, not of rank 0's share
+            torch.distributed.all_reduce(self.loss_sum)
+            self.loss_sum /= world_size
+        out = {"loss": float(self.loss_sum.item()) / self.steps,
+               "images_per_sec": self.steps * global_batch / elapsed,
+               "data_wait_frac": min(1.0, self.data_wait / elapsed)}
+        self.images += self.steps * global_batch
+        self.seconds += elapsed
+        self._reset()
+        return out
 
 
 class MetricsWriter:

@@ -47,3 +47,14 @@ class PreemptFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def stand_preempted(run_dir: Path, step: int, checkpoint: Optional[Path], flag: PreemptFlag, is_main: bool) -> None:
+    """Write the requeue marker (rank 0) and raise `Preempted`: the checkpoint of `step` is already on disk."""
+    if is_main:
+        from byolfast.pipeline.storage import write_json_atomic
+        signame = signal.Signals(flag.signum).name if flag.signum is not None else None
+        write_json_atomic(Path(run_dir) / PREEMPT_MARKER, {"step": step, "checkpoint": str(checkpoint),
+                                                           "signal": signame, "exit_status": EXIT_PREEMPTED})
+    log.warning("preempted at step %d: checkpoint written, exiting with status %d for requeue", step, EXIT_PREEMPTED)
+    raise Preempted(step, checkpoint)

@@ -95,10 +95,20 @@ def bench_loaders(cfg, device: torch.device, args) -> Iterator[dict]:
 def _bench_folder(args) -> tuple[Optional[Path], Optional[Exception]]:
     """The benchmark images, or None and why not (e.g. scikit-image missing), so each backend reports it."""
     try:
-        return build_bench_images(args.data, args.images), None
+        return build_bench_images(args.data, args.images, size=tuple(args.photo_size)), None
     except Exception as err:  # reported in every loader's record; the model and EMA parts do not need images
         log.warning("no benchmark images: %s: %s", type(err).__name__, err, exc_info=True)
         return None, err
+
+
+def _photo_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        if w > 0 and h > 0:
+            return w, h
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--photo-size must be WIDTHxHEIGHT in pixels (e.g. 500x375), got {text!r}")
 
 
 def _with(section, **changes):
@@ -288,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=0,
                    help="benchmark images (0: enough per epoch for the warm-up, the loaders' read-ahead and the timed "
                         "batches; at least 384)")
+    p.add_argument("--photo-size", type=_photo_size, default=common.PHOTO_SIZE, metavar="WxH",
+                   help="size of the benchmark JPEGs (a quarter of them portrait), e.g. 500x375")
     p.add_argument("--warmup", type=int, default=-1, help="untimed model steps (-1: 2 on CPU, 10 on GPU)")
     p.add_argument("--steps", type=int, default=-1, help="timed model steps per repeat (-1: 5 on CPU, 20 on GPU)")
     p.add_argument("--loader-warmup", type=int, default=-1, help="untimed batches per epoch (-1: 2 / 5)")

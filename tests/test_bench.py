@@ -336,3 +336,19 @@ def test_bench_optim_json_schema(tmp_path):
         assert r["images_per_sec"] is None and "peak_mem_mb" in r
     assert records[1]["ratio_to_fused"] > 0
     assert "ms/update" in format_table(records)
+
+
+def test_photo_size_takes_width_x_height_and_names_the_option_when_wrong():
+    import argparse
+
+    from byolfast.benchmarks.bench import _photo_size
+    assert _photo_size("500x375") == (500, 375) and _photo_size("320X240") == (320, 240)
+    for bad in ("500", "ax375", "0x10", "500x375x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--photo-size"):
+            _photo_size(bad)
+
+
+def test_the_peer_comparison_without_the_peer_says_how_to_install_it(tmp_path):
+    from byolfast.benchmarks.peer_loader import main as peer_main
+    with pytest.raises(SystemExit, match="pip install --no-deps --target"):
+        peer_main(["--peer-path", str(tmp_path / "nothing"), "--data", str(tmp_path / "data")])

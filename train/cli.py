@@ -109,7 +109,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from byolfast.train.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, config=args.config)
+    run_demo(args.out, quick=args.quick, config=args.config, extra=tuple(args.overrides))
     return 0
 
 
@@ -184,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(func=_forward(module))
 
-    d = sub.add_parser("demo", help="embedded data -> BYOL on the CPU -> kNN vs random init, ablation, plots")
+    d = sub.add_parser("demo", help="embedded data -> BYOL -> kNN vs random init, ablation, plots (10x the epochs "
+                                    "on a GPU)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--config", default=None, help="preset to start from (default configs/demo_cpu.yaml)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    d.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as in byol train")
     d.set_defaults(func=_demo)
 
     dd = sub.add_parser("demo-data", help="write the embedded datasets as ImageFolder trees")

@@ -83,7 +83,7 @@ def versions(device: str) -> dict:
 
 def write_images(folder: Path, n: int = IMAGES) -> Path:
     """`folder/<class>/<k>.jpg`: smooth colour gradients with a few bars and noise, two classes, landscape and
-    portrait, JPEG quality 90; rewritten every run (under a second)."""
+    portrait, JPEG quality 90; rewritten every run (they are few and small)."""
     import numpy as np
     from PIL import Image
 

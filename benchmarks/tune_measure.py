@@ -49,8 +49,8 @@ class RealMeasure:
         stamps: list[float] = []   # when each batch arrived: what is left of a trial cut at its cap
         try:
             steps = max(2, min(self.loader_steps, len(loader) - 1 - loader.read_ahead))
-            # No budget_s: cut to one or two batches, a loader whose workers deliver in bursts looked several times
-            # faster than it is. A trial cut at its cap keeps what it timed, if that spans the read-ahead twice.
+            # No budget_s: cut to one or two batches, a loader whose workers deliver in bursts would look several
+            # times faster than it is. A trial cut at its cap keeps what it timed, if that spans the read-ahead twice.
             secs, first = common.time_epochs(loader, lambda batch: stamps.append(time.perf_counter()), self.device,
                                              warmup=1, steps=steps, repeats=1)
             return {"images_per_sec": ctx.batch_size / common.median(secs), "first_batch_s": round(first, 2)}

@@ -12,17 +12,16 @@ the paper's reference), on uint8 pixels rounded after each op:
     in DALI arithmetic (DALI's `fn.hsv` saturation is a blend with the luma in YIQ, torchvision's maths, not this);
   - hue: the same HSV shift as torchvision's (below);
 the numpy transcription of the reference's formulas is matched within 1.5 grey levels (the tests). With
-`torchvision`, against torchvision's functional ops on [0, 1] floats (measured on photographs; the DALI ops work on
-uint8 and round after each op, so results agree within 1.5 grey levels, most pixels exactly):
+`torchvision`, against torchvision's functional ops on [0, 1] floats (the DALI ops work on uint8 and round after
+each op, so results agree within 1.5 grey levels on photographs, most pixels exactly; the tests hold them to it):
   - brightness, saturation, grayscale: `fn.brightness_contrast`, `fn.hsv(saturation=...)` (a linear blend with the
     luma, which is torchvision's blend with the grayscale image), `fn.color_space_conversion` to GRAY and back.
   - contrast: a blend with the mean of the image's grayscale passed per sample as `contrast_center`. DALI's default
     centre is the fixed mid-grey (128), which is NOT torchvision's. DALI's luma weighs red 0.299, torchvision 0.2989.
-  - hue: torchvision shifts H in HSV; `adjust_hue` does exactly that with DALI arithmetic (about 3.5x the cost of
-    `fn.hsv(hue=...)`). The cheaper `fn.hsv` hue (`exact_hue=False`) rotates the chroma about the grey axis (a linear
-    map in YIQ): on photographs, at torchvision's largest shift (0.1 of the circle = 36 degrees), its output is
-    farther from torchvision's (mean absolute difference 14-28 grey levels) than the unshifted image is (9-21): it is
-    a different augmentation, not an approximation.
+  - hue: torchvision shifts H in HSV; `adjust_hue` does exactly that with DALI arithmetic, in many more operators
+    than `fn.hsv(hue=...)`. The cheaper `fn.hsv` hue (`exact_hue=False`) rotates the chroma about the grey axis (a
+    linear map in YIQ): on photographs, at torchvision's largest shift (0.1 of the circle = 36 degrees), its output is
+    farther from torchvision's than the unshifted image is: it is a different augmentation, not an approximation.
   - blur: a separable gaussian with a per-sample sigma; torchvision's window (`blur_kernel_frac` of the size, made
     odd: 23 taps at 224 px) is cut to 2 ceil(4 sigma) + 1 taps when that is shorter (the cut taps weigh < 1e-4).
   - solarize: exact (`x >= ceil(255 t) -> 255 - x` on uint8).
@@ -36,8 +35,8 @@ The op order, the draws (`draw_view`, the spec's table) and the jitter orders ar
 
 Where the images are on the CPU (`data.dali.cpu_kernels`, the default), colour jitter and grayscale run instead as one
 `fn.python_function` over `pipeline.cpu_augment`'s per-pixel numba kernels (`CpuJitter`): the same draws, the same
-formulas (either maths) in float32 rounded once, at about half the CPU time of the graph ops (whose exact hue alone
-is ~60 DALI arithmetic operators over float images). The GPU keeps the graph ops.
+formulas (either maths) in float32 rounded once, instead of the graph's pass over float images per arithmetic
+operator (the exact hue alone is ~60 of them); `byol bench --what stages` measures both. The GPU keeps the graph ops.
 """
 from __future__ import annotations
 
@@ -62,7 +61,8 @@ from byolfast.pipeline.cpu_augment import KERNEL_PARAMS, jitter_grayscale_hwc
 STAGES = (("jitter", "grayscale"), ("blur",), ("solarize",), ("flip", "normalise"))
 
 # The helpers marked `do_not_convert` hold no `if` on per-sample data: keeping them out of DALI's conditional
-# (AutoGraph) rewriting builds the pipeline about twice as fast; inside a branch their ops still see only its samples.
+# (AutoGraph) rewriting shortens the pipeline's build, which the loader repeats every epoch; inside a branch their
+# ops still see only its samples.
 
 @do_not_convert
 def crop_window(shapes: DataNode, spec: ViewSpec) -> tuple[DataNode, DataNode]:
@@ -101,8 +101,8 @@ def gaussian_blur(images: DataNode, sigma: Union[DataNode, float], max_window: i
     """Gaussian blur with a per-sample window of 2 ceil(4 sigma) + 1 taps, at most `max_window`.
 
     torchvision always convolves with `max_window` taps; the taps beyond 4 sigma weigh under 1e-4 of the kernel,
-    so the shorter window gives the same uint8 result (measured: within 1 grey level, mean difference 0.001) at
-    under half the cost of 23 taps for BYOL's sigma in [0.1, 2].
+    so the shorter window moves a pixel by under 0.1 grey level before rounding (at most 1 after it), and BYOL's
+    sigma in [0.1, 2] needs at most 17 taps where torchvision convolves with 23 at 224 px.
     """
     if isinstance(sigma, DataNode):
         window = dmath.min(fn.cast(2 * dmath.ceil(4 * sigma) + 1, dtype=types.INT32), max_window)

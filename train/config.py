@@ -57,7 +57,7 @@ class TrainConfig:
             steps in a row whose gradients overflowed (the grad scaler skips each one).
         preempt_signals: signals that make the run checkpoint and exit for requeue.
         num_threads: CPU threads for torch (0: torch's default, every core; on the CPU they are shared with the
-            loader, which measured faster than reserving cores for its workers).
+            loader's workers, whose work is light next to the model's; `byol bench --what e2e` compares counts).
     """
 
     batch_size: int = 4096

@@ -24,10 +24,9 @@ def setup_logging(is_main: bool = True, level: int = logging.INFO) -> None:
 def configure_torch(device: torch.device, num_threads: int = 0) -> None:
     """Fast, still-faithful kernel choices for the device.
 
-    `num_threads > 0` sets torch's CPU threads; 0 keeps torch's default, every core, shared with the loader. On 2
-    cores that measured faster than leaving cores to the loader workers, whose loaders are light next to the model:
-    ResNet-18 at 96 px, batch 64, 2 workers: 10.9 (ffcv) and 10.6 (torch) images/s on 2 threads vs 5.8 on 1; the
-    CPU demo preset (1 worker): 34.5 vs 28.4 images/s.
+    `num_threads > 0` sets torch's CPU threads; 0 keeps torch's default, every core, shared with the loader workers
+    rather than leaving cores to them, since their work is light next to the model's. `byol bench --what e2e
+    train.num_threads=N` measures whether another count pays on a given machine.
     """
     if num_threads > 0:
         torch.set_num_threads(num_threads)

@@ -14,9 +14,9 @@ Layout of a shard folder (`<out>/dali/`):
 
 Shard order: the samples are dealt to the shards in one fixed random permutation of the global indices
 (`shard_order`), not in index order. The listing is sorted by class, and the reader only shuffles the tars and a
-window of a few thousand samples, so shards in index order gave batches of a few classes (~16 of ImageNet's 1000 in a
-batch of 256): a shuffled shard holds a sample of the whole dataset. The permutation depends only on the sample count,
-so a resumed conversion deals the same shards.
+window of a few thousand samples, so shards in index order would give batches of a few classes: a shuffled shard
+holds a sample of the whole dataset. The permutation depends only on the sample count, so a resumed conversion deals
+the same shards.
 
 Read it with `fn.readers.webdataset(paths=..., index_paths=..., ext=["jpg", "label", "index"],
 dtypes=[types.UINT8, types.INT64, types.INT64])`. Tars are plain ustar with fixed owner and mtime, so a shard's bytes

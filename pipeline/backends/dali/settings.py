@@ -14,11 +14,12 @@ class DaliConfig:
         num_threads: CPU threads of the DALI pipeline.
         decoder: `mixed` (nvJPEG on the GPU; falls back to `cpu` with a warning when no GPU is present) or `cpu`.
         random_crop_decoder: decode each view's crop window separately (`decoders.image_slice`) instead of decoding
-            once and cropping twice; no faster on CPUs where measured, not yet measured with nvJPEG, so off
-            (the loader's docstring says why; `benchmarks/results/` holds the numbers).
+            once and cropping twice. Off by default: each partial decode still parses the compressed data up to its
+            window, so two of them need not beat one whole decode; `byol bench --what loader` and `byol tune`
+            measure whether it pays on your machine.
         exact_hue: torchvision's hue (an exact HSV shift in DALI arithmetic) rather than DALI's `fn.hsv`, whose hue
-            differs from torchvision's by more than the shift itself; it costs more CPU time with the graph ops (its
-            GPU cost is not measured yet).
+            differs from torchvision's by more than the shift itself; it costs more than `fn.hsv` where the graph
+            ops run.
         cpu_kernels: where images are augmented on the CPU, run colour jitter and grayscale as one operator of
             per-pixel numba kernels (`pipeline.cpu_augment`, exact hue included) instead of DALI's per-op graph (the
             GPU's); the same draws, rounded once instead of after every op.

@@ -7,8 +7,8 @@ crops and flips from it in one compiled loop, re-seeding numba's generator per v
 in the beton (`byol convert` stores the samples shuffled): the draws do not depend on the storage order.
 `SeededEpochIterator` writes the epoch's seeds into the decoder's buffer before FFCV's epoch thread starts, and each
 batch's global indices before that batch is decoded (compiled code cannot see a Python attribute change without a
-13-31 s recompilation, and FFCV hands a decoder only the positions). `allocate_once` keeps FFCV's buffers from one
-epoch to the next.
+recompilation, and FFCV hands a decoder only the positions). `allocate_once` keeps FFCV's buffers from one epoch to
+the next.
 """
 from __future__ import annotations
 

@@ -7,13 +7,12 @@ The beton is written as `train.beton.tmp` and renamed when complete, so a `train
 
 Sample order: the beton stores the samples in the DALI shards' fixed permutation (`storage.shard_order`), so the
 sample at position p has global index `shard_order(n)[p]` (its `index` field). The global indices are sorted by class,
-and FFCV's quasi-random order draws each batch from a window of 2 x batch-size pages: pages in class order gave
-batches of fewer classes than a uniform shuffle (simulated for ImageNet at 400 images per page: ~189 of the 1000
-classes in a batch of 256, against ~226); shuffled pages each hold a sample of the whole dataset, and the batches are
-as mixed as uniform ones. The loader reports the `index` field and seeds each sample's crop from it, so consumers see
-global indices whatever the storage order. Betons written before (position = global index, meta.json without
-"order") are still read; `byol convert`, run again over one, asks for `--overwrite` instead of taking it for
-complete.
+and FFCV's quasi-random order draws each batch from a window of 2 x batch-size pages: pages in class order would
+give batches of fewer classes than a uniform shuffle; shuffled pages each hold a sample of the whole dataset, and the
+batches are as mixed as uniform ones. The loader reports the `index` field and seeds each sample's crop from it, so
+consumers see global indices whatever the storage order. Betons stored in class order (position = global index,
+meta.json without "order") are still read; `byol convert`, run again over one, asks for `--overwrite` instead of
+taking it for complete.
 
 FFCV's own reader (1.0.2) does not say when a file is cut short: `ffcv.reader.Reader` fails with "IndexError: index 0
 is out of bounds" (shorter than the header) or "ValueError: negative dimensions are not allowed" (cut before the

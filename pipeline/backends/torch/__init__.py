@@ -1,5 +1,5 @@
 """The torch backend: an ImageFolder tree read by PIL and torchvision v2 transforms in `DataLoader` workers (the
-reference the faster backends are checked against). `loader.py` holds it."""
+reference the other backends are checked against). `loader.py` holds it."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -24,11 +24,12 @@
 #              flops per image and the fraction of a measured 8192^3 bf16 matmul
 #   profile    a short torch.profiler run with the bottleneck report
 #   compile    the torch.compile variant (only with BENCH_COMPILE=1; compiling takes minutes)
+#   demo       `byol demo` at GPU scale: kNN against random init, the ablation, curves (only with BENCH_DEMO=1)
 # The last line (benchmarks/suite_summary.py) says which parts ran, which were skipped for a missing package (DALI,
 # FFCV) and which failed; the exit status is 1 when DALI or FFCV did not run or anything failed, else 0.
 # Knobs: PYTHON, BENCH_BUDGET_S (seconds for all parts, default 480), BENCH_BATCH (default 128), BENCH_IMAGES
 # (benchmark JPEGs; default enough batches for the warm-up, the torch loader's read-ahead of 2 batches per core and the
-# timed batches, at least 64), BENCH_COMPILE, BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default
+# timed batches, at least 64), BENCH_COMPILE, BENCH_DEMO, BENCH_ONLY (the parts to run, e.g. "demo"), BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default
 # /tmp/byol-bench-data), BENCH_TEST_TIMEOUT_S (per GPU test, default 90), BENCH_ARGS (more overrides, e.g.
 # "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
 set -u -o pipefail
@@ -102,6 +103,9 @@ setup_step() {   # setup_step NAME COMMAND...: a set-up step (outside the budget
 part() {   # part NAME CAP_S COMMAND...: run COMMAND with at most CAP_S seconds (less when the budget runs out)
     local name=$1 cap=$2
     shift 2
+    if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then
+        return 0   # not asked for in this call (BENCH_ONLY names the parts to run)
+    fi
     local left=$(( BUDGET - (SECONDS - START) ))
     if (( left < 25 )); then
         echo "== $name: skipped, the ${BUDGET} s budget is spent" | tee -a "$LOG"
@@ -188,6 +192,12 @@ mkdir -p "$RES/profile" && cp "$DATA"/profile/report.* "$DATA"/profile/ops.txt "
 if [ "${BENCH_COMPILE:-0}" = "1" ]; then
     part compile 240 "${BENCH[@]}" --what model --variants compile --compile --out "$RES/compile.json" \
         --warmup 5 --steps 10 --repeats 2
+fi
+if [ "${BENCH_DEMO:-0}" = "1" ]; then   # the demo at GPU scale (10x the epochs): its kNN curve against random init
+    part demo    240 "$PY" -m byolfast demo --out "$DATA/demo" data.num_workers="$(( CORES > 8 ? 8 : CORES ))" \
+        train.ckpt_every=0 ${EXTRA[@]+"${EXTRA[@]}"}
+    mkdir -p "$RES/demo" && cp "$DATA"/demo/summary.json "$DATA"/demo/curves.png "$RES/demo/" 2> /dev/null
+    cp "$DATA"/demo/byol/metrics.jsonl "$RES/demo/byol-metrics.jsonl" 2> /dev/null   # (the checkpoints stay there)
 fi
 echo "parts done in $(( SECONDS - START )) s: $RES" | tee -a "$LOG"
 

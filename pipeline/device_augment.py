@@ -35,24 +35,29 @@ after the crop (`STAGES`) in its order, `sample_params` reads the draws from the
 On the CPU, `forward` hands the same draws to the per-pixel kernels of `pipeline.cpu_augment` (`apply_cpu`), where
 each sample runs only its own ops; `apply` stays the reference they are tested against.
 
-Host-device syncs: none in `forward`/`sample_params`/`apply`. Every probability is a mask applied with `torch.where`
-or folded into a factor, never a Python branch on a tensor value; a sample that is not blurred still goes through the
-convolution (a data-dependent subset would need a sync to size it). Give `forward` a generator on the same device as
-the images, and move the module there, or each call copies the draws / constants across.
+Ops only where drawn: flip, jitter, grayscale, blur and solarize compute on the samples whose coin says so (indexed,
+computed, written back) when the masks are on the host (a CPU generator); the others are not touched. Masks drawn on
+a CUDA device would need a host sync to size the subset, so there each op runs on the whole batch and `torch.where`
+keeps the drawn samples' results: the same values either way. Memory format: every op keeps it, so channels_last
+crops stay channels_last with no layout copy. Output dtype: `forward`'s `dtype`, rounded once by the normalisation.
+
+Host-device syncs: none in `forward`/`sample_params`/`apply`; no Python branch on a device tensor's value. Give
+`forward` a generator on the same device as the images, and move the module there, or each call copies the draws /
+constants across (a CPU generator then buys the subsets above at the price of those copies).
 """
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from byolfast.pipeline.augment_spec import LUMA as _LUMA
-from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, JITTER_ORDERS, NUM_COLUMNS, OPS,
-                                            SATURATION, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE, blur_kernel_size,
-                                            draw_range, jitter_ranges)
+from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, NUM_COLUMNS, OPS, SATURATION,
+                                            blur_kernel_size, draw_range, jitter_ranges)
 from byolfast.pipeline.config import ViewSpec
+from byolfast.pipeline.device_ops import (_HSV_SELECT, JITTER_FUNCTIONS, _order_code, _per_sample, _slot_table,
+                                          add_brightness, adjust_brightness, adjust_contrast, adjust_hue,
+                                          adjust_saturation, channel_contrast, gaussian_blur, gaussian_kernels,
+                                          hsv_saturation, rgb_to_grayscale, solarize)
 
 __all__ = ["BRIGHTNESS", "CONTRAST", "SATURATION", "HUE", "JITTER_FUNCTIONS", "STAGES", "BatchedViewAugment",
            "add_brightness", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
@@ -62,156 +67,6 @@ __all__ = ["BRIGHTNESS", "CONTRAST", "SATURATION", "HUE", "JITTER_FUNCTIONS", "S
 # The spec's ops this engine runs, one pass each, in the spec's order (the crop is done upstream).
 STAGES = tuple((name,) for name in OPS if name != "crop")
 
-def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, 1, 1, 1)
-
-
-def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma of float (N, 3, H, W) images as (N, 1, H, W), torchvision's weights and order of operations."""
-    r, g, b = x.unbind(dim=1)
-    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    # torchvision's _blend with a per-sample ratio; ratio 1 returns x exactly (x * 1 + other * 0).
-    ratio = _per_sample(ratio)
-    return (x * ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Per-sample `F.adjust_brightness` of float [0, 1] images; factor (N,). Factor 1 is the identity."""
-    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Per-sample `F.adjust_contrast`: blend with the mean of each image's grayscale. Factor 1 is the identity."""
-    mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Per-sample `F.adjust_saturation`: blend with each image's grayscale. Factor 1 is the identity."""
-    return _blend(x, rgb_to_grayscale(x), factor)
-
-
-def add_brightness(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The reference's brightness: x + delta per sample (N,), clipped to [0, 1]. Delta 0 is the identity."""
-    return (x + _per_sample(delta)).clamp_(0.0, 1.0)
-
-
-def channel_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """The reference's contrast: blend each channel with its own mean over the image, (x - m_c) f + m_c written as
-    x f + m_c (1 - f), clipped to [0, 1]. Factor 1 is the identity."""
-    f = _per_sample(factor)
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    return torch.addcmul(mean * (1.0 - f), x, f).clamp_(0.0, 1.0)
-
-
-def hsv_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """The reference's saturation: HSV saturation S -> clip(S * f, 0, 1), H and V kept, per sample (N,), in closed
-    form: out_c = V - (V - x_c) g, g = clip(f, 0, V / (V - min)). Grey pixels stay as they are."""
-    minc, maxc = torch.aminmax(x, dim=1, keepdim=True)
-    chroma = maxc - minc
-    limit = maxc / torch.where(chroma > 0, chroma, torch.ones_like(chroma))   # 1 / S; grey pixels: any finite value
-    g = torch.minimum(_per_sample(factor.clamp(min=0.0)), limit)
-    return (maxc - x).mul_(g).neg_().add_(maxc).clamp_(0.0, 1.0)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    # torchvision.transforms.v2.functional._color._rgb_to_hsv on (N, 3, H, W).
-    r, g, _ = x.unbind(dim=1)
-    minc, maxc = torch.aminmax(x, dim=1)
-    eqc = maxc == minc
-    channels_range = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = channels_range / torch.where(eqc, ones, maxc)
-    divisor = torch.where(eqc, ones, channels_range).unsqueeze(1)
-    rc, gc, bc = ((maxc.unsqueeze(1) - x) / divisor).unbind(dim=1)
-    maxc_neq_r = maxc != r
-    maxc_eq_g = maxc == g
-    hg = rc.add(2.0).sub_(bc).mul_(maxc_eq_g & maxc_neq_r)
-    hr = bc.sub(gc).mul_(~maxc_neq_r)
-    hb = gc.add(4.0).sub_(rc).mul_(maxc_neq_r & ~maxc_eq_g)
-    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
-    return torch.stack((h, s, maxc), dim=1)
-
-
-def _hsv_to_rgb(hsv: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    # torchvision's _hsv_to_rgb; `select` is its (3, 6) table mapping the hue sextant to (v, p, q, t) per channel.
-    h, s, v = hsv.unbind(dim=1)
-    h6 = h.mul(6)
-    i = torch.floor(h6)
-    f = h6.sub_(i)
-    i = i.to(torch.int64).remainder_(6)
-    sxf = s * f
-    one_minus_s = 1.0 - s
-    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
-    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
-    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=1)
-    index = select[:, i].movedim(0, 1)  # (3, N, H, W) -> (N, 3, H, W)
-    return vpqt.gather(1, index)
-
-
-_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample `F.adjust_hue`: rotate the HSV hue by `shift` (N,) turns, in float32."""
-    if select is None:
-        select = torch.tensor(_HSV_SELECT, dtype=torch.int64, device=x.device)
-    hsv = _rgb_to_hsv(x)
-    h = hsv[:, 0].add(shift.view(-1, 1, 1)).remainder_(1.0)
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1), select)
-
-
-# The single jitter ops of each maths (`color_ops`); `BatchedViewAugment` fuses them (see its `_jitter`).
-JITTER_FUNCTIONS = {
-    "deepmind": {"brightness": add_brightness, "contrast": channel_contrast, "saturation": hsv_saturation,
-                 "hue": adjust_hue},
-    "torchvision": {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
-                    "hue": adjust_hue},
-}
-
-
-def _order_code(order: torch.Tensor) -> torch.Tensor:
-    # A jitter order (n, 4) as the base-4 number of its op ids: a row of `_slot_table`.
-    return ((order[:, 0] * 4 + order[:, 1]) * 4 + order[:, 2]) * 4 + order[:, 3]
-
-
-def _slot_table() -> torch.Tensor:
-    # (256, 6): per order code, the spec's slots before the hue and after it (-1 where nothing runs, and for codes
-    # that are no permutation).
-    table = torch.full((256, 6), -1, dtype=torch.int64)
-    for order, before, after in zip(JITTER_ORDERS, SLOTS_BEFORE_HUE, SLOTS_AFTER_HUE):
-        table[_order_code(torch.tensor([order]))] = torch.tensor(before + after)
-    return table
-
-
-def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(N, K) normalised 1-D gaussian kernels, torchvision's construction (`_get_gaussian_kernel1d`) per sigma."""
-    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
-    xs = torch.linspace(-lim, lim, steps=kernel_size, dtype=sigma.dtype, device=sigma.device)
-    return torch.softmax(xs.unsqueeze(0).div(sigma.unsqueeze(1)).pow(2).neg(), dim=1)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Per-sample separable gaussian blur of (N, C, H, W) with reflect padding, as `F.gaussian_blur`.
-
-    One grouped convolution per axis over the N*C channels, each channel with its sample's kernel.
-    """
-    n, c, hgt, wid = x.shape
-    pad = kernel_size // 2
-    kern = gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # (N*C, K)
-    y = F.pad(x, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, hgt + 2 * pad, wid + 2 * pad)
-    y = F.conv2d(y, kern.view(n * c, 1, kernel_size, 1), groups=n * c)
-    y = F.conv2d(y, kern.view(n * c, 1, 1, kernel_size), groups=n * c)
-    return y.view(n, c, hgt, wid)
-
-
-def solarize(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """`F.solarize` (x >= threshold -> 1 - x) on the samples where `mask` (N,) is set."""
-    return torch.where(_per_sample(mask) & (x >= threshold), 1.0 - x, x)
 
 
 class BatchedViewAugment(torch.nn.Module):
@@ -250,17 +105,19 @@ class BatchedViewAugment(torch.nn.Module):
         return (f"image_size={self.image_size}, kernel_size={self.kernel_size}, apply_flip={self.apply_flip}, "
                 f"color_ops={self.color_ops}")
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x: uint8 images already cropped to image_size, (N,H,W,3) NHWC or (N,3,H,W), on any device.
 
-        Returns float32 normalised (N,3,H,W) in channels_last memory format on x's device. On the CPU (with
-        `cpu_kernels`) the per-pixel kernels of `pipeline.cpu_augment` run instead of the batched passes: the same
-        draws, the same result within float rounding, several times faster there.
+        Returns normalised (N,3,H,W) in `dtype` (the training dtype: the arithmetic stays float32, only the last
+        write rounds to it) and channels_last memory format, on x's device. On the CPU (with `cpu_kernels`) the
+        per-pixel kernels of `pipeline.cpu_augment` run instead of the batched passes: the same draws, the same
+        result within float rounding, several times faster there.
         """
-        params = self.sample_params(x.shape[0], x.device, generator)
+        params, host = self._draw(x.shape[0], x.device, generator)
         if x.device.type == "cpu" and self.cpu_kernels:
-            return self.apply_cpu(x, params)
-        return self.apply(self.to_float01(x), params)
+            return self.apply_cpu(x, params).to(dtype)
+        return self._augment(self.to_float01(x), params, host, dtype)
 
     def apply_cpu(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """`apply` for uint8 crops on the CPU: each sample runs only its own ops (`pipeline.cpu_augment`'s stages),
@@ -287,6 +144,13 @@ class BatchedViewAugment(torch.nn.Module):
         # torchvision's ToDtype(float32, scale=True): convert, then multiply by 1/255.
         return self._nchw_uint8(x).to(torch.float32).mul_(1.0 / 255.0)
 
+    def _draw(self, n: int, device, generator) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]]]:
+        # `sample_params`, and its masks on the host when they were drawn there (a CPU generator): a host mask sizes
+        # the drawn subsets without a sync. Masks drawn on a CUDA device stay there (None): see `_on_drawn`.
+        drawn = self._sample(n, device, generator)
+        params = _moved(drawn, device)
+        return params, (drawn if drawn["blur"].device.type == "cpu" else None)
+
     def sample_params(self, n: int, device, generator) -> dict[str, torch.Tensor]:
         """Draw every random choice of `n` samples from `generator`, placed on `device`: one uniform
         (n, `NUM_COLUMNS`) draw, each draw of the spec's table (`augment_spec.DRAWS`) read from its columns.
@@ -300,11 +164,12 @@ class BatchedViewAugment(torch.nn.Module):
                 sample i runs k-th, a uniform random permutation per sample;
             sigma: float (n,) blur sigma, uniform in spec.blur_sigma.
         """
+        return _moved(self._sample(n, device, generator), device)
+
+    def _sample(self, n: int, device, generator) -> dict[str, torch.Tensor]:
+        # `sample_params` on the generator's device (`device` without a generator).
         draw_device = generator.device if generator is not None else torch.device(device)
         u = torch.rand(n, NUM_COLUMNS, generator=generator, device=draw_device, dtype=torch.float32)
-        # A no-op when the generator lives on `device`; a CPU generator with CUDA images costs a small copy here
-        # (from pageable memory: the host waits for it), the one place a mismatched call can stall.
-        u = u.to(device, non_blocking=True)
         params = {}
         for d in DRAWS:
             if d.column is None:   # drawn by the crop step
@@ -320,56 +185,90 @@ class BatchedViewAugment(torch.nn.Module):
             params["flip"] = torch.zeros_like(params["flip"])
         return params
 
-    def apply(self, x_float01_nchw: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Augment float [0, 1] (N, 3, S, S) images with `params` (see `sample_params`) and normalise.
+    def apply(self, x_float01_nchw: torch.Tensor, params: dict[str, torch.Tensor],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Augment float [0, 1] (N, 3, S, S) images with `params` (see `sample_params`) and normalise; x is left as
+        it is.
 
         Order: the spec's (`STAGES`): flip, colour jitter (each sample's own op order), grayscale, blur, solarize,
-        normalise. Deterministic given `params`. Returns float32 channels_last.
+        normalise. Deterministic given `params`. Returns `dtype`, channels_last. With masks on the host (CPU params)
+        each per-sample op computes only on the samples that drew it; with masks on a CUDA device, on every sample,
+        blended by the mask (the same values: see `_on_drawn`).
         """
-        x = x_float01_nchw
+        host = params if params["blur"].device.type == "cpu" else None
+        return self._augment(x_float01_nchw.clone(), params, host, dtype)
+
+    def _augment(self, x: torch.Tensor, params: dict[str, torch.Tensor], host: Optional[dict[str, torch.Tensor]],
+                 dtype: torch.dtype) -> torch.Tensor:
+        # x is owned here: the stages write the drawn subsets back into it in place.
         for (name,) in STAGES:
-            x = self.STEPS[name](self, x, params)
+            x = self._normalise(x, dtype) if name == "normalise" else self.STEPS[name](self, x, params, host)
         return x
 
-    def _flip(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _on_drawn(self, x: torch.Tensor, mask: str, params: dict[str, torch.Tensor],
+                  host: Optional[dict[str, torch.Tensor]],
+                  op: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """`op(x_sub, params_sub)` on the samples where `params[mask]` is set, written back into x (in place); the
+        others untouched. The op is per sample (no value depends on another sample), so the drawn samples get
+        exactly the values a whole-batch pass would give them.
+
+        With the mask on the host the subset is indexed and only it is computed. With the mask on a CUDA device
+        (drawn by a CUDA generator), the subset's size is a device value: reading it would be a host sync in the hot
+        loop, so there the op runs on the whole batch and `torch.where` keeps the drawn samples' results.
+        """
+        if host is None:   # the CUDA branch (masks drawn on the device): no sync, the whole batch
+            return torch.where(_per_sample(params[mask]), op(x, params), x)
+        idx = host[mask].nonzero().flatten()   # host values: no device sync
+        if len(idx) == 0:
+            return x
+        if len(idx) == x.shape[0]:
+            return op(x, params)
+        idx = idx.to(x.device, non_blocking=True)
+        sub = {k: v.index_select(0, idx.to(v.device, non_blocking=True)) for k, v in params.items()}
+        return x.index_copy_(0, idx, op(x.index_select(0, idx), sub))
+
+    def _flip(self, x: torch.Tensor, params: dict[str, torch.Tensor], host) -> torch.Tensor:
         if not self.apply_flip:  # a Python flag, not a tensor value: no sync
             return x
-        return torch.where(_per_sample(params["flip"]), x.flip(-1), x)
+        return self._on_drawn(x, "flip", params, host, lambda y, p: y.flip(-1))
 
-    def _grayscale(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        gray = rgb_to_grayscale(x)
-        return torch.where(_per_sample(params["grayscale"]), gray.expand_as(x), x)
+    def _grayscale(self, x: torch.Tensor, params: dict[str, torch.Tensor], host) -> torch.Tensor:
+        return self._on_drawn(x, "grayscale", params, host, lambda y, p: rgb_to_grayscale(y).expand_as(y))
 
-    def _blur(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _blur(self, x: torch.Tensor, params: dict[str, torch.Tensor], host) -> torch.Tensor:
         if self.kernel_size <= 1:
             return x
-        return torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], self.kernel_size), x)
+        return self._on_drawn(x, "blur", params, host, lambda y, p: gaussian_blur(y, p["sigma"], self.kernel_size))
 
-    def _solarize(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return solarize(x, params["solarize"], self.spec.solarize_threshold)
+    def _solarize(self, x: torch.Tensor, params: dict[str, torch.Tensor], host) -> torch.Tensor:
+        threshold = self.spec.solarize_threshold
+        return self._on_drawn(x, "solarize", params, host, lambda y, p: torch.where(y >= threshold, 1.0 - y, y))
 
-    def _normalise(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _normalise(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # (x - mean) / std in float32, rounded once to `dtype` by writing the division into a channels_last output:
+        # no float32 result to cast afterwards, and no layout copy when x is channels_last already.
         mean = self.mean.to(x.device, non_blocking=True)
         std = self.std.to(x.device, non_blocking=True)
-        return (x - mean).div_(std).contiguous(memory_format=torch.channels_last)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+        return torch.div(x - mean, std, out=out)
 
-    def _jitter(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Each sample runs its 4 ops in its own order. Hue (an HSV round trip, the costly op) runs once for the whole
-        # batch; the three linear ops run in the spec's slots around it (`SLOTS_BEFORE_HUE`, `SLOTS_AFTER_HUE`),
-        # each slot a single fused pass (`_linear_slot`) whose factors are exact identities for samples with nothing
-        # to do there. Samples without jitter get identities everywhere and are kept out of the hue pass by a mask.
-        # With `deepmind` maths the three ops of the slots are the reference's (`_reference_slot`), the hue the same.
+    def _jitter(self, x: torch.Tensor, params: dict[str, torch.Tensor], host) -> torch.Tensor:
+        return self._on_drawn(x, "jitter", params, host, self._jitter_all)
+
+    def _jitter_all(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Jitter on every sample of x (`_on_drawn` hands it the drawn ones): each runs its 4 ops in its own order.
+        # Hue (an HSV round trip, the costly op) runs once for the whole batch; the three linear ops run in the
+        # spec's slots around it (`SLOTS_BEFORE_HUE`, `SLOTS_AFTER_HUE`), each slot a single fused pass
+        # (`_linear_slot`) whose factors are exact identities for samples with nothing to do there. With `deepmind`
+        # maths the three ops of the slots are the reference's (`_reference_slot`), the hue the same.
         slot = self._linear_slot if self.color_ops == "torchvision" else self._reference_slot
-        on = params["jitter"]
         slots = self.slot_table.to(x.device, non_blocking=True)[_order_code(params["order"])]   # (n, 6)
-        none = torch.full_like(slots[:, 0], -1)
         for j in range(3):
-            x = slot(x, torch.where(on, slots[:, j], none), params)
+            x = slot(x, slots[:, j], params)
         if self.spec.hue > 0:  # a config value, not a tensor: no sync
-            select = self.hsv_select.to(x.device, non_blocking=True)
-            x = torch.where(_per_sample(on), adjust_hue(x, params["hue"], select), x)
+            x = adjust_hue(x, params["hue"], self.hsv_select.to(x.device, non_blocking=True))
         for j in range(3):
-            x = slot(x, torch.where(on, slots[:, 3 + j], none), params)
+            x = slot(x, slots[:, 3 + j], params)
         return x
 
     @staticmethod
@@ -399,6 +298,11 @@ class BatchedViewAugment(torch.nn.Module):
         sat = (op == SATURATION) & (params["saturation"] != 1.0)
         return torch.where(_per_sample(sat), hsv_saturation(x, params["saturation"]), y)
 
-    # The implementation of each of `STAGES`' ops.
-    STEPS = {"flip": _flip, "jitter": _jitter, "grayscale": _grayscale, "blur": _blur, "solarize": _solarize,
-             "normalise": _normalise}
+    # The implementation of each of `STAGES`' ops (normalise, which also sets the dtype, is `_normalise`).
+    STEPS = {"flip": _flip, "jitter": _jitter, "grayscale": _grayscale, "blur": _blur, "solarize": _solarize}
+
+
+def _moved(params: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    # No-ops when the draws were made on `device`. A CPU generator with CUDA images costs small copies from pageable
+    # memory (the host waits for each): the one place a mismatched call can stall.
+    return {k: v.to(device, non_blocking=True) for k, v in params.items()}

@@ -282,3 +282,73 @@ def test_forward_on_cuda_has_no_host_sync_and_matches_cpu(photos_u8):
     params = {k: v.cpu() for k, v in aug.sample_params(x.shape[0], "cuda", gen).items()}
     ref = aug.cpu().apply(aug.to_float01(x.cpu()), params)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=0)
+
+
+def test_blur_computes_only_on_the_drawn_samples(photos, monkeypatch):
+    """Host masks: the blur (and every op of p < 1) runs on the drawn subset only; the drawn samples get the values
+    of the whole-batch blend bit for bit, the others are untouched."""
+    from byolfast.pipeline import device_augment
+
+    spec = AugmentConfig().view2   # blur p 0.1, solarize p 0.2
+    aug = BatchedViewAugment(spec, IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True, color_ops="torchvision")
+    x = photos.repeat(16, 1, 1, 1)
+    params = aug.sample_params(x.shape[0], "cpu", torch.Generator().manual_seed(5))
+    drawn = int(params["blur"].sum())
+    assert 0 < drawn < x.shape[0]
+    blurred = []
+    real_blur = device_augment.gaussian_blur
+    monkeypatch.setattr(device_augment, "gaussian_blur", lambda y, *a: blurred.append(y.shape[0]) or real_blur(y, *a))
+    out = aug.apply(x, params)
+    assert blurred == [drawn], "the blur computes on the drawn samples only"
+    # The whole-batch path (masks as if on a device: host=None) gives the same values.
+    blurred.clear()
+    whole = aug._augment(x.clone(), params, None, torch.float32)
+    assert blurred == [x.shape[0]]
+    torch.testing.assert_close(out, whole, atol=0, rtol=0)
+    # Nothing drawn: an untouched batch (normalised only).
+    off = _params_off(x.shape[0])
+    torch.testing.assert_close(aug.apply(x, off), (x - aug.mean) / aug.std, atol=0, rtol=0)
+
+
+def test_apply_leaves_its_input_alone(photos):
+    aug = BatchedViewAugment(AugmentConfig().view2, IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True)
+    x = photos.repeat(8, 1, 1, 1)
+    before = x.clone()
+    aug.apply(x, aug.sample_params(x.shape[0], "cpu", torch.Generator().manual_seed(1)))
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("color_ops", ["deepmind", "torchvision"])
+def test_channels_last_in_channels_last_out_without_layout_copies(photos_u8, color_ops, monkeypatch):
+    """A channels_last batch stays channels_last through every op: no `.contiguous()` anywhere, the same values as
+    an NCHW-contiguous batch."""
+    spec = ViewSpec(blur_p=0.5, solarize_p=0.5, grayscale_p=0.5)
+    aug = BatchedViewAugment(spec, IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True, cpu_kernels=False,
+                             color_ops=color_ops)
+    nhwc = photos_u8.repeat(8, 1, 1, 1).permute(0, 2, 3, 1).contiguous()
+    params = aug.sample_params(nhwc.shape[0], "cpu", torch.Generator().manual_seed(2))
+    x = aug.to_float01(nhwc)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    ref = aug.apply(x.contiguous(), params)
+    calls = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: calls.append(1) or real(t, *a, **k))
+    out = aug.apply(x, params)
+    monkeypatch.undo()
+    assert not calls, "no layout round trip"
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_output_in_the_training_dtype(photos_u8, dtype):
+    """`forward(dtype=...)` writes the training dtype directly: the float32 result rounded once, channels_last."""
+    aug = BatchedViewAugment(AugmentConfig().view1, IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True,
+                             cpu_kernels=False)
+    x = photos_u8.repeat(4, 1, 1, 1)
+    ref = aug(x, torch.Generator().manual_seed(4))
+    out = aug(x, torch.Generator().manual_seed(4), dtype=dtype)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref.to(dtype)), "one rounding of the float32 result"
+    cpu = BatchedViewAugment(AugmentConfig().view1, IMAGENET_MEAN, IMAGENET_STD, SIZE, apply_flip=True)
+    assert cpu(x, torch.Generator().manual_seed(4), dtype=dtype).dtype == dtype   # the per-pixel kernels' path

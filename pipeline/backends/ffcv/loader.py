@@ -382,8 +382,9 @@ class FfcvTwoViewLoader(TwoViewLoader):
         if self.device_augment:
             # a host-side call, no sync
             self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))
-            view1 = self._augment[0](out["image"], self._generator)
-            view2 = self._augment[1](out["image2"], self._generator)
+            # straight into the training dtype (the arithmetic in float32): `to_contract` then has nothing to copy
+            view1 = self._augment[0](out["image"], self._generator, dtype=ctx.dtype)
+            view2 = self._augment[1](out["image2"], self._generator, dtype=ctx.dtype)
         else:
             view1, view2 = self._normalise(out["image"]), self._normalise(out["image2"])
         labels = out["label"].view(-1).clone().to(ctx.device, non_blocking=True)

@@ -300,6 +300,13 @@ class DaliTwoViewLoader(TwoViewLoader):
             return
         source, seed, discard = self._source(epoch, start)
         self.close()
+        # A pipeline per epoch, in both modes, because DALI fixes at build time everything an epoch changes: the
+        # reader's input (`fn.readers.file`'s file list, `fn.readers.webdataset`'s tar order) and the seeds of the
+        # random operators (`fn.random.*`, the crop generator), which have no re-seed call; a checkpoint restores
+        # a state that was saved, not one for a new seed. One pipeline for the run would need every list and every
+        # draw fed per epoch through `fn.external_source` (a Python reader, and `pipeline.dali_augment` taking its
+        # draws as inputs); without that, a reused pipeline would continue its random state, and `set_epoch(e, b)`
+        # would no longer give the batches of an uninterrupted run.
         self._pipe = self._build(source, seed)
         first = start - discard
         with self._data_errors(epoch, first):  # the iterator runs the first batch when it is created

@@ -6,6 +6,7 @@ DALI shards, and the trainer and checkpoints write files the same all-or-nothing
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,15 @@ REPORT = "convert_report.json"   # `byol convert`'s report, in its `out` folder 
 
 # One sample's bytes: `length` bytes at `offset` of the file `path`, then its class index.
 SampleRef = tuple[str, int, int, int]
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB blocks (shards and checkpoints are too large to read at once)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_ref(ref: SampleRef) -> bytes:

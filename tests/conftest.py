@@ -20,6 +20,16 @@ def _collect_each_modules_garbage():
     gc.collect()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-batch tests, whatever an earlier test (a trainer with
+    `train.num_threads=0`) set: faster, and immune to oversubscription on busy 2-core machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory):
     """scikit-learn's digits as a 16 px ImageFolder with train/ and val/."""

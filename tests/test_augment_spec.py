@@ -43,12 +43,7 @@ DALI_CHAIN_MEAN = 0.5 / 255
 ENGINES = ("torch", "numba", "dali-graph", "dali-kernel", "torch-cuda", "dali-gpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

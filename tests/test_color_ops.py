@@ -33,12 +33,7 @@ NAMES = {BRIGHTNESS: "brightness", CONTRAST: "contrast", SATURATION: "saturation
 IDENTITY = {BRIGHTNESS: 0.0, CONTRAST: 1.0, SATURATION: 1.0, HUE: 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the reference's maths in float64 numpy, on (H, W, 3) images on [0, 1] --------------------------------------------

@@ -27,13 +27,7 @@ ATOL_CHAIN = 2e-6
 N_DRAWS = 4000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster, and immune to oversubscription on busy 2-core machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photo(arr: np.ndarray) -> torch.Tensor:

@@ -5,7 +5,6 @@ loads with `weights_only=True`; `--resume auto` walks from the newest to older o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from byolfast.pipeline.storage import write_bytes_atomic
+from byolfast.pipeline.storage import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +50,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int = 3) -> Path:
     """Write `state` atomically as checkpoint `step`, then delete all but the newest `keep_last` up to `step`.
 
@@ -81,7 +72,7 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int 
             f.flush()
             os.fsync(f.fileno())
         with open(sidecar_tmp, "w") as f:
-            f.write(_sha256(tmp) + "\n")
+            f.write(sha256_file(tmp) + "\n")
             f.flush()
             os.fsync(f.fileno())
         sidecar.unlink(missing_ok=True)   # overwriting this step: never pair the new file with the old digest
@@ -182,7 +173,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     sidecar = path.with_name(path.name + ".sha256")
     if sidecar.is_file():
         expected = sidecar.read_text().strip()
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt (sha256 does not match {sidecar.name})")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

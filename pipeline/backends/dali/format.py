@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from byolfast.pipeline.contract import DataError
-from byolfast.pipeline.storage import ORDER, SampleRef, read_ref, shard_order, write_bytes_atomic, write_json_atomic
+from byolfast.pipeline.storage import (ORDER, SampleRef, read_ref, sha256_file, shard_order, write_bytes_atomic,
+                                       write_json_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +126,10 @@ def _load_finished(folder: Path, settings: dict) -> dict[int, dict]:
     done = {}
     for k, s in enumerate(shards):
         tar, idx = folder / s["tar"], folder / s["index"]
-        if (tar.is_file() and tar.stat().st_size == s["bytes"] and _sha256(tar) == s["sha256"] and idx.is_file()
+        if (tar.is_file() and tar.stat().st_size == s["bytes"] and sha256_file(tar) == s["sha256"] and idx.is_file()
                 and not index_problem(idx, s["count"])):
             done[k] = {**s, "shard": k, "index_bytes": idx.stat().st_size}
     return done
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def index_problem(path: Path, count: int) -> str:
@@ -262,7 +255,7 @@ def load_manifest(path: str | os.PathLike, verify: bool = False) -> dict:
         problem = index_problem(idx, s["count"])
         if problem:
             raise DataError(f"index {idx} {problem}; {redo}")
-        if verify and _sha256(tar) != s["sha256"]:
+        if verify and sha256_file(tar) != s["sha256"]:
             raise DataError(f"shard {tar}: sha256 mismatch (corrupted); {redo}")
     manifest["dir"] = str(folder.resolve())
     manifest["tar_paths"] = [str((folder / s["tar"]).resolve()) for s in shards]

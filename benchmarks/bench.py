@@ -35,7 +35,8 @@ import torch
 
 from byolfast.benchmarks import common, environment
 from byolfast.benchmarks.bench_update import bench_ema, bench_optim
-from byolfast.benchmarks.common import backend_path, build_bench_images, time_epochs
+from byolfast.benchmarks.bench_data import PHOTO_SIZE, backend_path, build_bench_images, photo_size
+from byolfast.benchmarks.common import time_epochs
 from byolfast.benchmarks.report import format_table, hidden_ratio, summary_lines
 from byolfast.benchmarks.stages import bench_stages, stage_table
 from byolfast.pipeline.registry import BACKENDS, bench_backends
@@ -99,16 +100,6 @@ def _bench_folder(args) -> tuple[Optional[Path], Optional[Exception]]:
     except Exception as err:  # reported in every loader's record; the model and EMA parts do not need images
         log.warning("no benchmark images: %s: %s", type(err).__name__, err, exc_info=True)
         return None, err
-
-
-def _photo_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        if w > 0 and h > 0:
-            return w, h
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"--photo-size must be WIDTHxHEIGHT in pixels (e.g. 500x375), got {text!r}")
 
 
 def _with(section, **changes):
@@ -298,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=0,
                    help="benchmark images (0: enough per epoch for the warm-up, the loaders' read-ahead and the timed "
                         "batches; at least 384)")
-    p.add_argument("--photo-size", type=_photo_size, default=common.PHOTO_SIZE, metavar="WxH",
+    p.add_argument("--photo-size", type=photo_size, default=PHOTO_SIZE, metavar="WxH",
                    help="size of the benchmark JPEGs (a quarter of them portrait), e.g. 500x375")
     p.add_argument("--warmup", type=int, default=-1, help="untimed model steps (-1: 2 on CPU, 10 on GPU)")
     p.add_argument("--steps", type=int, default=-1, help="timed model steps per repeat (-1: 5 on CPU, 20 on GPU)")

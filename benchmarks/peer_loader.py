@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from byolfast.benchmarks import bench, common
+from byolfast.benchmarks import bench, bench_data
 
 
 class _Folder:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError as err:
         raise SystemExit(f"the peer library is not in {a.peer_path!r} ({err}): pip install --no-deps --target "
                          f"{a.peer_path} lightly lightning-utilities") from None
-    folder = common.build_bench_images(a.data, a.images, size=bench._photo_size(a.photo_size))
+    folder = bench_data.build_bench_images(a.data, a.images, size=bench_data.photo_size(a.photo_size))
     ours_args = ["--what", "loader", "--data", a.data, "--images", str(a.images), "--photo-size", a.photo_size,
                  "--backends", a.backends, "--repeats", "1", "--loader-warmup", str(a.warmup),
                  "--loader-steps", str(a.steps), f"data.image_size={a.size}", f"train.batch_size={a.batch}",

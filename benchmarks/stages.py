@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from byolfast.benchmarks import common
+from byolfast.benchmarks import bench_data, common
 from byolfast.pipeline.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _ffcv_stage_ms(cfg: DataConfig, folder: Path, images: int, batch_size: int, 
                    seed: int) -> dict[str, float]:
     from byolfast.benchmarks.ffcv_stages import ffcv_stage_ms
 
-    fcfg = dataclasses.replace(cfg, backend="ffcv", path=common.backend_path(folder, "ffcv"))
+    fcfg = dataclasses.replace(cfg, backend="ffcv", path=bench_data.backend_path(folder, "ffcv"))
     return ffcv_stage_ms(fcfg, min(batch_size, images), max_images=images, repeats=repeats, seed=seed)
 
 

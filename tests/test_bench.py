@@ -165,7 +165,7 @@ def test_time_epochs_does_not_time_the_read_ahead():
 def test_bench_images_are_real_photo_crops_and_cached(tmp_path):
     from PIL import Image
 
-    from byolfast.benchmarks.common import PHOTO_SIZE, build_bench_images
+    from byolfast.benchmarks.bench_data import PHOTO_SIZE, build_bench_images
 
     folder = build_bench_images(tmp_path, 6)
     files = sorted(folder.glob("*/*.jpg"))
@@ -341,7 +341,7 @@ def test_bench_optim_json_schema(tmp_path):
 def test_photo_size_takes_width_x_height_and_names_the_option_when_wrong():
     import argparse
 
-    from byolfast.benchmarks.bench import _photo_size
+    from byolfast.benchmarks.bench_data import photo_size as _photo_size
     assert _photo_size("500x375") == (500, 375) and _photo_size("320X240") == (320, 240)
     for bad in ("500", "ax375", "0x10", "500x375x3"):
         with pytest.raises(argparse.ArgumentTypeError, match="--photo-size"):

@@ -69,7 +69,7 @@ def files(tmp_path_factory) -> list[str]:
     """8 JPEGs of photo crops, 88x64 and 64x88, two of them small (crops then upscale)."""
     from PIL import Image
 
-    from byolfast.benchmarks.common import build_bench_images
+    from byolfast.benchmarks.bench_data import build_bench_images
 
     folder = build_bench_images(tmp_path_factory.mktemp("dali_values"), BATCH, size=(88, 64))
     paths = sorted(folder.glob("*/*.jpg"))

@@ -38,7 +38,7 @@ SEED = 5
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """24 photo crops (64x48 and 48x64) converted by `byol convert` into `ffcv/train.beton`."""
-    from byolfast.benchmarks.common import build_bench_images
+    from byolfast.benchmarks.bench_data import build_bench_images
     from byolfast.pipeline.convert import convert_dataset
 
     root = tmp_path_factory.mktemp("ffcv_cuda")

@@ -9,7 +9,7 @@ from byolfast.pipeline.config import DataConfig  # noqa: E402
 
 
 def test_stages_are_timed_per_image(tmp_path) -> None:
-    from byolfast.benchmarks.common import build_bench_images
+    from byolfast.benchmarks.bench_data import build_bench_images
     from byolfast.benchmarks.ffcv_stages import STAGES, ffcv_stage_ms
     from byolfast.pipeline.convert import convert_dataset
 

@@ -105,7 +105,7 @@ def test_without_its_registry_line_the_backend_is_unknown():
 
 
 def test_a_fifth_backend_is_offered_by_the_cli_bench_tune_and_profiler(fake, tmp_path):
-    from byolfast.benchmarks import bench, common
+    from byolfast.benchmarks import bench, bench_data
     from byolfast.benchmarks.report import RunFacts, input_advice
     from byolfast.benchmarks.tune_search import knobs
     from byolfast.train.cli import build_parser
@@ -122,7 +122,7 @@ def test_a_fifth_backend_is_offered_by_the_cli_bench_tune_and_profiler(fake, tmp
     for k in range(3):
         (tree / "a").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (24, 16), (40 * k, 90, 200)).save(tree / "a" / f"{k}.jpg")
-    path = common.backend_path(tree, "fake")   # converts with the fake's writer, as `byol bench` does
+    path = bench_data.backend_path(tree, "fake")   # converts with the fake's writer, as `byol bench` does
     assert path == str(tmp_path / "converted" / "fake")
     assert len(json.loads((Path(path) / "list.json").read_text())["refs"]) == 3
     report = json.loads((tmp_path / "converted" / "convert_report.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from byolfast.benchmarks import stages
-from byolfast.benchmarks.common import build_bench_images
+from byolfast.benchmarks.bench_data import build_bench_images
 from byolfast.pipeline.config import DataConfig
 
 TINY = ["data.image_size=16", "train.batch_size=4", "train.precision=fp32", "train.num_threads=1",
@@ -70,7 +70,7 @@ def test_bench_stages_table_and_json(tmp_path, folder, monkeypatch):
         raise ModuleNotFoundError("No module named 'ffcv'", name="ffcv")
 
     monkeypatch.setitem(stages.STAGE_TIMERS, "ffcv", missing)
-    monkeypatch.setattr(bench, "build_bench_images", lambda root, n: folder)
+    monkeypatch.setattr(bench, "build_bench_images", lambda root, n, **kw: folder)
     out = tmp_path / "stages.json"
     backends = ["torch", "ffcv"] + (["dali"] if _has("nvidia.dali") else [])
     assert bench.main(["--what", "stages", "--out", str(out), "--repeats", "1", "--stage-images", "8",

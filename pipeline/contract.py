@@ -18,6 +18,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from byolfast.pipeline.sharding import num_batches
+
 
 class Batch(NamedTuple):
     view1: torch.Tensor
@@ -61,7 +63,8 @@ class DataError(RuntimeError):
 
 
 class TwoViewLoader(abc.ABC):
-    """Base of every backend. Subclasses implement `__len__`, `_iter_epoch` and, where they can, `stats`."""
+    """Base of every backend. Subclasses implement `num_samples`, `_iter_epoch` and, where they can, `stats`; the base
+    owns the bookkeeping: the epoch and resume position, the length in whole global batches, the empty-epoch check."""
 
     def __init__(self, ctx: LoaderContext):
         self.ctx = ctx
@@ -73,9 +76,16 @@ class TwoViewLoader(abc.ABC):
     def num_samples(self) -> int:
         """Samples in the whole dataset (all ranks)."""
 
-    @abc.abstractmethod
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per epoch on this rank: the whole global batches `num_samples` fills (the rest is dropped)."""
+        return num_batches(self.num_samples, self.ctx.batch_size, self.ctx.world_size)
+
+    def require_one_global_batch(self, what: str, fix: str = "lower the batch size or add images") -> None:
+        """Raise `DataError` naming `what` (the data's path or setting) when it fills no global batch: every epoch
+        would be empty."""
+        if len(self) == 0:
+            raise DataError(f"{what} holds {self.num_samples} images, fewer than one global batch "
+                            f"({self.ctx.batch_size} x {self.ctx.world_size} ranks): {fix}")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's shuffle and skip its first `start_batch` batches (mid-epoch resume)."""

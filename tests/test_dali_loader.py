@@ -364,7 +364,7 @@ def test_corrupt_image_data_raises_data_error(tmp_path, tree):
 def test_bad_settings_and_paths(tree, shards):
     with pytest.raises(DataError, match="decoder"):
         DaliTwoViewLoader(_cfg(tree, decoder="nvjpeg"), LoaderContext())
-    with pytest.raises(DataError, match="no full batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         DaliTwoViewLoader(_cfg(tree), LoaderContext(batch_size=64))
     with pytest.raises(DataError):
         DaliTwoViewLoader(_cfg(tree / "missing"), LoaderContext())

@@ -59,7 +59,7 @@ from byolfast.pipeline.backends.dali.format import MANIFEST, load_manifest
 from byolfast.pipeline.storage import ORDER
 from byolfast.pipeline.folder import scan_image_folder
 from byolfast.pipeline.backends.dali.image_files import check_image_files
-from byolfast.pipeline.sharding import num_batches, rank_indices
+from byolfast.pipeline.sharding import rank_indices
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +189,7 @@ class DaliTwoViewLoader(TwoViewLoader):
             self._init_shards()
         else:
             self._init_folder()
-        if len(self) == 0:
-            raise DataError(f"{cfg.path!r}: {self.num_samples} images give no full batch of {ctx.batch_size} on "
-                            f"each of {ctx.world_size} rank(s); lower the batch size or add images")
+        self.require_one_global_batch(repr(cfg.path))
 
     # ----------------------------------------------------------------------------------------------- sources
     def _init_shards(self) -> None:
@@ -232,9 +230,6 @@ class DaliTwoViewLoader(TwoViewLoader):
     @property
     def num_samples(self) -> int:
         return self._num_samples
-
-    def __len__(self) -> int:
-        return num_batches(self._num_samples, self.ctx.batch_size, self.ctx.world_size)
 
     # ----------------------------------------------------------------------------------------------- pipeline
     def _source(self, epoch: int, start_batch: int) -> tuple[dict, int, int]:

@@ -58,7 +58,7 @@ from byolfast.pipeline.storage import skipped_at_convert
 from byolfast.pipeline.backends.ffcv.decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf,
                                                      allocate_once, keep_torch_threads, view_seed)
 from byolfast.pipeline.backends.ffcv.format import load_beton_meta, stored_in_class_order, stored_indices
-from byolfast.pipeline.sharding import mix_seed, num_batches, rank_indices, rank_seed
+from byolfast.pipeline.sharding import mix_seed, rank_indices, rank_seed
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
     from ffcv.fields import IntField, RGBImageField
@@ -235,9 +235,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
                            "--overwrite, or use data.ffcv.order=random", self.path)
         self._pristine_pages: Optional[np.ndarray] = None   # quasi_random: FFCV's page table before any shuffle
         self._shuffle = ctx.shuffle and cfg.ffcv.order != "sequential"
-        if num_batches(self._num_samples, ctx.batch_size, ctx.world_size) == 0:
-            raise DataError(f"{str(self.path)!r} holds {self._num_samples} images, fewer than one global batch "
-                            f"({ctx.batch_size} x {ctx.world_size} ranks): lower the batch size or add images")
+        self.require_one_global_batch(repr(str(self.path)))
 
         aug = cfg.augment
         size = cfg.image_size
@@ -324,9 +322,6 @@ class FfcvTwoViewLoader(TwoViewLoader):
     @property
     def num_samples(self) -> int:
         return self._num_samples
-
-    def __len__(self) -> int:
-        return num_batches(self._num_samples, self.ctx.batch_size, self.ctx.world_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The dataset (global) indices this rank visits in `epoch`, in order, `len(self) * batch_size` of them."""

@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 
 from byolfast.pipeline.config import DataConfig
-from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
-from byolfast.pipeline.sharding import num_batches, rank_seed
+from byolfast.pipeline.contract import Batch, LoaderContext, TwoViewLoader, to_contract
+from byolfast.pipeline.sharding import rank_seed
 
 
 class SyntheticTwoViewLoader(TwoViewLoader):
@@ -27,9 +27,7 @@ class SyntheticTwoViewLoader(TwoViewLoader):
     def __init__(self, cfg: DataConfig, ctx: LoaderContext, pool_batches: int = 2):
         super().__init__(ctx)
         self.cfg = cfg
-        if num_batches(cfg.synthetic_size, ctx.batch_size, ctx.world_size) == 0:
-            raise DataError(f"data.synthetic_size={cfg.synthetic_size} is smaller than one global batch "
-                            f"({ctx.batch_size} x {ctx.world_size} ranks): raise it or lower the batch size")
+        self.require_one_global_batch(f"data.synthetic_size={cfg.synthetic_size}", "raise it or lower the batch size")
         self.pool_batches = max(1, min(pool_batches, len(self)))
         self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._labels = torch.full((ctx.batch_size,), -1, dtype=torch.int64, device=ctx.device)
@@ -37,9 +35,6 @@ class SyntheticTwoViewLoader(TwoViewLoader):
     @property
     def num_samples(self) -> int:
         return self.cfg.synthetic_size
-
-    def __len__(self) -> int:
-        return num_batches(self.cfg.synthetic_size, self.ctx.batch_size, self.ctx.world_size)
 
     def _make_pool(self) -> None:
         ctx, size = self.ctx, self.cfg.image_size

@@ -276,9 +276,7 @@ class TorchTwoViewLoader(TwoViewLoader):
         super().__init__(ctx)
         self.cfg = cfg
         self.samples, self.classes = scan_image_folder(cfg.path)
-        if num_batches(len(self.samples), ctx.batch_size, ctx.world_size) == 0:
-            raise DataError(f"{cfg.path!r} has {len(self.samples)} images, fewer than one global batch "
-                            f"({ctx.batch_size} x {ctx.world_size} ranks): lower the batch size or add images")
+        self.require_one_global_batch(repr(cfg.path))
         aug = cfg.augment
         transforms = (build_view_transform(aug.view1, cfg.image_size, aug.mean, aug.std, aug.color_ops),
                       build_view_transform(aug.view2, cfg.image_size, aug.mean, aug.std, aug.color_ops))
@@ -294,9 +292,6 @@ class TorchTwoViewLoader(TwoViewLoader):
     @property
     def num_samples(self) -> int:
         return len(self.samples)
-
-    def __len__(self) -> int:
-        return num_batches(len(self.samples), self.ctx.batch_size, self.ctx.world_size)
 
     def _iter_epoch(self) -> Iterator[Batch]:
         # Read epoch/start now: the base class resets start_batch as soon as this returns.

@@ -71,7 +71,7 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
     beton, at `cfg.image_size` with `cfg.augment`, in batches of `batch_size`; the median over `repeats` passes
     (after one untimed pass: numba compiles on first use)."""
     from byolfast.pipeline import cpu_augment, device_augment
-    from byolfast.pipeline.backends.ffcv.loader import resolve_beton
+    from byolfast.pipeline.backends.ffcv.beton import resolve_beton
 
     path = resolve_beton(cfg.path)
     reader = Reader(str(path))

@@ -42,10 +42,8 @@ reads how many, and why, from the `convert_report.json` above `ffcv/train.beton`
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numba
@@ -57,134 +55,24 @@ from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewL
 from byolfast.pipeline.storage import skipped_at_convert
 from byolfast.pipeline.backends.ffcv.decode import (SeededEpochIterator, TwoViewCropFlipDecoder, ViewOf,
                                                      allocate_once, keep_torch_threads, view_seed)
-from byolfast.pipeline.backends.ffcv.format import load_beton_meta, stored_in_class_order, stored_indices
+from byolfast.pipeline.backends.ffcv.beton import (READ_ERRORS, check_beton, check_fields, field_metadata, read_classes,
+                                                    resolve_beton)
+from byolfast.pipeline.backends.ffcv.format import stored_in_class_order, stored_indices
 from byolfast.pipeline.sharding import mix_seed, rank_indices, rank_seed
 
 with keep_torch_threads():   # importing ffcv resets torch's thread count
-    from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline import PipelineSpec
-    from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-    from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
 logger = logging.getLogger(__name__)
 
-BETON_IN_FOLDER = ("ffcv/train.beton", "train.beton")
-CLASSES_FILE = "classes.json"
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
-_CONVERT_HINT = "write one with `byol convert` (an ImageFolder tree -> FFCV .beton)"
-# What FFCV's reader and loader raise on a file that passed `check_beton` but is still malformed.
-_READ_ERRORS = (ValueError, AssertionError, KeyError, IndexError, OSError, TypeError)
 
-
-# ------------------------------------------------------------------------------------------------------ the file
-
-def resolve_beton(path: str) -> Path:
-    """The `.beton` file named by `data.path`: the file itself, or `<folder>/ffcv/train.beton` (`<folder>/train.beton`).
-
-    Raises:
-        DataError: the path is empty or missing, or a folder without a beton.
-    """
-    if not path:
-        raise DataError(f"data.path is empty: the ffcv backend needs a .beton file; {_CONVERT_HINT}")
-    p = Path(path)
-    if p.is_dir():
-        for rel in BETON_IN_FOLDER:
-            if (p / rel).is_file():
-                return p / rel
-        raise DataError(f"folder {str(p)!r} has no {' or '.join(BETON_IN_FOLDER)}: point data.path at a .beton "
-                        f"file or {_CONVERT_HINT}")
-    if not p.is_file():
-        raise DataError(f"data path {str(p)!r} does not exist: {_CONVERT_HINT}")
-    return p
-
-
-def check_beton(path: Path) -> Reader:
-    """Open a beton after checking that its header, field table, metadata and allocation table fit in the file.
-
-    FFCV's own reader trusts the file: a truncated or foreign file gives an IndexError, garbage or a crash in compiled
-    code. The structural checks are `format.load_beton_meta`'s (also used by `byol convert`); this adds what
-    needs FFCV itself: known field types and a metadata block that ends before the allocation table.
-
-    Raises:
-        DataError: not a beton, another format version, truncated or unfinished, or image data outside the file.
-    """
-    meta = load_beton_meta(path)
-    redo = "delete it and run `byol convert` again"
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    num_fields = int(header["num_fields"])
-    if num_fields == 0:
-        raise DataError(f"{str(path)!r} has no fields: not a beton; {redo}")
-    descs = np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
-    unknown = sorted({int(t) for t in descs["type_id"] if TYPE_ID_HANDLER.get(int(t)) is None})
-    if unknown:
-        raise DataError(f"{str(path)!r} has fields of unknown type {unknown}: not a beton this FFCV reads; {redo}")
-    item = get_metadata_type(get_handlers(descs)).itemsize
-    metadata_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize + meta["num_samples"] * item
-    if metadata_end > int(header["alloc_table_ptr"]):
-        raise DataError(f"{str(path)!r} is truncated ({meta['bytes']} bytes; its metadata overruns the allocation "
-                        f"table): {redo}")
-    try:
-        reader = Reader(str(path))
-    except _READ_ERRORS as e:
-        raise DataError(f"{str(path)!r} cannot be read as an FFCV .beton ({e}): {redo}") from e
-    return reader
-
-
-def _check_fields(reader: Reader, path: Path) -> None:
-    handlers = reader.handlers
-    if not isinstance(handlers.get("image"), RGBImageField) or not isinstance(handlers.get("label"), IntField):
-        found = ", ".join(f"{k}: {type(v).__name__}" for k, v in handlers.items())
-        raise DataError(f"{str(path)!r} must have an `image` RGBImageField and a `label` IntField (found {found}): "
-                        f"{_CONVERT_HINT}")
-    if "index" in handlers and not isinstance(handlers["index"], IntField):
-        raise DataError(f"{str(path)!r}: field `index` must be an IntField: {_CONVERT_HINT}")
-    if reader.num_samples == 0:
-        raise DataError(f"{str(path)!r} holds no images: {_CONVERT_HINT}")
-    images = _field_metadata(reader, "image")
-    table = reader.alloc_table
-    data_end = int(reader.header["alloc_table_ptr"])
-    inside = (table["ptr"] + table["size"] <= data_end).all()
-    if not inside or not np.isin(images["data_ptr"], table["ptr"]).all():
-        raise DataError(f"{str(path)!r} is damaged (image data missing from its allocation table): delete it and run "
-                        "`byol convert` again")
-
-
-def _field_metadata(reader: Reader, name: str) -> np.ndarray:
-    return reader.metadata[f"f{list(reader.handlers).index(name)}"]
-
-
-def read_classes(beton: Path, labels: np.ndarray) -> list[str]:
-    """Class names from `classes.json` (a JSON list) next to the beton, else `"0", "1", ...` up to the largest label.
-
-    Raises:
-        DataError: the file is not a list of strings, or a label lies outside it (or is negative).
-    """
-    labels = np.asarray(labels)
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0:
-        raise DataError(f"{str(beton)!r} has negative labels (min {lo}): {_CONVERT_HINT}")
-    path = beton.parent / CLASSES_FILE
-    if not path.is_file():
-        return [str(i) for i in range(hi + 1)]
-    try:
-        names = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{str(path)!r} is not valid JSON ({e}): it should be a list of class names") from e
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{str(path)!r} should be a JSON list of class names")
-    if hi >= len(names):
-        raise DataError(f"{str(beton)!r} has label {hi} but {str(path)!r} lists {len(names)} classes: the two files "
-                        "come from different conversions; run `byol convert` again")
-    return names
-
-
-# ---------------------------------------------------------------------------------------------------- the loader
 
 class FfcvTwoViewLoader(TwoViewLoader):
     """Two BYOL views per image from an FFCV `.beton`, keeping the batch contract of `pipeline.contract`.
@@ -210,16 +98,16 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self.cfg = cfg
         self.path = resolve_beton(cfg.path)
         reader = check_beton(self.path)
-        _check_fields(reader, self.path)
+        check_fields(reader, self.path)
         self._num_samples = int(reader.num_samples)
-        self.classes = read_classes(self.path, _field_metadata(reader, "label"))
-        images = _field_metadata(reader, "image")
+        self.classes = read_classes(self.path, field_metadata(reader, "label"))
+        images = field_metadata(reader, "image")
         self._stored_max_side = int(max(images["width"].max(), images["height"].max()))
         self._jpeg_fraction = float((images["mode"] == IMAGE_MODES["jpg"]).mean())
         self._check_image_size(images, cfg.image_size)
         self._has_index = "index" in reader.handlers
         # position -> global index (see `format`), and back
-        self._index_of = (stored_indices(_field_metadata(reader, "index"), self.path) if self._has_index
+        self._index_of = (stored_indices(field_metadata(reader, "index"), self.path) if self._has_index
                           else np.arange(self._num_samples, dtype=np.int64))
         self._position_of = np.empty_like(self._index_of)
         self._position_of[self._index_of] = np.arange(self._num_samples)
@@ -229,7 +117,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
                         self._convert_skips["convert_skipped"], self._convert_skips["convert_report"])
 
         self._quasi = cfg.ffcv.order == "quasi_random"
-        if self._quasi and ctx.rank == 0 and stored_in_class_order(_field_metadata(reader, "label")):
+        if self._quasi and ctx.rank == 0 and stored_in_class_order(field_metadata(reader, "label")):
             logger.warning("%s stores its samples in class order (written by an earlier byol convert, or another tool):"
                            " data.ffcv.order=quasi_random then gives batches of fewer classes; convert again with "
                            "--overwrite, or use data.ffcv.order=random", self.path)
@@ -272,7 +160,7 @@ class FfcvTwoViewLoader(TwoViewLoader):
                     os_cache=cfg.ffcv.os_cache,
                     batches_ahead=cfg.ffcv.batches_ahead,
                 )
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             raise DataError(f"FFCV cannot read {str(self.path)!r} ({e}): delete it and run `byol convert` again") from e
         if self._quasi:
             self._pristine_pages = self._loader.traversal_order.page_to_samples_array.copy()

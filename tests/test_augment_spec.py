@@ -153,7 +153,8 @@ def _engine_output(engine: str, maths: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("maths", COLOR_OPS)
-@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "torch"])
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=pytest.mark.gpu) if e in ("torch-cuda", "dali-gpu") else e
+                                    for e in ENGINES if e != "torch"])   # gpu: collected by the GPU suite's `-m gpu`
 def test_every_op_gives_the_reference_pixels(engine, maths):
     """Each engine, fed the reference's draws, against the `torch` engine, op by op and for whole chains."""
     out, ref = _engine_output(engine, maths), _engine_output("torch", maths)

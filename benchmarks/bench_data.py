@@ -1,8 +1,9 @@
 """The benchmark's images: JPEG crops of the embedded photographs at a chosen size, and each backend's path to them.
 
-Every loader reads the same JPEG bytes: a backend with a format of its own gets them converted with `max_side=0`,
-which stores each benchmark JPEG as it is (they are baseline 8-bit RGB without EXIF rotation), so a comparison
-between backends, or with another library reading the folder, decodes the same images at the same size.
+Every loader decodes the same images at the same size: a backend with a format of its own gets them converted with
+`max_side=0`, so DALI's shards hold each benchmark JPEG byte for byte (they are baseline 8-bit RGB without EXIF
+rotation) and FFCV's file re-encodes each at the same size (`jpeg_quality`, the same chroma subsampling), so a
+comparison between backends, or with another library reading the folder, decodes comparable JPEGs.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 The peer is lightly's `BYOLTransform` (two views at `--size`, the paper's probabilities, PIL's box-approximated
 Gaussian blur and bilinear crops) in a torch `DataLoader` over the benchmark folder; ours are `byol bench --what
 loader` with the same batch, workers, view size and JPEGs. Both count two-view samples per second after a warm-up,
-each timed `--repeats` times in turn (peer, ours, peer, ours...), and the medians are compared.
+each timed `--repeats` times in turn (peer, ours, peer, ours...), and the medians are compared. Both sides drain what
+their workers read ahead before the clock starts, and DALI gets as many threads as the others get workers.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def time_peer(folder: Path, size: int, batch: int, workers: int, warmup: int, st
     loader = torch.utils.data.DataLoader(_Folder(folder, transform), batch_size=batch, shuffle=True,
                                          num_workers=workers, drop_last=True)
     it = iter(loader)
-    for _ in range(warmup):
+    for _ in range(warmup + 2 * workers):   # and the batches its workers prefetched (2 each) before the clock starts
         next(it)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours_args = ["--what", "loader", "--data", a.data, "--images", str(a.images), "--photo-size", a.photo_size,
                  "--backends", a.backends, "--repeats", "1", "--loader-warmup", str(a.warmup),
                  "--loader-steps", str(a.steps), f"data.image_size={a.size}", f"train.batch_size={a.batch}",
-                 f"data.num_workers={a.workers}"]
+                 f"data.num_workers={a.workers}", f"data.dali.num_threads={a.workers}"]
     peer, ours, env = [], {}, None
     for r in range(a.repeats):
         peer.append(time_peer(folder, a.size, a.batch, a.workers, a.warmup, a.steps))

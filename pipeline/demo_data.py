@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,29 +117,35 @@ def scene_patches(split: str, size: int = 32, per_class: int | None = None, seed
     Each patch's side is 15-35 % of the photograph's shorter side (capped by the split's height), at a uniformly
     random place, resized with bilinear interpolation. Defaults: 200 patches per scene for `train`, 50 for `val`.
     """
-    lo, hi = SCENE_SPLITS[split]
     per_class = per_class or (200 if split == "train" else 50)
     images, labels = [], []
     for c, name in enumerate(SCENES):
         photo = _scene(name)
-        h, w = photo.shape[:2]
-        top, bottom = int(lo * h), int(hi * h)
         rng = np.random.default_rng([seed, c, 0 if split == "train" else 1])
         for _ in range(per_class):
-            side = min(int(min(h, w) * rng.uniform(0.15, 0.35)), bottom - top)
-            y, x = top + rng.integers(0, bottom - top - side + 1), rng.integers(0, w - side + 1)
+            y, x, side = patch_box(photo.shape[0], photo.shape[1], split, rng)
             patch = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
             images.append(np.asarray(patch))
             labels.append(c)
     return np.stack(images), np.asarray(labels)
 
 
+def patch_box(h: int, w: int, split: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(top, left, side) of one square patch of an `h` x `w` photograph inside `split`'s rows."""
+    lo, hi = SCENE_SPLITS[split]
+    top, bottom = int(lo * h), int(hi * h)
+    side = min(int(min(h, w) * rng.uniform(0.15, 0.35)), bottom - top)
+    return int(top + rng.integers(0, bottom - top - side + 1)), int(rng.integers(0, w - side + 1)), side
+
+
 def build_scenes(out: str | Path, size: int = 32, seed: int = 0) -> Path:
     """Write the scene patches as `out/train/<scene>/*.jpg` and `out/val/<scene>/*.jpg`; skipped when complete."""
     out = Path(out)
     done = out / ".complete"
-    if done.is_file():
+    settings = f"{len(SCENES)} scenes {SCENE_SPLITS} {size} px seed {seed}\n"
+    if done.is_file() and done.read_text().endswith(settings):
         return out
+    shutil.rmtree(out, ignore_errors=True)   # another setting, or an interrupted build: start again
     total = 0
     for split in SCENE_SPLITS:
         images, labels = scene_patches(split, size, seed=seed)
@@ -147,7 +154,7 @@ def build_scenes(out: str | Path, size: int = 32, seed: int = 0) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             _write_jpeg(Image.fromarray(img), folder / f"{i:05d}.jpg")
         total += len(images)
-    done.write_text(f"{total} patches of {len(SCENES)} scenes, {size} px\n")
+    done.write_text(f"{total} patches of {settings}")
     log.info("wrote %d scene patches to %s", total, out)
     return out
 

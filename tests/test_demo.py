@@ -23,14 +23,28 @@ def test_quick_demo_writes_its_summary_and_prints_a_verdict(tmp_path, capsys):
 
 
 def test_scene_patches_are_reproducible_and_held_out_rows_are_unseen():
-    from byolfast.pipeline.demo_data import SCENE_SPLITS, SCENES, scene_patches
+    from byolfast.pipeline.demo_data import SCENES, scene_patches
     x, y = scene_patches("val", 16, per_class=3)
     x2, y2 = scene_patches("val", 16, per_class=3)
     assert x.shape == (3 * len(SCENES), 16, 16, 3) and x.dtype.name == "uint8"
     assert (x == x2).all() and (y == y2).all() and sorted(set(y.tolist())) == list(range(len(SCENES)))
-    (_, train_hi), (val_lo, _) = SCENE_SPLITS["train"], SCENE_SPLITS["val"]
-    assert train_hi < val_lo   # a gap of rows between the two splits: no held-out patch overlaps a training one
     assert not (x == scene_patches("val", 16, per_class=3, seed=1)[0]).all()
+
+
+def test_every_patch_lies_inside_its_split_and_the_splits_do_not_meet():
+    import numpy as np
+
+    from byolfast.pipeline.demo_data import SCENE_SPLITS, patch_box
+    (_, train_hi), (val_lo, _) = SCENE_SPLITS["train"], SCENE_SPLITS["val"]
+    assert train_hi < val_lo
+    rng = np.random.default_rng(0)
+    for h, w in ((102, 102), (172, 448), (427, 640), (1411, 1411), (640, 300)):   # the smallest scenes, and others
+        for split, (lo, hi) in SCENE_SPLITS.items():
+            for _ in range(500):
+                top, left, side = patch_box(h, w, split, rng)
+                assert side >= 1 and int(lo * h) <= top and top + side <= int(hi * h) and 0 <= left <= w - side
+    # the rows of the two splits never overlap, so no held-out patch shares a pixel with a training patch
+    assert all(int(train_hi * h) <= int(val_lo * h) for h in range(50, 2000))
 
 
 def test_the_demo_runs_longer_on_a_gpu():

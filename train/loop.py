@@ -265,6 +265,7 @@ class Trainer:
         metrics.update({f"loader/{k}": v for k, v in self.loader.stats().items() if isinstance(v, (int, float))})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_sec']:.0f}")
         self._log(metrics)
+        window.restart()   # after the logging, as before: the next window times steps only
         return metrics
 
     def _between_steps(self, window: Window, end: bool, flag: PreemptFlag, agreement: FlagAgreement, bar) -> None:

@@ -18,9 +18,10 @@ class Window:
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
         self.images, self.seconds = 0, 0.0
-        self._reset()
+        self.restart()
 
-    def _reset(self) -> None:
+    def restart(self) -> None:
+        """A new window from now: the caller restarts it after its logging, which the next window must not count."""
         self.loss_sum.zero_()
         self.steps, self.data_wait, self.paused, self.start = 0, 0.0, 0.0, time.perf_counter()
 
@@ -39,8 +40,9 @@ class Window:
         self.paused += seconds
 
     def close(self, global_batch: int, distributed: bool, world_size: int) -> dict:
-        """The window's loss (of the global batch), images/s and data-wait share; then a new window starts.
-        The caller has synchronised the device, so the elapsed time covers the window's work."""
+        """The window's loss (of the global batch), images/s and data-wait share, added to the run's totals. The
+        caller has synchronised the device, so the elapsed time covers the window's work; it calls `restart` once
+        it has logged them."""
         elapsed = time.perf_counter() - self.start - self.paused
         if distributed:   # the loss of the global batch, not of rank 0's share
             torch.distributed.all_reduce(self.loss_sum)
@@ -50,7 +52,6 @@ class Window:
                "data_wait_frac": min(1.0, self.data_wait / elapsed)}
         self.images += self.steps * global_batch
         self.seconds += elapsed
-        self._reset()
         return out
 
 

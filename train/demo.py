@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from byolfast.pipeline.demo_data import build_demo_data
+from byolfast.pipeline.demo_data import build_scenes
 from byolfast.pipeline.storage import write_json_atomic
 from byolfast.train.config import load_config, to_dict
 from byolfast.train.distributed import resolve_device
@@ -87,8 +87,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: Optional[str] 
     out_dir = Path(out)
     base = load_config(config or DEFAULT_PRESET, list(extra))
     size = base.data.image_size
-    data = build_demo_data(data_root, size=size)
-    scenes = data["scenes"]
+    scenes = build_scenes(Path(data_root) / f"scenes{size}", size=size)   # the demo's data only
     overrides = [f"data.path={scenes / 'train'}", f"eval.data={scenes}", f"train.out_dir={out_dir / 'byol'}",
                  "train.resume="]
     if quick:

@@ -6,7 +6,7 @@ Stages, in the loader's order (per image; the crop, flip, hand-over and colour s
   - flip: the in-place horizontal flip of the views that draw it;
   - hand_over: each view's crops into the tensor FFCV hands on (`ToDevice`'s copy, on the CPU);
   - colour: jitter in each sample's op order and grayscale (`cpu_augment.jitter_grayscale_`, uint8 -> float);
-  - blur: the gaussian blur of the samples that draw it;
+  - blur: the gaussian blur of the samples that draw it (`cpu_augment.blur_`);
   - normalise: solarize and the mean/std normalisation (`cpu_augment.solarize_normalise_`);
   - augment_other: the rest of the CPU colour path (its draws, layouts and allocations).
 decode, crop and flip run the primitives of `pipeline.backends.ffcv.decode.TwoViewCropFlipDecoder` in separate loops
@@ -108,7 +108,7 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
         clock(seconds, "flip", _flip, views, flips)
         with contextlib.ExitStack() as timers:
             for module, name, stage in ((cpu_augment, "jitter_grayscale_", "colour"),
-                                        (device_augment, "gaussian_blur", "blur"),
+                                        (cpu_augment, "blur_", "blur"),
                                         (cpu_augment, "solarize_normalise_", "normalise")):
                 timers.enter_context(timed_calls(module, name, seconds, stage))
             whole = 0.0

@@ -16,7 +16,8 @@ The ops of one view, in order (`OPS`):
              uniformly per sample from `JITTER_ORDERS`, each from its range (`jitter_ranges`); an op of strength 0 is
              skipped;
   grayscale  with probability `grayscale_p`: the luma (`LUMA`) on all three channels;
-  blur       with probability `blur_p`: a gaussian of `blur_kernel_size` taps, sigma uniform in `blur_sigma`;
+  blur       with probability `blur_p`: a gaussian of `blur_kernel_size` taps, sigma uniform in `blur_sigma`, cut at
+             `BLUR_TRUNCATE` sigmas (`blur_radius`; the cut taps weigh under 1e-4 of the kernel, see there);
   solarize   with probability `solarize_p`: x >= `solarize_threshold` -> 1 - x;
   normalise  (x - mean) / std per channel.
 The flip commutes with every op between it and the normalisation (they are per pixel, or per image and symmetric
@@ -37,6 +38,9 @@ ORDER_FREE = frozenset({"flip"})
 
 # torchvision's luma weights (ITU-R 601-2, as in PIL's "L" conversion).
 LUMA = (0.2989, 0.587, 0.114)
+# The blur kernel ends at this many sigmas (scipy.ndimage.gaussian_filter's default `truncate`), when that is shorter
+# than `blur_kernel_size`: see `blur_radius`.
+BLUR_TRUNCATE = 4.0
 # The jitter ops; their ids (positions) are the numbering of torchvision's ColorJitter (`fn_idx`).
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -141,6 +145,21 @@ def blur_kernel_size(image_size: int, kernel_frac: float) -> int:
     """Taps of the blur kernel: `kernel_frac` of the output size, rounded down, made odd (23 at 224 px, as SimCLR)."""
     k = max(1, int(image_size * kernel_frac))
     return k if k % 2 == 1 else k + 1
+
+
+def blur_radius(sigma: float, kernel_size: int) -> int:
+    """Taps on each side of the centre of the blur kernel of `sigma`: those of `kernel_size`, cut at `BLUR_TRUNCATE`
+    sigmas, min(kernel_size // 2, ceil(4 sigma)), computed in float32 as every engine does.
+
+    torchvision (and the paper's reference) always convolve with `kernel_size` taps. The taps beyond 4 sigma weigh
+    under exp(-8) = 3.4e-4 of the centre tap each and under 1e-4 of the kernel together, so the shorter kernel moves a
+    pixel by under 0.03 grey level; at 224 px it is 3-17 taps where the full one is 23 (BYOL's sigma in [0.1, 2]),
+    the blur's cost in the CPU kernels and DALI's graph. The torch module zeroes the same taps, so every engine
+    computes one kernel.
+    """
+    import numpy as np
+
+    return int(min(kernel_size // 2, np.ceil(np.float32(BLUR_TRUNCATE) * np.float32(sigma))))
 
 
 def check_stages(stages: Sequence[Sequence[str]], ops: Sequence[str] = OPS) -> None:

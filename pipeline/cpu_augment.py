@@ -7,7 +7,7 @@ its own ops, in its own order, one image at a time while it sits in cache, every
   - `jitter_grayscale_`: uint8 -> float [0, 1], then brightness / contrast / saturation / hue in the sample's order,
     then grayscale: the same formulas as the torch module, in float32, per pixel (its `deepmind` maths, the
     reference's, when `reference` is set; else torchvision's);
-  - (blur: the torch module's separable convolution, run only on the samples that draw it);
+  - `blur_`: the separable gaussian of the samples that draw it, over the spec's taps (cut at 4 sigma), row by row;
   - `solarize_normalise_`: solarize and the mean/std normalisation in one pass.
 `augment_crops` runs these stages (`STAGES`, the spec's ops grouped by fused pass) on a batch of crops. The op order,
 the luma weights, the jitter op ids and the draws are `pipeline.augment_spec`'s; the draws are the torch module's
@@ -27,6 +27,7 @@ import numba
 import numpy as np
 import torch
 
+from byolfast.pipeline.augment_spec import BLUR_TRUNCATE as _BLUR_TRUNCATE
 from byolfast.pipeline.augment_spec import BRIGHTNESS, CONTRAST, DRAW, HUE, LUMA, SATURATION
 from byolfast.pipeline.config import ViewSpec
 
@@ -251,6 +252,77 @@ def _solarize_normalise(samples, img, solarize, threshold, mean, std):
                     img[i, y, x, c] = (v - mean[c]) / std[c]
 
 
+@numba.njit(inline="always")
+def _reflect(i, n):
+    # torch's reflect padding (F.pad mode="reflect"): -1 -> 1, n -> n - 2; the radius is below n.
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * (n - 1) - i
+    return i
+
+
+@numba.njit(nogil=True)
+def _blur_one(img, tmp, sigma, max_radius):
+    # One float32 (H, W, 3) C-contiguous image in place: the separable gaussian of `sigma` over the spec's taps
+    # (`augment_spec.blur_radius`: at most `max_radius` a side, cut at BLUR_TRUNCATE sigmas), reflect padding, the
+    # torch module's kernel (torchvision's construction) and its order of sums (tap by tap, rows then columns).
+    # `tmp`: scratch of at least (H, (W + 2 radius) * 3) float32. Each pass runs along whole contiguous rows, so the
+    # inner loops vectorise.
+    r = min(max_radius, int(np.ceil(_F(_BLUR_TRUNCATE) * sigma)))
+    if r <= 0:
+        return
+    h, w = img.shape[0], img.shape[1]
+    # softmax(-((d / sqrt 2) / sigma)^2) in float32, the taps of `device_ops.gaussian_kernels`
+    taps = np.empty(2 * r + 1, dtype=np.float32)
+    total = _ZERO
+    for k in range(2 * r + 1):
+        x = _F(k - r) / _F(np.sqrt(2.0)) / sigma
+        taps[k] = np.exp(-(x * x))
+        total += taps[k]
+    for k in range(2 * r + 1):
+        taps[k] = taps[k] / total
+    rows = img.reshape(h, w * 3)
+    n = (w + 2 * r) * 3
+    # vertical pass into tmp, each row written at its left padding's offset
+    for y in range(h):
+        out = tmp[y, 3 * r:3 * r + w * 3]
+        src = rows[_reflect(y - r, h)]
+        t = taps[0]
+        for j in range(w * 3):
+            out[j] = src[j] * t
+        for k in range(1, 2 * r + 1):
+            src = rows[_reflect(y + k - r, h)]
+            t = taps[k]
+            for j in range(w * 3):
+                out[j] += src[j] * t
+    # horizontal pass back into img, after filling each row's reflected margins
+    for y in range(h):
+        line = tmp[y]
+        for x in range(1, r + 1):
+            for c in range(3):
+                line[3 * (r - x) + c] = line[3 * (r + x) + c]
+                line[3 * (r + w - 1 + x) + c] = line[3 * (r + w - 1 - x) + c]
+        out = rows[y]
+        t = taps[0]
+        for j in range(w * 3):
+            out[j] = line[j] * t
+        for k in range(1, 2 * r + 1):
+            t = taps[k]
+            for j in range(w * 3):
+                out[j] += line[j + 3 * k] * t
+    return
+
+
+@numba.njit(nogil=True, cache=True)
+def _blur(samples, img, blur, sigma, max_radius):
+    h, w = img.shape[1], img.shape[2]
+    tmp = np.empty((h, (w + 2 * max_radius) * 3), dtype=np.float32)
+    for i in samples:
+        if blur[i]:
+            _blur_one(img[i], tmp, sigma[i], max_radius)
+
+
 def _over_samples(kernel, n: int, threads: int, *args) -> None:
     # The kernels release the GIL: each thread takes every `threads`-th sample (per-sample work varies). Plain
     # Python threads rather than numba's parallel loops, whose default (workqueue) layer must not be entered from two
@@ -275,6 +347,15 @@ def jitter_grayscale_(src: np.ndarray, out: np.ndarray, jitter: np.ndarray, orde
                   saturation, hue, with_hue, grayscale, reference)
 
 
+def blur_(img: np.ndarray, blur: np.ndarray, sigma: np.ndarray, kernel_size: int, threads: int = 1) -> None:
+    """In place on float32 (N, H, W, 3), C-contiguous: sample i blurred where `blur[i]`, by the separable gaussian of
+    `sigma[i]` (float32 (N,)) over the spec's taps (at most `kernel_size`, cut at `augment_spec.BLUR_TRUNCATE`
+    sigmas) with reflect padding, as the torch module's `gaussian_blur` (within float rounding). Over `threads`
+    threads."""
+    if kernel_size > 1 and blur.any():
+        _over_samples(_blur, img.shape[0], threads, img, blur, sigma.astype(np.float32), kernel_size // 2)
+
+
 def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float, mean: np.ndarray, std: np.ndarray,
                         threads: int = 1) -> None:
     """In place on float32 [0, 1] (N, H, W, 3): x >= threshold -> 1 - x where `solarize[i]`, then (x - mean) / std
@@ -282,33 +363,49 @@ def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float,
     _over_samples(_solarize_normalise, img.shape[0], threads, img, solarize, np.float32(threshold), mean, std)
 
 
-# --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.cpu_jitter_grayscale`) ---
-# The packed float32 vector of one sample's parameters, (name, width) in order: the spec's draws of the jitter and
-# grayscale ops (the order as op ids) and the two flags the kernel needs (hue on, the reference's maths).
+# --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.cpu_augment_view`) ------
+# The packed float32 vector of one sample's parameters, (name, width) in order: the spec's draws of the ops after the
+# crop (the jitter order as op ids; 0/1 for coins) and the two flags the kernel needs (hue on, the reference's maths).
 KERNEL_PARAMS = (("jitter", 1), ("order", DRAW["order"].width), ("brightness", 1), ("contrast", 1),
-                 ("saturation", 1), ("hue", 1), ("hue_on", 1), ("grayscale", 1), ("reference", 1))
+                 ("saturation", 1), ("hue", 1), ("hue_on", 1), ("grayscale", 1), ("reference", 1), ("blur", 1),
+                 ("sigma", 1), ("solarize", 1), ("flip", 1))
 _AT = {name: sum(w for _, w in KERNEL_PARAMS[:i]) for i, (name, _) in enumerate(KERNEL_PARAMS)}
-JITTER_PARAMS = sum(w for _, w in KERNEL_PARAMS)
+VIEW_PARAMS = sum(w for _, w in KERNEL_PARAMS)
 _P_JITTER, _P_ORDER, _P_B, _P_C, _P_S, _P_H = (_AT[k] for k in ("jitter", "order", "brightness", "contrast",
                                                                 "saturation", "hue"))
 _P_HUE_ON, _P_GRAY, _P_REF, _P_WIDTH = _AT["hue_on"], _AT["grayscale"], _AT["reference"], DRAW["order"].width
+_P_BLUR, _P_SIGMA, _P_SOL, _P_FLIP = _AT["blur"], _AT["sigma"], _AT["solarize"], _AT["flip"]
 
 
 @numba.njit(nogil=True, cache=True)
-def jitter_grayscale_hwc(out, img, params):
-    """uint8 (H, W, 3) `img` -> uint8 `out`: colour jitter in the sample's order and grayscale, in float32 on
-    [0, 1], rounded once at the end. `params` (float32, JITTER_PARAMS) packed as `KERNEL_PARAMS`: jitter on (0/1),
-    the op ids in order, brightness (a delta with the reference's maths), contrast, saturation factors, hue shift
-    (turns), hue on (0/1), grayscale (0/1), the reference's (`deepmind`) maths (0/1)."""
+def augment_view_hwc(out, img, params, max_radius, threshold, mean, std):
+    """One view of one sample, every op after the crop: uint8 (H, W, 3) `img` -> float32 C-contiguous (H, W, 3)
+    `out`, normalised. Colour jitter in the sample's order and grayscale (`_jitter_grayscale_one`), the blur
+    (`_blur_one`, at most `max_radius` taps a side), solarize at `threshold`, the flip and (x - mean) / std (float32
+    (3,) arrays) in one last pass: the batch stages' formulas in float32, never rounded. `params` (float32,
+    VIEW_PARAMS) packed as `KERNEL_PARAMS`: jitter on (0/1), the op ids in order, brightness (a delta with the
+    reference's maths), contrast, saturation factors, hue shift (turns), hue on (0/1), grayscale (0/1), the
+    reference's (`deepmind`) maths (0/1), blur (0/1), sigma, solarize (0/1), flip (0/1)."""
     h, w = img.shape[0], img.shape[1]
-    x = np.empty((h, w, 3), dtype=np.float32)
     order = params[_P_ORDER:_P_ORDER + _P_WIDTH].astype(np.int64)
-    _jitter_grayscale_one(x, img, params[_P_JITTER] != 0, order, params[_P_B], params[_P_C], params[_P_S],
+    _jitter_grayscale_one(out, img, params[_P_JITTER] != 0, order, params[_P_B], params[_P_C], params[_P_S],
                           params[_P_H], params[_P_HUE_ON] != 0, params[_P_GRAY] != 0, params[_P_REF] != 0)
+    if params[_P_BLUR] != 0 and max_radius > 0:
+        tmp = np.empty((h, (w + 2 * max_radius) * 3), dtype=np.float32)
+        _blur_one(out, tmp, params[_P_SIGMA], max_radius)
+    sol, flip = params[_P_SOL] != 0, params[_P_FLIP] != 0
     for y in range(h):
-        for xx in range(w):
+        for x in range((w + 1) // 2 if flip else w):
+            x2 = w - 1 - x if flip else x
             for c in range(3):
-                out[y, xx, c] = np.uint8(x[y, xx, c] * _F(255.0) + _F(0.5))
+                a, b = out[y, x, c], out[y, x2, c]
+                if sol and a >= threshold:
+                    a = _ONE - a
+                if sol and b >= threshold:
+                    b = _ONE - b
+                out[y, x2, c] = (a - mean[c]) / std[c]
+                if x2 != x:
+                    out[y, x, c] = (b - mean[c]) / std[c]
 
 
 # --- a batch of crops: the stages of this engine --------------------------------------------------------------------
@@ -325,10 +422,7 @@ JITTER_KERNELS = {
 def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, color_ops: str, flip: bool,
                   kernel_size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """`STAGES` on uint8 (N, 3, S, S) crops (any strides) with the draws of `BatchedViewAugment.sample_params`: each
-    sample runs only its own ops, the blur (the torch module's separable convolution) only on the samples that draw
-    it, over torch's intra-op thread count. Returns float32 (N, 3, S, S), channels_last."""
-    from byolfast.pipeline.device_augment import gaussian_blur
-
+    sample runs only its own ops, the blur only on the samples that draw it, over torch's intra-op thread count. Returns float32 (N, 3, S, S), channels_last."""
     threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
     nhwc = nchw.permute(0, 2, 3, 1)
     if flip:
@@ -339,10 +433,7 @@ def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: Vie
     jitter_grayscale_(nhwc.numpy(), out.numpy(), params["jitter"].numpy(), params["order"].numpy(),
                       f32["brightness"], f32["contrast"], f32["saturation"], f32["hue"], spec.hue > 0,
                       params["grayscale"].numpy(), threads, color_ops == "deepmind")
-    result = out.permute(0, 3, 1, 2)   # channels_last view of the NHWC buffer
-    blurred = params["blur"].nonzero().flatten()   # on the CPU a data-dependent subset costs no sync
-    if kernel_size > 1 and blurred.numel():
-        result[blurred] = gaussian_blur(result[blurred], params["sigma"][blurred], kernel_size)
+    blur_(out.numpy(), params["blur"].numpy(), params["sigma"].numpy(), kernel_size, threads)
     solarize_normalise_(out.numpy(), params["solarize"].numpy(), np.float32(spec.solarize_threshold), mean, std,
                         threads)
-    return result
+    return out.permute(0, 3, 1, 2)   # channels_last view of the NHWC buffer

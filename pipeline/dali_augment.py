@@ -33,10 +33,11 @@ The flip is applied last, inside the normalising op: it commutes with every op i
 The op order, the draws (`draw_view`, the spec's table) and the jitter orders are `pipeline.augment_spec`'s;
 `STAGES` is the order this graph runs the spec's ops in.
 
-Where the images are on the CPU (`data.dali.cpu_kernels`, the default), colour jitter and grayscale run instead as one
-`fn.python_function` over `pipeline.cpu_augment`'s per-pixel numba kernels (`CpuJitter`): the same draws, the same
-formulas (either maths) in float32 rounded once, instead of the graph's pass over float images per arithmetic
-operator (the exact hue alone is ~60 of them); `byol bench --what stages` measures both. The GPU keeps the graph ops.
+Where the images are on the CPU (`data.dali.cpu_kernels`, the default), every op after the crop runs instead as one
+`fn.python_function` over `pipeline.cpu_augment.augment_view_hwc` (`CpuAugment`, `KERNEL_STAGES`): the same draws,
+the same formulas (either maths) in float32, never rounded, instead of the graph's passes over uint8 images (the
+exact hue alone is ~60 arithmetic operators over float images, and DALI's CPU blur costs ~10x the kernel's row
+passes); `byol bench --what stages` measures both. The GPU keeps the graph ops.
 """
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, JI
                                             SATURATION, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE, blur_kernel_size,
                                             draw_range)
 from byolfast.pipeline.config import ViewSpec
-from byolfast.pipeline.cpu_augment import KERNEL_PARAMS, jitter_grayscale_hwc
+from byolfast.pipeline.cpu_augment import KERNEL_PARAMS, augment_view_hwc
 
-# The spec's ops (after the crop) in the order this graph runs them; jitter and grayscale are one operator
-# (`CpuJitter`) where `cpu_threads` is set and the images are on the CPU, graph ops elsewhere.
+# The spec's ops (after the crop) in the order this graph runs them, and in the order of the one CPU operator
+# (`CpuAugment`) that replaces them where `cpu_threads` is set and the images are on the CPU.
 STAGES = (("jitter", "grayscale"), ("blur",), ("solarize",), ("flip", "normalise"))
+KERNEL_STAGES = (("jitter", "grayscale", "blur", "solarize", "flip", "normalise"),)
 
 # The helpers marked `do_not_convert` hold no `if` on per-sample data: keeping them out of DALI's conditional
 # (AutoGraph) rewriting shortens the pipeline's build, which the loader repeats every epoch; inside a branch their
@@ -259,22 +261,30 @@ def color_jitter(images: DataNode, order: DataNode, factors: dict[str, DataNode]
     return images
 
 
-class CpuJitter:
-    """`fn.python_function` body: colour jitter and grayscale of a batch of uint8 HWC images on the CPU, each sample
-    through `pipeline.cpu_augment.jitter_grayscale_hwc` (one numba pass per op, in float32, rounded once), the
-    samples spread over `threads` threads (the kernel releases the GIL).
+class CpuAugment:
+    """`fn.python_function` body: every op after the crop, for a batch of uint8 HWC images on the CPU, each sample
+    through `pipeline.cpu_augment.augment_view_hwc` (colour jitter, grayscale, blur, solarize, flip and normalise in
+    float32, never rounded, each pixel pass over one image while it sits in cache), the samples spread over
+    `threads` threads (the kernel releases the GIL). Returns float32 HWC images.
 
-    On the CPU this replaces the graph's per-op passes (the exact hue alone is ~60 DALI arithmetic ops over float
-    images); on the GPU the graph ops stay.
+    On the CPU this replaces the graph's per-op passes over uint8 images (the exact hue alone is ~60 DALI arithmetic
+    ops over float images; DALI's CPU blur convolves several times slower than the kernel's row passes); on the GPU
+    the graph ops stay.
     """
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, kernel_size: int, threshold: float, mean, std):
         self.threads = max(1, threads)
+        self.max_radius = kernel_size // 2
+        self.threshold = np.float32(threshold)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
 
     def __call__(self, images: list, params: list) -> list:
-        outs = [np.empty_like(img) for img in images]
+        outs = [np.empty(img.shape, dtype=np.float32) for img in images]
+        run = lambda out, img, p: augment_view_hwc(out, img, p, self.max_radius, self.threshold, self.mean,  # noqa
+                                                   self.std)
         with ThreadPoolExecutor(min(self.threads, len(outs))) as pool:
-            list(pool.map(jitter_grayscale_hwc, outs, images, params))
+            list(pool.map(run, outs, images, params))
         return outs
 
 
@@ -287,11 +297,12 @@ def _as_node(value: Union[DataNode, float], like: DataNode) -> DataNode:
 
 
 @do_not_convert
-def cpu_jitter_grayscale(images: DataNode, spec: ViewSpec, jitter: DataNode, order: DataNode,
-                         factors: dict[str, DataNode], gray: DataNode, threads: int,
-                         color_ops: str = "deepmind") -> DataNode:
-    """Colour jitter (in the per-sample `order`, with the maths of `color_ops`) and grayscale of CPU images in one
-    `CpuJitter` operator."""
+def cpu_augment_view(images: DataNode, spec: ViewSpec, drawn: dict[str, Union[DataNode, float]], image_size: int,
+                     mean: tuple[float, float, float], std: tuple[float, float, float], threads: int,
+                     color_ops: str = "deepmind") -> DataNode:
+    """Every op after the crop (the draws of `draw_view`) on CPU images in one `CpuAugment` operator: normalised
+    float32 HWC images."""
+    order = drawn["order"]
     keys = list(range(len(JITTER_ORDERS)))
     ops = [fn.lookup_table(order, keys=keys, values=[o[k] for o in JITTER_ORDERS], dtype=types.FLOAT)
            for k in range(4)]
@@ -299,11 +310,13 @@ def cpu_jitter_grayscale(images: DataNode, spec: ViewSpec, jitter: DataNode, ord
     identities = {"brightness": 0.0 if reference else 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
     # The packed vector of `cpu_augment.KERNEL_PARAMS`, built in its order (the graph's operators, and so their seeds,
     # keep the order they are built in).
-    scalars = {"jitter": jitter, **{name: factors.get(name, identities[name]) for name in JITTER_OPS},
-               "hue_on": float(spec.hue > 0), "grayscale": gray, "reference": float(reference)}
+    scalars = {"jitter": drawn["jitter"], **{name: drawn.get(name, identities[name]) for name in JITTER_OPS},
+               "hue_on": float(spec.hue > 0), "grayscale": drawn["grayscale"], "reference": float(reference),
+               "blur": drawn["blur"], "sigma": drawn["sigma"], "solarize": drawn["solarize"], "flip": drawn["flip"]}
     groups = [ops if name == "order" else [_as_node(scalars[name], order)] for name, _ in KERNEL_PARAMS]
     params = fn.stack(*[node for group in groups for node in group])
-    return fn.python_function(images, params, function=CpuJitter(threads), batch_processing=True, output_layouts="HWC")
+    body = CpuAugment(threads, blur_kernel_size(image_size, spec.blur_kernel_frac), spec.solarize_threshold, mean, std)
+    return fn.python_function(images, params, function=body, batch_processing=True, output_layouts="HWC")
 
 
 @do_not_convert
@@ -331,18 +344,18 @@ def apply_view(images: DataNode, spec: ViewSpec, drawn: dict[str, Union[DataNode
                color_ops: str = "deepmind") -> DataNode:
     """`STAGES` on cropped uint8 HWC images with the draws of `draw_view` (or any nodes of the same types, e.g. from
     an external source): see `augment_view` for the arguments."""
+    if cpu_threads > 0 and images.device == "cpu":
+        out = cpu_augment_view(images, spec, drawn, image_size, mean, std, cpu_threads, color_ops)
+        return out if dtype == types.FLOAT else fn.cast(out, dtype=dtype)
     flip, jitter, order, gray = drawn["flip"], drawn["jitter"], drawn["order"], drawn["grayscale"]
     blur, sigma, sol = drawn["blur"], drawn["sigma"], drawn["solarize"]
     factors = {name: drawn[name] for name in JITTER_OPS if name in drawn}
-    if cpu_threads > 0 and images.device == "cpu":
-        images = cpu_jitter_grayscale(images, spec, jitter, order, factors, gray, cpu_threads, color_ops)
-    else:
-        if spec.jitter_p > 0:
-            if jitter:
-                images = color_jitter(images, order, factors, exact_hue, color_ops)
-        if spec.grayscale_p > 0:
-            if gray:
-                images = grayscale(images)
+    if spec.jitter_p > 0:
+        if jitter:
+            images = color_jitter(images, order, factors, exact_hue, color_ops)
+    if spec.grayscale_p > 0:
+        if gray:
+            images = grayscale(images)
     window = blur_kernel_size(image_size, spec.blur_kernel_frac)
     if spec.blur_p >= 1:  # no split/merge when every sample is blurred (view 1)
         images = gaussian_blur(images, sigma, window)
@@ -373,8 +386,8 @@ def augment_view(images: DataNode, spec: ViewSpec, image_size: int, mean: tuple[
             for tests and debugging).
         exact_hue: torchvision's HSV hue shift (True) or DALI's faster chroma rotation (`fn.hsv`, False); only for
             the graph ops (the CPU kernel's hue is always torchvision's).
-        cpu_threads: if > 0 and the images are on the CPU, colour jitter and grayscale run as one `CpuJitter`
-            operator on this many threads instead of the graph ops (the same draws).
+        cpu_threads: if > 0 and the images are on the CPU, every op runs in one `CpuAugment` operator on this many
+            threads instead of the graph ops (the same draws).
         color_ops: the maths of colour jitter, `deepmind` (the paper's) or `torchvision`; the brightness draw is a
             delta for `deepmind`, a factor for `torchvision` (`jitter_ranges`).
 

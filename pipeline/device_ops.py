@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from byolfast.pipeline.augment_spec import JITTER_ORDERS, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE
+from byolfast.pipeline.augment_spec import BLUR_TRUNCATE, JITTER_ORDERS, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE
 from byolfast.pipeline.augment_spec import LUMA as _LUMA
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
@@ -144,10 +144,14 @@ def _slot_table() -> torch.Tensor:
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(N, K) normalised 1-D gaussian kernels, torchvision's construction (`_get_gaussian_kernel1d`) per sigma."""
+    """(N, K) normalised 1-D gaussian kernels, torchvision's construction (`_get_gaussian_kernel1d`) per sigma, with
+    the taps beyond the spec's cut (`augment_spec.blur_radius`: ceil(4 sigma) from the centre) set to 0."""
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
     xs = torch.linspace(-lim, lim, steps=kernel_size, dtype=sigma.dtype, device=sigma.device)
-    return torch.softmax(xs.unsqueeze(0).div(sigma.unsqueeze(1)).pow(2).neg(), dim=1)
+    logits = xs.unsqueeze(0).div(sigma.unsqueeze(1)).pow(2).neg()
+    offsets = torch.arange(kernel_size, device=sigma.device) - kernel_size // 2
+    cut = offsets.abs().unsqueeze(0) > torch.ceil(sigma.float() * BLUR_TRUNCATE).unsqueeze(1)
+    return torch.softmax(logits.masked_fill(cut, -math.inf), dim=1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

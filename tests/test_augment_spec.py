@@ -10,10 +10,10 @@ with a reason where there is no CUDA device (as every DALI engine is where DALI 
 The pixel check runs one batch per engine and maths: rows in groups, each group one op alone (flip, each jitter op,
 grayscale, blur, solarize, only the normalisation) with its draw, a group with every op on (which tells any two ops'
 order apart) and a group of whole chains as the spec's draws fall. Outputs are compared on [0, 1] pixels
-(un-normalised) with the `torch` engine's. Tolerances: float32 engines (`numba`, `torch-cuda`) `FLOAT_ATOL`; the DALI
-engines work on uint8 and round after each op (the graph) or once (the numba operator), and DALI's own ops use its
-luma (0.299 red) and window cut: `DALI_OP_ATOL` for one op, `DALI_CHAIN_ATOL` (max) and `DALI_CHAIN_MEAN` (mean) for
-the groups of several ops.
+(un-normalised) with the `torch` engine's. Tolerances: float32 engines (`numba`, `dali-kernel`: the numba
+operator inside DALI, `torch-cuda`) `FLOAT_ATOL`; the DALI graph engines work on uint8 and round after each op, and
+DALI's own ops use its luma (0.299 red): `DALI_OP_ATOL` for one op, `DALI_CHAIN_ATOL` (max) and `DALI_CHAIN_MEAN`
+(mean) for the groups of several ops.
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def _engine_output(engine: str, maths: str) -> np.ndarray:
 def test_every_op_gives_the_reference_pixels(engine, maths):
     """Each engine, fed the reference's draws, against the `torch` engine, op by op and for whole chains."""
     out, ref = _engine_output(engine, maths), _engine_output("torch", maths)
-    dali = engine.startswith("dali")
+    dali = engine in ("dali-graph", "dali-gpu")   # uint8 graph ops; the DALI kernel engine is the numba float path
     failures = []
     for c, case in enumerate(CASES):
         diff = np.abs(out[c * ROWS:(c + 1) * ROWS] - ref[c * ROWS:(c + 1) * ROWS])
@@ -222,7 +222,9 @@ def test_the_numba_kernel_packs_the_tables_draws():
     names = {d.name: d for d in S.DRAWS}
     for name, width in cpu_augment.KERNEL_PARAMS:
         assert name in ("hue_on", "reference") or names[name].width == width, name
-    assert cpu_augment.JITTER_PARAMS == sum(w for _, w in cpu_augment.KERNEL_PARAMS)
+    assert cpu_augment.VIEW_PARAMS == sum(w for _, w in cpu_augment.KERNEL_PARAMS)
+    after_crop = {d.name for d in S.DRAWS if d.op != "crop"}
+    assert after_crop <= {name for name, _ in cpu_augment.KERNEL_PARAMS}, "every draw after the crop is packed"
 
 
 def test_the_dali_engine_draws_the_tables_draws():
@@ -281,14 +283,14 @@ def _stages(engine: str):
         return device_augment.STAGES
     if engine == "numba":
         return cpu_augment.STAGES
-    if engine == "dali":
+    if engine in ("dali", "dali_kernel"):
         pytest.importorskip("nvidia.dali", reason="DALI is not installed")
         from byolfast.pipeline import dali_augment
-        return dali_augment.STAGES
+        return dali_augment.STAGES if engine == "dali" else dali_augment.KERNEL_STAGES
     return _torch_loader_stages()
 
 
-@pytest.mark.parametrize("engine", ["torch", "numba", "dali", "torch_loader"])
+@pytest.mark.parametrize("engine", ["torch", "numba", "dali", "dali_kernel", "torch_loader"])
 def test_every_engine_runs_exactly_the_specs_ops_in_its_order(engine):
     ops = S.OPS if engine == "torch_loader" else tuple(op for op in S.OPS if op != "crop")
     S.check_stages(_stages(engine), ops)

@@ -239,48 +239,42 @@ def test_augment_ops_match_torchvision(tree):
                 assert diff.max() <= 1.5 and diff.mean() < 0.5, f"op {k}: max {diff.max()}, mean {diff.mean()}"
 
 
-def test_cpu_jitter_kernel_matches_the_graph_ops(tree):
-    """On the CPU, colour jitter and grayscale run as one numba operator (`CpuJitter`); on the GPU as DALI's graph
-    ops. Both from the same per-sample draws (jitter coin, order, factors, grayscale coin) on real photographs: the
-    same images, up to the graph's rounding to uint8 after every op. torchvision's maths here; the reference's in
-    `tests/test_color_ops.py`."""
+def test_cpu_kernel_matches_the_graph_ops(tree):
+    """On the CPU every op after the crop runs as one numba operator (`CpuAugment`, float32); on the GPU as DALI's
+    graph ops (uint8, rounded after every op). Both from the same per-sample draws of `draw_view` (view 1 with
+    solarize and view 2's blur probability, so every op is drawn somewhere) on real photographs: the same images, up
+    to the graph's rounding. torchvision's maths here; the reference's in `tests/test_color_ops.py`."""
     from nvidia.dali import fn, pipeline_def, types
 
     from byolfast.pipeline import dali_augment as A
     from byolfast.pipeline.config import ViewSpec
 
-    spec = ViewSpec()
+    spec = ViewSpec(blur_p=0.5, solarize_p=0.3)
     files = [p for p, _ in scan_image_folder(tree)[0]]
+    names = ("jitter", "grayscale", "blur", "solarize", "flip")
 
     @pipeline_def(enable_conditionals=True)
     def both():
         jpegs, _ = fn.readers.file(files=files, name="Reader")
         img = fn.resize(fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), size=[SIZE, SIZE])
-        jitter = fn.random.coin_flip(probability=0.8, dtype=types.BOOL)
-        gray = fn.random.coin_flip(probability=0.2, dtype=types.BOOL)
-        order = fn.random.uniform(values=list(range(24)), dtype=types.INT32)
-        factors = {"brightness": fn.random.uniform(range=[0.6, 1.4]), "contrast": fn.random.uniform(range=[0.6, 1.4]),
-                   "saturation": fn.random.uniform(range=[0.8, 1.2]), "hue": fn.random.uniform(range=[-0.1, 0.1])}
-        kernel = A.cpu_jitter_grayscale(img, spec, jitter, order, factors, gray, threads=2, color_ops="torchvision")
-        graph = img
-        if jitter:
-            graph = A.color_jitter(graph, order, factors, color_ops="torchvision")
-        if gray:
-            graph = A.grayscale(graph)
-        return img, kernel, graph, jitter, gray
+        drawn = A.draw_view(spec, "torchvision")
+        kernel, graph = (A.apply_view(img, spec, drawn, SIZE, (0.0,) * 3, (1.0,) * 3, cpu_threads=threads,
+                                      color_ops="torchvision") for threads in (2, 0))
+        return (img, kernel, graph) + tuple(drawn[name] for name in names)
 
     pipe = both(batch_size=len(files), num_threads=2, device_id=None, seed=5)
     pipe.build()
-    img, kernel, graph, jitter, gray = pipe.run()
-    jitter = np.array([bool(np.array(jitter[i])) for i in range(len(files))])
-    assert 0 < jitter.sum() < len(files)
+    img, kernel, graph, *coins = pipe.run()
+    coins = {name: np.array([bool(np.array(c[i])) for i in range(len(files))]) for name, c in zip(names, coins)}
+    for name, c in coins.items():
+        assert 0 < c.sum() < len(files), f"every op is drawn on some samples and not on others: {name}"
     for i in range(len(files)):
-        k, g = np.array(kernel[i]).astype(float), np.array(graph[i]).astype(float)
+        k, g = np.array(kernel[i]).astype(float) * 255, np.array(graph[i]).astype(float) * 255
         assert k.shape == g.shape == (SIZE, SIZE, 3)
         diff = np.abs(k - g)
         assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 3, f"sample {i}: {diff.mean()}, {diff.max()}"
-        if not jitter[i] and not np.array(gray[i]):
-            assert (k == np.array(img[i])).all(), "no jitter, no grayscale: the image itself"
+        if not any(c[i] for c in coins.values()):
+            assert np.abs(k - np.array(img[i])).max() < 1e-3, "no op drawn: the image itself"
 
 
 def test_bad_files_are_left_out_and_counted(tmp_path, tree):

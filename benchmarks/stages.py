@@ -9,9 +9,11 @@ so backends can be compared where their stages are cut differently:
   - ffcv (`benchmarks.ffcv_stages`): FFCV's decode and crop primitives and the loader's CPU colour path;
   - dali (`dali_stage_ms`): one small pipeline per stage over the previous stage's outputs (DALI has no per-operator
     timing of its own for the dynamic executor): the decode (`fn.decoders.image`, the loader's path when
-    `data.dali.random_crop_decoder` is off), the crop (`crop_window` + `resize_window`), then `augment_view` with all
-    its optional ops off (`normalise`: the draws, the flip and `crop_mirror_normalize`) and with one group switched on
-    at a time (`colour`, `blur`, `solarize`: the difference, per repeat, to the all-off graph, floored at 0).
+    `data.dali.random_crop_decoder` is off), the crop, then `augment_view` with all its optional ops off
+    (`normalise`: the draws, the flip and the normalisation) and with one group switched on at a time (`colour`,
+    `blur`, `solarize`: the difference, per repeat, to the all-off graph, floored at 0). The crop is the loader's:
+    with `data.dali.cpu_kernels` (the default) the numba operator cutting and resizing the window with every other
+    op off, less the all-off pass; without, `crop_window` + `resize_window` (DALI's `fn.resize`).
 Thread CPU time for torch and ffcv (they run in the calling thread); process CPU time for DALI (its executor and
 worker threads do the work). CPU time, not wall time, so other jobs on a shared machine do not count: the table says
 what a loader's CPU path costs, not how fast it runs with several workers. On a GPU, parts of these paths move to the
@@ -194,6 +196,12 @@ def dali_stage_ms(cfg: DataConfig, files: Sequence[Path], *, repeats: int = 3, s
     crop_pipe = _dali_pipe(crop, [decoded], "HWC", seed)
     crops = _arrays(crop_pipe.run())
     off = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    kernel = bool(cfg.dali.cpu_kernels)
+
+    def crop_in_kernel(images):   # the loader's CPU path: the crop inside the numba operator, every other op off
+        shapes = images.shape(dtype=types.INT64)
+        return tuple(augment_view(images, dataclasses.replace(s, **off), size, aug.mean, aug.std, cpu_threads=1,
+                                  color_ops=aug.color_ops, window=crop_window(shapes, s)) for s in specs)
     switched_on = {"normalise": {}, "colour": {"jitter_p": None, "grayscale_p": None}, "blur": {"blur_p": None},
                    "solarize": {"solarize_p": None}}
 
@@ -202,7 +210,7 @@ def dali_stage_ms(cfg: DataConfig, files: Sequence[Path], *, repeats: int = 3, s
         return lambda *images: tuple(augment_view(x, v, size, aug.mean, aug.std, cpu_threads=int(cfg.dali.cpu_kernels),
                                                   color_ops=aug.color_ops) for x, v in zip(images, views))
 
-    pipes = {"decode": decode, "crop": crop_pipe,
+    pipes = {"decode": decode, "crop": _dali_pipe(crop_in_kernel, [decoded], "HWC", seed) if kernel else crop_pipe,
              **{stage: _dali_pipe(augment(on), crops, "HWC", seed) for stage, on in switched_on.items()}}
 
     def one_pass() -> dict[str, float]:
@@ -211,7 +219,8 @@ def dali_stage_ms(cfg: DataConfig, files: Sequence[Path], *, repeats: int = 3, s
             t = time.process_time()
             pipe.run()
             seconds[stage] = time.process_time() - t
-        for stage in ("colour", "blur", "solarize"):   # the op's graph less the all-off graph of the same pass
+        for stage in ("colour", "blur", "solarize") + (("crop",) if kernel else ()):
+            # the op's graph less the all-off graph of the same pass
             seconds[stage] = max(0.0, seconds[stage] - seconds["normalise"])
         return seconds
 

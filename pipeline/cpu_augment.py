@@ -30,6 +30,7 @@ import torch
 from byolfast.pipeline.augment_spec import BLUR_TRUNCATE as _BLUR_TRUNCATE
 from byolfast.pipeline.augment_spec import BRIGHTNESS, CONTRAST, DRAW, HUE, LUMA, SATURATION
 from byolfast.pipeline.config import ViewSpec
+from byolfast.pipeline.resample import resize_crop
 
 _F = np.float32
 _LUMA_R, _LUMA_G, _LUMA_B = (_F(w) for w in LUMA)
@@ -206,6 +207,13 @@ def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturat
         for x in range(w):
             for c in range(3):
                 img[y, x, c] = _F(src[y, x, c]) * _TO01
+    _jitter_grayscale_float(img, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale, reference)
+
+
+@numba.njit(nogil=True)
+def _jitter_grayscale_float(img, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale,
+                            reference):
+    # `_jitter_grayscale_one` on a float32 [0, 1] image, in place.
     if jitter:
         for k in range(4):
             op = order[k]
@@ -283,7 +291,6 @@ def _blur_one(img, tmp, sigma, max_radius):
     for k in range(2 * r + 1):
         taps[k] = taps[k] / total
     rows = img.reshape(h, w * 3)
-    n = (w + 2 * r) * 3
     # vertical pass into tmp, each row written at its left padding's offset
     for y in range(h):
         out = tmp[y, 3 * r:3 * r + w * 3]
@@ -387,9 +394,29 @@ def augment_view_hwc(out, img, params, max_radius, threshold, mean, std):
     reference's maths), contrast, saturation factors, hue shift (turns), hue on (0/1), grayscale (0/1), the
     reference's (`deepmind`) maths (0/1), blur (0/1), sigma, solarize (0/1), flip (0/1)."""
     h, w = img.shape[0], img.shape[1]
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                out[y, x, c] = _F(img[y, x, c]) * _TO01
+    _augment_float(out, params, max_radius, threshold, mean, std)
+
+
+@numba.njit(nogil=True, cache=True)
+def crop_augment_view_hwc(out, img, window, params, max_radius, threshold, mean, std):
+    """`augment_view_hwc` from the whole decoded image: the view's crop window (int (4,): top, left, height, width)
+    of uint8 (H, W, 3) `img` resized into float32 (S, S, 3) `out` by `pipeline.resample.resize_crop` (PIL's
+    antialiased bicubic, torchvision's), then every op after the crop, in place."""
+    resize_crop(out, img, window[0], window[1], window[2], window[3])
+    _augment_float(out, params, max_radius, threshold, mean, std)
+
+
+@numba.njit(nogil=True)
+def _augment_float(out, params, max_radius, threshold, mean, std):
+    # every op after the crop on a float32 [0, 1] (H, W, 3) image, in place (see `augment_view_hwc`)
+    h, w = out.shape[0], out.shape[1]
     order = params[_P_ORDER:_P_ORDER + _P_WIDTH].astype(np.int64)
-    _jitter_grayscale_one(out, img, params[_P_JITTER] != 0, order, params[_P_B], params[_P_C], params[_P_S],
-                          params[_P_H], params[_P_HUE_ON] != 0, params[_P_GRAY] != 0, params[_P_REF] != 0)
+    _jitter_grayscale_float(out, params[_P_JITTER] != 0, order, params[_P_B], params[_P_C], params[_P_S],
+                            params[_P_H], params[_P_HUE_ON] != 0, params[_P_GRAY] != 0, params[_P_REF] != 0)
     if params[_P_BLUR] != 0 and max_radius > 0:
         tmp = np.empty((h, (w + 2 * max_radius) * 3), dtype=np.float32)
         _blur_one(out, tmp, params[_P_SIGMA], max_radius)

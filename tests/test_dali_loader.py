@@ -277,6 +277,31 @@ def test_cpu_kernel_matches_the_graph_ops(tree):
             assert np.abs(k - np.array(img[i])).max() < 1e-3, "no op drawn: the image itself"
 
 
+def test_cpu_crop_is_pils_antialiased_bicubic_of_the_drawn_window(tree):
+    """On the CPU the crop's resize runs inside the numba operator (`CpuCropAugment`): with every other op off and
+    an identity normalisation, each view is PIL's antialiased bicubic resize of the window the loader drew
+    (torchvision's `resized_crop`, the torch backend's), from PIL's decode of the same file."""
+    from byolfast.pipeline.config import AugmentConfig, ViewSpec
+
+    off = ViewSpec(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    cfg = _cfg(tree, image_size=SIZE, random_crop_decoder=False)
+    cfg.augment = AugmentConfig(view1=off, view2=off, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    loader = DaliTwoViewLoader(cfg, LoaderContext(batch_size=BATCH, seed=3), debug_params=True)
+    paths = [p for p, _ in scan_image_folder(tree)[0]]
+    batch, params = next(iter(loader.iter_with_params()))
+    diffs = []
+    for v, view in ((1, batch.view1), (2, batch.view2)):
+        for k in range(BATCH):
+            top, left = (int(t) for t in params[f"view{v}/crop_anchor"][k])
+            h, w = (int(t) for t in params[f"view{v}/crop_shape"][k])
+            img = Image.open(paths[int(batch.index[k])]).convert("RGB")
+            ref = np.asarray(img.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+            diffs.append(np.abs(view[k].permute(1, 2, 0).float().numpy() * 255 - ref))
+    loader.close()
+    d = np.stack(diffs)
+    assert d.mean() < 0.08 and np.percentile(d, 99) <= 2, f"mean {d.mean():.3f}, max {d.max():.1f}"
+
+
 def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     root = tmp_path / "bad"
     for cname in ("a", "b"):

@@ -136,16 +136,20 @@ def two_view_pipeline(source: dict, aug: AugmentConfig, image_size: int, decoder
     if not random_crop_decoder:
         kwargs = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **kwargs)
+    # On the CPU with the numba operator, the crop's resize runs inside it too (`CpuCropAugment`).
+    crop_in_kernel = cpu_threads > 0 and decoder == "cpu" and not random_crop_decoder
     views, draws = [], []
     for spec in (aug.view1, aug.view2):
         anchor, shape = crop_window(shapes, spec)
         if random_crop_decoder:
             cropped = decode_window(jpegs, anchor, shape, image_size, decoder, hw_decoder_load)
+        elif crop_in_kernel:
+            cropped = images
         else:
             cropped = resize_window(images, anchor, shape, image_size)
         drawn = {} if debug else None
         views.append(augment_view(cropped, spec, image_size, aug.mean, aug.std, out_dtype, drawn, exact_hue,
-                                  cpu_threads, aug.color_ops))
+                                  cpu_threads, aug.color_ops, (anchor, shape) if crop_in_kernel else None))
         if debug:
             drawn.update(crop_anchor=anchor, crop_shape=shape)
             draws.extend(drawn.get(k, fn.cast(index, dtype=types.FLOAT) * 0 - 1) for k in DEBUG_DRAWS)

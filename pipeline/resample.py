@@ -1,0 +1,128 @@
+"""The random resized crop's resize as a numba kernel: PIL's antialiased bicubic (torchvision's `resized_crop` on
+PIL images, the torch backend's), for the engines that crop on the CPU inside their own kernels.
+
+`resize_crop(out, img, top, left, height, width)` resizes the window `img[top:top + height, left:left + width]` of a
+uint8 (H, W, 3) image into float32 (S, S, 3) `out` on [0, 1], rounded to whole grey levels as PIL's uint8 result is.
+PIL's convolution resampler, in float32: each output pixel is a normalised sum over the input pixels within the
+filter's support, the support widened by the scale when downscaling (the antialiasing), the window cut out first
+(torchvision crops, then resizes: pixels outside the window never count). Keys' cubic with a = -0.5 (PIL's).
+Two passes, each clipped and rounded to uint8 levels, in PIL's order (`resize_crop`); PIL sums in fixed point where this sums in float32, so outputs agree with PIL's within a few grey levels
+at the rare half-way roundings, most pixels exactly (`tests/test_resample.py`).
+
+Cost at 224 px from a 500x375 photograph: about 1 ms a view on one core, where DALI's CPU `fn.resize` (antialiased
+cubic, its own filter) takes ~2.2 ms and PIL ~1.3 ms; every pass runs along contiguous rows.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+_F = np.float32
+_A = -0.5   # PIL's bicubic
+
+
+@numba.njit(inline="always")
+def _cubic(x):
+    x = abs(x)
+    if x < 1.0:
+        return ((_A + 2.0) * x - (_A + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * _A
+    return 0.0
+
+
+@numba.njit(inline="always")
+def _level(v):
+    # PIL's uint8 result of a pass: clipped to [0, 255] and rounded half up
+    return _F(np.floor(min(max(v, _F(0.0)), _F(255.0)) + _F(0.5)))
+
+
+@numba.njit(nogil=True, cache=True)
+def coefficients(in_size, out_size):
+    """PIL's `precompute_coeffs` for bicubic: (first input index, taps) per output index, and the normalised
+    float32 weights, (out_size, max taps)."""
+    scale = in_size / out_size
+    fscale = max(scale, 1.0)
+    support = 2.0 * fscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    bounds = np.empty((out_size, 2), dtype=np.int64)
+    weights = np.zeros((out_size, ksize), dtype=np.float32)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        total = 0.0
+        taps = np.empty(hi - lo, dtype=np.float64)
+        for j in range(hi - lo):
+            taps[j] = _cubic((j + lo - center + 0.5) / fscale)
+            total += taps[j]
+        for j in range(hi - lo):
+            weights[i, j] = taps[j] / total if total != 0.0 else 0.0
+        bounds[i, 0], bounds[i, 1] = lo, hi - lo
+    return bounds, weights
+
+
+@numba.njit(nogil=True)
+def _columns(dst, src, bounds, weights):
+    # dst[y, i] = level(sum_j w_ij src[y, lo_i + j]) for each row y: (n, m_in, 3) -> (n, m_out, 3)
+    for y in range(src.shape[0]):
+        for i in range(dst.shape[1]):
+            lo, n = bounds[i, 0], bounds[i, 1]
+            r = _F(0.0)
+            g = _F(0.0)
+            b = _F(0.0)
+            for j in range(n):
+                w = weights[i, j]
+                r += w * _F(src[y, lo + j, 0])
+                g += w * _F(src[y, lo + j, 1])
+                b += w * _F(src[y, lo + j, 2])
+            dst[y, i, 0], dst[y, i, 1], dst[y, i, 2] = _level(r), _level(g), _level(b)
+
+
+@numba.njit(nogil=True)
+def _rows(dst, src, bounds, weights):
+    # dst[i] = level(sum_j w_ij src[lo_i + j]), whole rows at a time: (n_in, m, 3) -> (n_out, m, 3)
+    m = src.shape[1]
+    acc = np.empty((m, 3), dtype=np.float32)
+    for i in range(dst.shape[0]):
+        lo, n = bounds[i, 0], bounds[i, 1]
+        for j in range(n):
+            w = weights[i, j]
+            row = src[lo + j]
+            if j == 0:
+                for x in range(m):
+                    for c in range(3):
+                        acc[x, c] = w * _F(row[x, c])
+            else:
+                for x in range(m):
+                    for c in range(3):
+                        acc[x, c] += w * _F(row[x, c])
+        for x in range(m):
+            for c in range(3):
+                dst[i, x, c] = _level(acc[x, c])
+
+
+@numba.njit(nogil=True, cache=True)
+def resize_crop(out, img, top, left, height, width):
+    """The window (top, left, height, width) of uint8 (H, W, 3) `img` -> float32 (S, S', 3) `out` on [0, 1],
+    antialiased bicubic, each pass clipped and rounded to grey levels. Columns first, unless they enlarge while the
+    rows shrink: then rows first, as PIL does (measured against Pillow 13: either order elsewhere differs from it in
+    ~15 % of the pixels by a grey level)."""
+    oh, ow = out.shape[0], out.shape[1]
+    xb, xw = coefficients(width, ow)
+    yb, yw = coefficients(height, oh)
+    window = img[top:top + height, left:left + width]
+    if not (width < ow and height > oh):
+        tmp = np.empty((height, ow, 3), dtype=np.float32)
+        _columns(tmp, window, xb, xw)
+        _rows(out, tmp, yb, yw)
+    else:
+        tmp = np.empty((oh, width, 3), dtype=np.float32)
+        _rows(tmp, window, yb, yw)
+        _columns(out, tmp, xb, xw)
+    for y in range(oh):
+        for x in range(ow):
+            for c in range(3):
+                out[y, x, c] *= _F(1.0 / 255.0)

@@ -154,8 +154,8 @@ def blur_radius(sigma: float, kernel_size: int) -> int:
     torchvision (and the paper's reference) always convolve with `kernel_size` taps. The taps beyond 4 sigma weigh
     under exp(-8) = 3.4e-4 of the centre tap each and under 1e-4 of the kernel together, so the shorter kernel moves a
     pixel by under 0.03 grey level; at 224 px it is 3-17 taps where the full one is 23 (BYOL's sigma in [0.1, 2]),
-    the blur's cost in the CPU kernels and DALI's graph. The torch module zeroes the same taps, so every engine
-    computes one kernel.
+    the blur's cost in the CPU kernels, DALI's graph and the torch backend's `SpecGaussianBlur`. The batched torch
+    module zeroes the same taps, so every engine computes one kernel.
     """
     import numpy as np
 

@@ -261,11 +261,11 @@ def test_the_dali_engine_draws_the_tables_draws():
 def _torch_loader_stages() -> list[tuple[str]]:
     from torchvision.transforms import v2
 
-    from byolfast.pipeline.backends.torch.loader import ReferenceColorJitter, build_view_transform
+    from byolfast.pipeline.backends.torch.loader import ReferenceColorJitter, SpecGaussianBlur, build_view_transform
 
     names = {v2.RandomResizedCrop: "crop", v2.RandomHorizontalFlip: "flip", v2.RandomGrayscale: "grayscale",
              v2.RandomSolarize: "solarize", v2.Normalize: "normalise", v2.ColorJitter: "jitter",
-             ReferenceColorJitter: "jitter", v2.GaussianBlur: "blur"}
+             ReferenceColorJitter: "jitter", SpecGaussianBlur: "blur"}
     stages = []
     for maths in COLOR_OPS:
         found = []
@@ -318,3 +318,29 @@ def test_every_engine_implements_every_jitter_op_in_both_maths():
         assert set(table) == set(COLOR_OPS), engine
         for maths, ops in table.items():
             assert tuple(ops) == S.JITTER_OPS and all(callable(f) for f in ops.values()), (engine, maths)
+
+
+def test_every_engine_cuts_the_blur_at_the_specs_radius():
+    """The blur kernel ends at `blur_radius` (4 sigma, at most the spec's taps) in the torch module's kernels, the
+    numba kernel and the torch backend's torchvision transform, and the cut moves a pixel by under 1e-4."""
+    from torchvision.transforms.v2 import functional as F
+
+    from byolfast.pipeline.backends.torch.loader import SpecGaussianBlur
+    from byolfast.pipeline.device_ops import gaussian_blur, gaussian_kernels
+
+    sigmas = torch.tensor([0.1, 0.3, 0.74, 1.0, 1.3, 2.0, 2.9])
+    kernels = gaussian_kernels(sigmas, 23)
+    for s, k in zip(sigmas.tolist(), kernels):
+        r = S.blur_radius(s, 23)
+        assert r == min(11, int(np.ceil(4 * np.float32(s)))) and (k > 0).sum() == 2 * r + 1, s
+    x = torch.rand(len(sigmas), 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    ref = gaussian_blur(x, sigmas, 23)
+    spec_blur = SpecGaussianBlur(23)
+    for i, s in enumerate(sigmas.tolist()):
+        out = spec_blur.transform(x[i], {"sigma": [s, s]})
+        torch.testing.assert_close(out, ref[i], atol=2e-6, rtol=0)
+        full = F.gaussian_blur(x[i], [23, 23], [s, s])   # torchvision's uncut kernel
+        assert (out - full).abs().max() < 1e-4
+    nhwc = x.permute(0, 2, 3, 1).contiguous().numpy()
+    cpu_augment.blur_(nhwc, np.ones(len(sigmas), bool), sigmas.numpy(), 23)
+    torch.testing.assert_close(torch.from_numpy(nhwc).permute(0, 3, 1, 2), ref, atol=2e-6, rtol=0)

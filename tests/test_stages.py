@@ -9,7 +9,7 @@ import torch
 
 from byolfast.benchmarks import stages
 from byolfast.benchmarks.bench_data import build_bench_images
-from byolfast.pipeline.config import DataConfig
+from byolfast.pipeline.config import DaliConfig, DataConfig
 
 TINY = ["data.image_size=16", "train.batch_size=4", "train.precision=fp32", "train.num_threads=1",
         "data.num_workers=0", "data.dali.num_threads=1"]
@@ -49,7 +49,12 @@ def test_dali_stages_run_one_pipeline_per_stage(folder):
     pytest.importorskip("nvidia.dali")
     ms = stages.dali_stage_ms(DataConfig(image_size=16), sorted(folder.glob("*/*.jpg")), repeats=1)
     _check(ms, stages.DALI_STAGES)
-    assert all(ms[s] > 0 for s in ("decode", "crop", "normalise"))
+    # the crop inside the numba operator is a difference of two passes (floored at 0): on these small images it can
+    # be within the noise; the graph's crop (`fn.resize`) is a pass of its own
+    assert all(ms[s] > 0 for s in ("decode", "normalise")) and ms["crop"] >= 0
+    graph = stages.dali_stage_ms(DataConfig(image_size=16, dali=DaliConfig(cpu_kernels=False)),
+                                 sorted(folder.glob("*/*.jpg")), repeats=1)
+    assert graph["crop"] > 0
 
 
 def test_stage_fields_shares_and_groups():

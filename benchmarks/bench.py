@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/bench", help="folder for the benchmark images and their conversions")
     p.add_argument("--images", type=int, default=0,
                    help="benchmark images (0: enough per epoch for the warm-up, the loaders' read-ahead and the timed "
-                        "batches; at least 384)")
+                        "batches, at least 384; 384 for --what stages, whose timers read only --stage-images)")
     p.add_argument("--photo-size", type=photo_size, default=PHOTO_SIZE, metavar="WxH",
                    help="size of the benchmark JPEGs (a quarter of them portrait), e.g. 500x375")
     p.add_argument("--warmup", type=int, default=-1, help="untimed model steps (-1: 2 on CPU, 10 on GPU)")
@@ -341,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = _config(args, overrides)
     from byolfast.train.runtime import configure_torch, resolve_precision
     configure_torch(device, cfg.train.num_threads)
+    if not args.images and args.what == "stages":   # the stage timers read only their first images
+        args.images = max(384, args.stage_images)
     if not args.images:   # an epoch holds each repeat: warm-up, the loaders' read-ahead, the timed batches
         d = cfg.data
         ahead = max(2 * d.num_workers + 1, d.dali.prefetch_queue_depth + 1, d.ffcv.batches_ahead + 1)

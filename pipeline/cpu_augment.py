@@ -421,18 +421,29 @@ def _augment_float(out, params, max_radius, threshold, mean, std):
         tmp = np.empty((h, (w + 2 * max_radius) * 3), dtype=np.float32)
         _blur_one(out, tmp, params[_P_SIGMA], max_radius)
     sol, flip = params[_P_SOL] != 0, params[_P_FLIP] != 0
+    # solarize and normalise along whole rows (the per-element mean and std tiled over a row), then the flip
+    m = w * 3
+    mean_row, std_row = np.empty(m, dtype=np.float32), np.empty(m, dtype=np.float32)
+    for k in range(m):
+        mean_row[k], std_row[k] = mean[k % 3], std[k % 3]
+    rows = out.reshape(h, m)
+    line = np.empty(m, dtype=np.float32)
     for y in range(h):
-        for x in range((w + 1) // 2 if flip else w):
-            x2 = w - 1 - x if flip else x
-            for c in range(3):
-                a, b = out[y, x, c], out[y, x2, c]
-                if sol and a >= threshold:
-                    a = _ONE - a
-                if sol and b >= threshold:
-                    b = _ONE - b
-                out[y, x2, c] = (a - mean[c]) / std[c]
-                if x2 != x:
-                    out[y, x, c] = (b - mean[c]) / std[c]
+        row = rows[y]
+        if sol:
+            for k in range(m):
+                v = row[k]
+                line[k] = ((_ONE - v if v >= threshold else v) - mean_row[k]) / std_row[k]
+        else:
+            for k in range(m):
+                line[k] = (row[k] - mean_row[k]) / std_row[k]
+        if flip:
+            for x in range(w):
+                for c in range(3):
+                    row[3 * x + c] = line[3 * (w - 1 - x) + c]
+        else:
+            for k in range(m):
+                row[k] = line[k]
 
 
 # --- a batch of crops: the stages of this engine --------------------------------------------------------------------

@@ -65,64 +65,69 @@ def coefficients(in_size, out_size):
 
 
 @numba.njit(nogil=True)
-def _columns(dst, src, bounds, weights):
-    # dst[y, i] = level(sum_j w_ij src[y, lo_i + j]) for each row y: (n, m_in, 3) -> (n, m_out, 3)
-    for y in range(src.shape[0]):
-        for i in range(dst.shape[1]):
-            lo, n = bounds[i, 0], bounds[i, 1]
-            r = _F(0.0)
-            g = _F(0.0)
-            b = _F(0.0)
-            for j in range(n):
-                w = weights[i, j]
-                r += w * _F(src[y, lo + j, 0])
-                g += w * _F(src[y, lo + j, 1])
-                b += w * _F(src[y, lo + j, 2])
-            dst[y, i, 0], dst[y, i, 1], dst[y, i, 2] = _level(r), _level(g), _level(b)
+def _rows(dst, src, bounds, weights):
+    # dst[i] = level(sum_j w_ij src[lo_i + j]) over whole rows: float32 C-contiguous (n_in, m) -> (n_out, m); the
+    # inner loops run along contiguous rows, so they vectorise
+    m = src.shape[1]
+    for i in range(dst.shape[0]):
+        lo, n = bounds[i, 0], bounds[i, 1]
+        acc = dst[i]
+        w = weights[i, 0]
+        row = src[lo]
+        for k in range(m):
+            acc[k] = w * row[k]
+        for j in range(1, n):
+            w = weights[i, j]
+            row = src[lo + j]
+            for k in range(m):
+                acc[k] += w * row[k]
+        for k in range(m):
+            acc[k] = _level(acc[k])
 
 
 @numba.njit(nogil=True)
-def _rows(dst, src, bounds, weights):
-    # dst[i] = level(sum_j w_ij src[lo_i + j]), whole rows at a time: (n_in, m, 3) -> (n_out, m, 3)
-    m = src.shape[1]
-    acc = np.empty((m, 3), dtype=np.float32)
-    for i in range(dst.shape[0]):
-        lo, n = bounds[i, 0], bounds[i, 1]
-        for j in range(n):
-            w = weights[i, j]
-            row = src[lo + j]
-            if j == 0:
-                for x in range(m):
-                    for c in range(3):
-                        acc[x, c] = w * _F(row[x, c])
-            else:
-                for x in range(m):
-                    for c in range(3):
-                        acc[x, c] += w * _F(row[x, c])
-        for x in range(m):
+def _transposed(src):
+    # (A, B, 3) -> float32 C-contiguous (B, A * 3): pixel (a, b) to row b, so that a pass along A runs on rows
+    a_n, b_n = src.shape[0], src.shape[1]
+    dst = np.empty((b_n, a_n * 3), dtype=np.float32)
+    for a in range(a_n):
+        for b in range(b_n):
             for c in range(3):
-                dst[i, x, c] = _level(acc[x, c])
+                dst[b, 3 * a + c] = _F(src[a, b, c])
+    return dst
 
 
 @numba.njit(nogil=True, cache=True)
 def resize_crop(out, img, top, left, height, width):
-    """The window (top, left, height, width) of uint8 (H, W, 3) `img` -> float32 (S, S', 3) `out` on [0, 1],
-    antialiased bicubic, each pass clipped and rounded to grey levels. Columns first, unless they enlarge while the
-    rows shrink: then rows first, as PIL does (measured against Pillow 13: either order elsewhere differs from it in
-    ~15 % of the pixels by a grey level)."""
+    """The window (top, left, height, width) of uint8 (H, W, 3) `img` -> float32 C-contiguous (S, S', 3) `out` on
+    [0, 1], antialiased bicubic, each pass clipped and rounded to grey levels. Columns first, unless they enlarge
+    while the rows shrink: then rows first, as PIL does (measured against Pillow 13: either order elsewhere differs
+    from it in ~15 % of the pixels by a grey level). Both passes run along contiguous rows: the columns' pass on the
+    transposed image."""
     oh, ow = out.shape[0], out.shape[1]
     xb, xw = coefficients(width, ow)
     yb, yw = coefficients(height, oh)
     window = img[top:top + height, left:left + width]
+    rows = out.reshape(oh, ow * 3)
     if not (width < ow and height > oh):
-        tmp = np.empty((height, ow, 3), dtype=np.float32)
-        _columns(tmp, window, xb, xw)
-        _rows(out, tmp, yb, yw)
+        cols = np.empty((ow, height * 3), dtype=np.float32)
+        _rows(cols, _transposed(window), xb, xw)                   # (width, height) -> (ow, height)
+        _rows(rows, _transposed(cols.reshape(ow, height, 3)), yb, yw)   # (height, ow) -> (oh, ow)
     else:
-        tmp = np.empty((oh, width, 3), dtype=np.float32)
-        _rows(tmp, window, yb, yw)
-        _columns(out, tmp, xb, xw)
+        first = np.empty((oh, width * 3), dtype=np.float32)
+        flat = np.empty((height, width * 3), dtype=np.float32)
+        for y in range(height):
+            for x in range(width):
+                for c in range(3):
+                    flat[y, 3 * x + c] = _F(window[y, x, c])
+        _rows(first, flat, yb, yw)                                  # (height, width) -> (oh, width)
+        cols = np.empty((ow, oh * 3), dtype=np.float32)
+        _rows(cols, _transposed(first.reshape(oh, width, 3)), xb, xw)   # (width, oh) -> (ow, oh)
+        back = cols.reshape(ow, oh, 3)
+        for y in range(oh):
+            for x in range(ow):
+                for c in range(3):
+                    out[y, x, c] = back[x, y, c]
     for y in range(oh):
-        for x in range(ow):
-            for c in range(3):
-                out[y, x, c] *= _F(1.0 / 255.0)
+        for k in range(ow * 3):
+            rows[y, k] *= _F(1.0 / 255.0)

@@ -2,7 +2,8 @@
 
 Stages, in the loader's order (per image; the crop, flip, hand-over and colour stages count both views):
   - decode: the JPEG decode into the scratch buffer (libjpeg-turbo through FFCV's `imdecode`; raw images skip it);
-  - crop: the seeded draws (`crop_flip_params`) and the INTER_AREA resize of each view's crop (FFCV's `resize_crop`);
+  - crop: the seeded draws (`crop_flip_params`) and the resize of each view's crop (`resample.resize_crop_u8`, the
+    decoder's);
   - flip: the in-place horizontal flip of the views that draw it;
   - hand_over: each view's crops into the tensor FFCV hands on (`ToDevice`'s copy, on the CPU);
   - colour: jitter in each sample's op order and grayscale (`cpu_augment.jitter_grayscale_`, uint8 -> float);
@@ -26,16 +27,16 @@ import torch
 
 from byolfast.benchmarks.stages import clock, median_ms, one_torch_thread, timed_calls
 from byolfast.pipeline.config import DataConfig
+from byolfast.pipeline.resample import resize_crop_u8
 from byolfast.pipeline.backends.ffcv.decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
 
 with keep_torch_threads():
     from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.reader import Reader
 
 STAGES = ("decode", "crop", "flip", "hand_over", "colour", "blur", "normalise", "augment_other")
 _imdecode = numba.njit(imdecode)
-_resize_crop = numba.njit(resize_crop)
 
 
 @numba.njit
@@ -53,7 +54,7 @@ def _crop(decoded, heights, widths, seeds, index, scale, ratio, flip_p, views, f
         image = decoded[k, :3 * h0 * w0].reshape((h0, w0, 3))
         for v in range(2):
             i, j, h, w, flip = crop_flip_params(seeds[v], index[k], h0, w0, scale[v], ratio[v], flip_p[v])
-            _resize_crop(image, i, i + h, j, j + w, views[v, k])
+            resize_crop_u8(views[v, k], image, i, j, h, w)
             flips[v, k] = flip
 
 

@@ -2,15 +2,17 @@
 PIL images, the torch backend's), for the engines that crop on the CPU inside their own kernels.
 
 `resize_crop(out, img, top, left, height, width)` resizes the window `img[top:top + height, left:left + width]` of a
-uint8 (H, W, 3) image into float32 (S, S, 3) `out` on [0, 1], rounded to whole grey levels as PIL's uint8 result is.
+uint8 (H, W, 3) image into float32 (S, S, 3) `out` on [0, 1], rounded to whole grey levels as PIL's uint8 result is
+(DALI's CPU operator); `resize_crop_u8` writes the same levels as uint8 (the FFCV decoder).
 PIL's convolution resampler, in float32: each output pixel is a normalised sum over the input pixels within the
 filter's support, the support widened by the scale when downscaling (the antialiasing), the window cut out first
 (torchvision crops, then resizes: pixels outside the window never count). Keys' cubic with a = -0.5 (PIL's).
 Two passes, each clipped and rounded to uint8 levels, in PIL's order (`resize_crop`); PIL sums in fixed point where this sums in float32, so outputs agree with PIL's within a few grey levels
 at the rare half-way roundings, most pixels exactly (`tests/test_resample.py`).
 
-Cost at 224 px from a 500x375 photograph: about 1 ms a view on one core, where DALI's CPU `fn.resize` (antialiased
-cubic, its own filter) takes ~2.2 ms and PIL ~1.3 ms; every pass runs along contiguous rows.
+Cost at 224 px from a 500x375 photograph: ~0.45 ms a view on one core, where DALI's CPU `fn.resize` (antialiased
+cubic, its own filter) takes ~2.2 ms, PIL ~1.3 ms and FFCV's OpenCV `INTER_AREA` ~0.7 ms; both passes run along
+contiguous rows.
 """
 from __future__ import annotations
 
@@ -97,18 +99,15 @@ def _transposed(src):
     return dst
 
 
-@numba.njit(nogil=True, cache=True)
-def resize_crop(out, img, top, left, height, width):
-    """The window (top, left, height, width) of uint8 (H, W, 3) `img` -> float32 C-contiguous (S, S', 3) `out` on
-    [0, 1], antialiased bicubic, each pass clipped and rounded to grey levels. Columns first, unless they enlarge
-    while the rows shrink: then rows first, as PIL does (measured against Pillow 13: either order elsewhere differs
-    from it in ~15 % of the pixels by a grey level). Both passes run along contiguous rows: the columns' pass on the
-    transposed image."""
-    oh, ow = out.shape[0], out.shape[1]
+@numba.njit(nogil=True)
+def _resize_levels(rows, img, top, left, height, width, oh, ow):
+    # the window's antialiased bicubic resize as grey levels (whole numbers in [0, 255]) into float32 C-contiguous
+    # (oh, ow * 3) `rows`. Columns first, unless they enlarge while the rows shrink: then rows first, as PIL does
+    # (measured against Pillow 13: either order elsewhere differs from it in ~15 % of the pixels by a grey level).
+    # Both passes run along contiguous rows: the columns' pass on the transposed image.
     xb, xw = coefficients(width, ow)
     yb, yw = coefficients(height, oh)
     window = img[top:top + height, left:left + width]
-    rows = out.reshape(oh, ow * 3)
     if not (width < ow and height > oh):
         cols = np.empty((ow, height * 3), dtype=np.float32)
         _rows(cols, _transposed(window), xb, xw)                   # (width, height) -> (ow, height)
@@ -127,7 +126,28 @@ def resize_crop(out, img, top, left, height, width):
         for y in range(oh):
             for x in range(ow):
                 for c in range(3):
-                    out[y, x, c] = back[x, y, c]
+                    rows[y, 3 * x + c] = back[x, y, c]
+
+
+@numba.njit(nogil=True, cache=True)
+def resize_crop(out, img, top, left, height, width):
+    """The window (top, left, height, width) of uint8 (H, W, 3) `img` -> float32 C-contiguous (S, S', 3) `out` on
+    [0, 1], antialiased bicubic, each pass clipped and rounded to grey levels, in PIL's order of passes."""
+    oh, ow = out.shape[0], out.shape[1]
+    rows = out.reshape(oh, ow * 3)
+    _resize_levels(rows, img, top, left, height, width, oh, ow)
     for y in range(oh):
         for k in range(ow * 3):
             rows[y, k] *= _F(1.0 / 255.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def resize_crop_u8(out, img, top, left, height, width):
+    """`resize_crop` into uint8 C-contiguous (S, S', 3) `out`: PIL's uint8 result (the FFCV decoder's crops)."""
+    oh, ow = out.shape[0], out.shape[1]
+    levels = np.empty((oh, ow * 3), dtype=np.float32)
+    _resize_levels(levels, img, top, left, height, width, oh, ow)
+    rows = out.reshape(oh, ow * 3)
+    for y in range(oh):
+        for k in range(ow * 3):
+            rows[y, k] = np.uint8(levels[y, k])

@@ -5,8 +5,9 @@ The beton stores its samples shuffled, as `byol convert` writes it: the loader m
 
 FFCV's numba code compiles on a loader's first epoch (15-30 s here), so one loader is built per module and shared;
 tests that change its state (epoch, device_augment, ctx) put it back. The crop check replays the loader's own draws
-(`crop_flip_params`) on the stored JPEGs and compares with OpenCV's INTER_AREA resize: the only difference left is
-the JPEG decoder (FFCV uses libjpeg-turbo's fast DCT), about 1 grey level on average.
+(`crop_flip_params`) on the stored JPEGs and compares with PIL's antialiased bicubic resize (torchvision's
+`resized_crop`): the only difference left is the JPEG decoder (FFCV uses libjpeg-turbo's fast DCT), about 1 grey
+level on average.
 """
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ def test_close_mid_epoch_returns_whatever_is_left(loader: FfcvTwoViewLoader) -> 
 
 
 def test_crops_replay_the_seeded_draws(loader: FfcvTwoViewLoader, beton: Path, ctx: LoaderContext) -> None:
-    """Crop + flip only (device_augment off): each view equals INTER_AREA of the crop `crop_flip_params` draws."""
+    """Crop + flip only (device_augment off): each view equals PIL's antialiased bicubic resize of the crop
+    `crop_flip_params` draws."""
     aug = loader.cfg.augment
     mean = torch.tensor(aug.mean).view(1, 3, 1, 1)
     std = torch.tensor(aug.std).view(1, 3, 1, 1)
@@ -227,8 +229,8 @@ def test_crops_replay_the_seeded_draws(loader: FfcvTwoViewLoader, beton: Path, c
                 img = images[idx]
                 i, j, h, w, flip = crop_flip_params(seed, idx, img.shape[0], img.shape[1], np.array(spec.crop_scale),
                                                     np.array(spec.crop_ratio), spec.flip_p)
-                want = cv2.resize(np.ascontiguousarray(img[i:i + h, j:j + w]), (SIZE, SIZE),
-                                  interpolation=cv2.INTER_AREA)
+                want = np.asarray(Image.fromarray(np.ascontiguousarray(img[i:i + h, j:j + w]))
+                                  .resize((SIZE, SIZE), Image.Resampling.BICUBIC))
                 unflipped = want
                 if flip:
                     want, unflipped = want[:, ::-1], want
@@ -236,8 +238,8 @@ def test_crops_replay_the_seeded_draws(loader: FfcvTwoViewLoader, beton: Path, c
                     unflipped = want[:, ::-1]
                 errors.append(np.abs(want.astype(int) - got[k].astype(int)).mean())
                 wrong_flip_errors.append(np.abs(unflipped.astype(int) - got[k].astype(int)).mean())
-    assert max(errors) < 3.0, f"crop replay error {max(errors):.2f} grey levels"
-    assert np.mean(errors) < 1.5
+    assert max(errors) < 2.0, f"crop replay error {max(errors):.2f} grey levels"   # measured 1.2
+    assert np.mean(errors) < 1.2   # measured 0.98: the fast DCT
     assert np.mean(wrong_flip_errors) > 10 * np.mean(errors)
 
 

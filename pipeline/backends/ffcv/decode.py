@@ -2,7 +2,7 @@
 
 FFCV 1.0.2 seeds only its sample order: its crop (`get_random_crop`) and flip draw from numba's per-thread
 `np.random`, which numba seeds from OS entropy. `TwoViewCropFlipDecoder` decodes each image once and cuts both views'
-crops and flips from it in one compiled loop, re-seeding numba's generator per view and sample from
+crops (resized with PIL's antialiased bicubic, `pipeline.resample`) and flips from it in one compiled loop, re-seeding numba's generator per view and sample from
 `(seed, rank, epoch, view, index)` right before its draws, `index` being the sample's global index, not its position
 in the beton (`byol convert` stores the samples shuffled): the draws do not depend on the storage order.
 `SeededEpochIterator` writes the epoch's seeds into the decoder's buffer before FFCV's epoch thread starts, and each
@@ -34,7 +34,7 @@ def keep_torch_threads() -> Iterator[None]:
 
 with keep_torch_threads():
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.loader import Loader
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -43,6 +43,7 @@ with keep_torch_threads():
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
 
+from byolfast.pipeline.resample import resize_crop_u8
 from byolfast.pipeline.sharding import mix_seed, rank_seed
 
 _U64 = np.uint64
@@ -105,7 +106,8 @@ class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
             `RandomResizedCropRGBImageDecoder`) and the probability of a horizontal flip.
 
     Each image is decoded once into a scratch buffer and both views are cut from it (a decode costs more than a
-    view's crop). The views' draws are those of two separate seeded decoders: each re-seeds from its own view seed
+    view's crop), each resized by `pipeline.resample.resize_crop_u8` (PIL's antialiased bicubic, torchvision's
+    `resized_crop`, in place of FFCV's OpenCV `INTER_AREA`). The views' draws are those of two separate seeded decoders: each re-seeds from its own view seed
     and the sample's global index (`crop_flip_params`). The result is view-major, `(2, N, H, W, 3)` in the memory
     FFCV allocates per sample as `(2, H, W, 3)`: each view's batch is one contiguous block, which `ViewOf` hands on
     without a copy. The third buffer holds, per batch slot, `(view 1 seed, view 2 seed, global index)` of each
@@ -131,7 +133,6 @@ class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
         draw = crop_flip_params
         flip_columns_c = flip_columns
         scale, ratio, flip_p = self.view_scale, self.view_ratio, self.view_flip_p
@@ -156,7 +157,7 @@ class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
                 for v in range(2):
                     i, j, h, w, flip = draw(draws[dst_ix, v], draws[dst_ix, 2], height, width, scale[v], ratio[v],
                                             flip_p[v])
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, views[v, dst_ix])
+                    resize_crop_u8(views[v, dst_ix], temp_buffer, i, j, h, w)
                     if flip:
                         flip_columns_c(views[v, dst_ix])
             return views

@@ -133,59 +133,62 @@ def _hsv_saturation(img, factor):
                 img[y, x, c] = _clamp01(maxc - (maxc - img[y, x, c]) * k)
 
 
-@numba.njit
+@numba.njit(inline="always")
+def _pick(i, a0, a1, a2, a3, a4, a5):
+    # a_i for the sextant i in 0..5, as selects (no branch)
+    lo = a0 if i == 0 else (a1 if i == 1 else a2)
+    hi = a3 if i == 3 else (a4 if i == 4 else a5)
+    return lo if i < 3 else hi
+
+
+@numba.njit(error_model="numpy")
 def _hue(img, shift):
     # torchvision's _rgb_to_hsv, the hue shift `(h + shift) % 1`, then _hsv_to_rgb, per pixel in float32. The
     # remainders are written as the one subtraction they amount to on these ranges (exact, as fmod/remainder are).
+    # Row by row, so that LLVM vectorises it: a row's r, g, b go to three lines, the pixels run without a branch
+    # (selects, torchvision's divisions; numpy's error model drops the zero-division checks: the divisors are never
+    # 0) and go back. A grey pixel (crange 0: hue 0, saturation 0, (v, v, v) in every sextant) is kept as it is.
     h_, w_, _ = img.shape
+    src = np.ascontiguousarray(img)        # img itself when C-contiguous, else a copy (written back below)
+    rows = src.reshape(h_, w_ * 3)
+    rl = np.empty(w_, dtype=np.float32)
+    gl = np.empty(w_, dtype=np.float32)
+    bl = np.empty(w_, dtype=np.float32)
     for y in range(h_):
+        row = rows[y]
         for x in range(w_):
-            r, g, b = img[y, x, 0], img[y, x, 1], img[y, x, 2]
+            rl[x], gl[x], bl[x] = row[3 * x], row[3 * x + 1], row[3 * x + 2]
+        for x in range(w_):
+            r, g, b = rl[x], gl[x], bl[x]
             maxc = max(r, g, b)
             crange = maxc - min(r, g, b)
-            if crange == _ZERO:   # grey: hue 0, saturation 0; every sextant gives (v, v, v)
-                continue
-            s = crange / maxc
-            rc = (maxc - r) / crange
-            gc = (maxc - g) / crange
-            bc = (maxc - b) / crange
-            if maxc == r:
-                hue = bc - gc
-            elif maxc == g:
-                hue = _F(2.0) + rc - bc
-            else:
-                hue = _F(4.0) + gc - rc
+            grey = crange == _ZERO
+            cdiv = _ONE if grey else crange
+            s = crange / (_ONE if grey else maxc)
+            rc = (maxc - r) / cdiv
+            gc = (maxc - g) / cdiv
+            bc = (maxc - b) / cdiv
+            hue = bc - gc if maxc == r else ((_F(2.0) + rc - bc) if maxc == g else (_F(4.0) + gc - rc))
             hue = hue / _F(6.0) + _ONE            # in [5/6, 2): fmod(., 1) is one exact subtraction
-            if hue >= _ONE:
-                hue -= _ONE
+            hue = hue - _ONE if hue >= _ONE else hue
             hue = hue + shift                      # shift in [-0.5, 0.5]: remainder(., 1) is +1 or -1
-            if hue < _ZERO:
-                hue += _ONE
-            elif hue >= _ONE:
-                hue -= _ONE
+            hue = hue + _ONE if hue < _ZERO else (hue - _ONE if hue >= _ONE else hue)
             h6 = hue * _F(6.0)
-            i = int(h6)                            # h6 >= 0: truncation is floor
+            i = np.int32(h6)                       # h6 >= 0: truncation is floor
             f = h6 - _F(i)
-            if i >= 6:
-                i -= 6
+            i = i - np.int32(6) if i >= np.int32(6) else i
             v = maxc
             sxf = s * f
             p = _clamp01((_ONE - s) * v)
             q = _clamp01((_ONE - sxf) * v)
             t = _clamp01((sxf + (_ONE - s)) * v)
-            if i == 0:
-                r, g, b = v, t, p
-            elif i == 1:
-                r, g, b = q, v, p
-            elif i == 2:
-                r, g, b = p, v, t
-            elif i == 3:
-                r, g, b = p, q, v
-            elif i == 4:
-                r, g, b = t, p, v
-            else:
-                r, g, b = v, p, q
-            img[y, x, 0], img[y, x, 1], img[y, x, 2] = r, g, b
+            rl[x] = r if grey else _pick(i, v, q, p, p, t, v)
+            gl[x] = g if grey else _pick(i, t, v, v, q, p, p)
+            bl[x] = b if grey else _pick(i, p, p, t, v, v, q)
+        for x in range(w_):
+            row[3 * x], row[3 * x + 1], row[3 * x + 2] = rl[x], gl[x], bl[x]
+    if not img.flags.c_contiguous:
+        img[...] = src
 
 
 @numba.njit

@@ -362,6 +362,9 @@ def blur_(img: np.ndarray, blur: np.ndarray, sigma: np.ndarray, kernel_size: int
     `sigma[i]` (float32 (N,)) over the spec's taps (at most `kernel_size`, cut at `augment_spec.BLUR_TRUNCATE`
     sigmas) with reflect padding, as the torch module's `gaussian_blur` (within float rounding). Over `threads`
     threads."""
+    if kernel_size // 2 >= min(img.shape[1], img.shape[2]):   # the kernel reflects once at each border
+        raise ValueError(f"blur window of {kernel_size} taps for {img.shape[1]} x {img.shape[2]} images: the radius "
+                         f"must be below the image side")
     if kernel_size > 1 and blur.any():
         _over_samples(_blur, img.shape[0], threads, img, blur, sigma.astype(np.float32), kernel_size // 2)
 

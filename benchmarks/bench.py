@@ -330,10 +330,16 @@ def _resolve_args(args, device: torch.device) -> None:
                           f"(unknown: {', '.join(bad) or 'none'}); --repeats, --steps and --stage-images must be >= 1")
 
 
+def parse_args(argv: list[str]):
+    """`byol bench`'s arguments: the `section.key=value` overrides may stand before, between or after the options
+    (`byol bench -- --opt ...` too)."""
+    return build_parser().parse_intermixed_args(argv[1:] if argv[:1] == ["--"] else argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `byol bench`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)   # `byol bench -- --opt ...`
+    args = parse_args(argv)
     device = common.requested_device(args.overrides, args.config)
     _resolve_args(args, device)
     args.defaults = [] if args.no_defaults else common.default_overrides(device)

@@ -9,7 +9,9 @@ tensors, the same order.
 For the augmentation to overlap the training step, its inputs must not be ordered behind that step: `side()` waits
 for the consumer stream, which is right when the inputs were produced there, but serialises behind the queued step.
 A loader whose copies run on their own stream (FFCV's `EpochIterator` waits with the stream current when it was
-created) should create that iterator with `stream` current, so the copies are waited for on the side stream only.
+created, and records there the events that free its buffers) creates that iterator inside `current()`, so the copies
+are waited for on the side stream only, and augments inside `side(after_consumer=False)`: the FFCV backend does so
+with `data.ffcv.augment_stream`.
 
 The CUDA calls go through `self._cuda` (the `torch.cuda` module), so a test without a device can hand in a fake and
 check the protocol; the real CUDA path is exercised by the `gpu`-marked test.
@@ -33,15 +35,28 @@ class AugmentStream:
         self._consumer = None
 
     @contextlib.contextmanager
-    def side(self, *inputs: torch.Tensor) -> Iterator[None]:
+    def current(self) -> Iterator[None]:
+        """The side stream current for the block, with no wait: for creating a producer (FFCV's `EpochIterator`)
+        whose copies must be ordered on the side stream, not the consumer's."""
+        if self.stream is None:
+            yield
+            return
+        with self._cuda.stream(self.stream):
+            yield
+
+    @contextlib.contextmanager
+    def side(self, *inputs: torch.Tensor, after_consumer: bool = True) -> Iterator[None]:
         """Queue the work inside on the side stream, after the consumer stream's work so far (which produced or
-        ordered the inputs); each input is marked as used by the side stream."""
+        ordered the inputs; `after_consumer=False`: the inputs were ordered on the side stream itself, so the
+        augmentation need not wait for the training step queued there); each input is marked as used by the side
+        stream."""
         if self.stream is None:
             yield
             return
         # CUDA only from here.
         self._consumer = self._cuda.current_stream(self.device)
-        self.stream.wait_stream(self._consumer)
+        if after_consumer:
+            self.stream.wait_stream(self._consumer)
         for t in inputs:
             t.record_stream(self.stream)
         with self._cuda.stream(self.stream):

@@ -108,6 +108,8 @@ def _resize_levels(rows, img, top, left, height, width, oh, ow):
     # rows shrink while the columns grow): then rows first, the order Pillow 13 takes (measured on 398 windows where
     # the orders differ; the wrong order moves ~19 % of a crop's pixels by a grey level). Both passes run along
     # contiguous rows: the columns' pass on the transposed image.
+    if height < 1 or width < 1 or top < 0 or left < 0 or top + height > img.shape[0] or left + width > img.shape[1]:
+        raise ValueError("resize_crop: the crop window lies outside the image")
     xb, xw = coefficients(width, ow)
     yb, yw = coefficients(height, oh)
     window = img[top:top + height, left:left + width]

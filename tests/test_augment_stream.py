@@ -84,6 +84,26 @@ def test_cuda_protocol_with_a_fake_device():
                          ("output", "record_stream", "consumer")]
 
 
+def test_a_producer_ordered_on_the_side_stream_is_not_waited_behind_the_consumer():
+    """`current()` makes the side stream current with no wait (FFCV's iterator is created there); `side(after_consumer
+    =False)` then queues the augmentation without waiting for the consumer's queued step; the hand-over is as before."""
+    log = _Log()
+    s = AugmentStream(torch.device("cuda", 0), cuda=_FakeCuda(log))
+    with s.current():
+        log.calls.append(("producer", "created", None))
+    with s.side(after_consumer=False):
+        log.calls.append(("work", "queued", None))
+    s.hand_over(_Marked(log, "output"))
+    assert log.calls == [("side", "enter", None), ("producer", "created", None), ("side", "exit", None),
+                         ("side", "enter", None), ("work", "queued", None), ("side", "exit", None),
+                         ("event", "record", "side"), ("consumer", "wait_event", "event"),
+                         ("output", "record_stream", "consumer")]
+    cpu = AugmentStream(torch.device("cpu"))
+    with cpu.current(), cpu.side(after_consumer=False):
+        pass
+    assert cpu.stream is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_hand_over_gives_the_same_values():

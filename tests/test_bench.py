@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from byolfast.benchmarks import common
+from byolfast.benchmarks import bench, common
 from byolfast.benchmarks.report import (RunFacts, build_report, classify, format_table, hidden_ratio, render_text,
                                         stage_shares, summary_lines)
 from byolfast.pipeline.config import DaliConfig, DataConfig
@@ -352,3 +352,12 @@ def test_the_peer_comparison_without_the_peer_says_how_to_install_it(tmp_path):
     from byolfast.benchmarks.peer_loader import main as peer_main
     with pytest.raises(SystemExit, match="pip install --no-deps --target"):
         peer_main(["--peer-path", str(tmp_path / "nothing"), "--data", str(tmp_path / "data")])
+
+
+def test_overrides_may_follow_the_options():
+    """`section.key=value` overrides before and after options (as the GPU suite's parts write them) all count."""
+    args = bench.parse_args(["--data", "d", "train.batch_size=8", "--what", "e2e", "--backends", "ffcv",
+                             "data.ffcv.augment_stream=true"])
+    assert args.overrides == ["train.batch_size=8", "data.ffcv.augment_stream=true"]
+    assert (args.what, args.data) == ("e2e", "d")
+    assert bench.parse_args(["--", "--what", "ema", "model.arch=resnet18"]).overrides == ["model.arch=resnet18"]

@@ -47,9 +47,11 @@ def converted(tmp_path_factory) -> Path:
     return root / "converted"
 
 
-def make_loader(path: Path, device: str) -> FfcvTwoViewLoader:
+def make_loader(path: Path, device: str, augment_stream: bool = False) -> FfcvTwoViewLoader:
     ctx = LoaderContext(device=torch.device(device), dtype=torch.float32, batch_size=BATCH, seed=SEED)
-    return FfcvTwoViewLoader(DataConfig(backend="ffcv", path=str(path), image_size=SIZE, num_workers=2), ctx)
+    cfg = DataConfig(backend="ffcv", path=str(path), image_size=SIZE, num_workers=2)
+    cfg.ffcv.augment_stream = augment_stream
+    return FfcvTwoViewLoader(cfg, ctx)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,7 @@ def assert_replayed(augmented: list[tuple], plain: list[tuple], ctx: LoaderConte
 
 def test_replay_gives_the_cpu_loaders_own_batches(cpu_loader):
     """The CPU side of the CUDA comparison, and a check of the replay."""
+    assert cpu_loader._side is None and not cpu_loader.cfg.ffcv.augment_stream, "no side stream off CUDA, off by default"
     plain, augmented = epoch(cpu_loader, False), epoch(cpu_loader, True)
     assert len(plain) == len(augmented) == IMAGES // BATCH
     # on the CPU the loader runs the per-pixel kernels (`apply_cpu`), the replay `apply`: equal within 2e-6 on [0, 1]
@@ -143,3 +146,23 @@ def test_cuda_path_matches_cpu_path(converted, cpu_loader):
             torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
     print(f"crops through ToDevice: within {worst:.2e} of the CPU path")
     assert_replayed(cuda_augmented, cpu_plain, cuda.ctx, "cuda", atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_side_stream_gives_the_same_batches(converted):
+    """`data.ffcv.augment_stream`: FFCV's copies and the augmentation on a stream of their own, handed to the training
+    stream by an event, give the batches of the default path exactly (the same draws, the same kernels), every batch
+    read on the training stream while the next ones are queued."""
+    batches = {}
+    for on in (False, True):
+        loader = make_loader(converted, "cuda", augment_stream=on)
+        try:
+            assert (loader._side is not None) == on
+            batches[on] = [[t.clone() for t in b[:2]] for b in epoch(loader, True)]
+        finally:
+            loader.close()
+    assert len(batches[True]) == len(batches[False]) == IMAGES // BATCH
+    for got, ref in zip(batches[True], batches[False]):
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r)

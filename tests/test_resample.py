@@ -22,7 +22,7 @@ def _pil(img: np.ndarray, top: int, left: int, height: int, width: int, size: tu
     ((7, 3, 511 - 7, 31), (37, 53)),     # thin, odd sizes, to the bottom edge
     ((100, 100, 1, 1), (9, 9)),          # one pixel
     ((6, 36, 506, 325), (224, 224)),     # both shrink, the rows far more: Pillow runs the rows' pass first
-    ((6, 36, 325, 506), (224, 224)),     # the same, turned: the columns' pass first
+    ((36, 6, 325, 506), (224, 224)),     # the same, turned: the columns' pass first
 ])
 def test_resize_crop_is_pils_antialiased_bicubic(window, size):
     img = data.astronaut()
@@ -83,6 +83,10 @@ def test_the_kernels_refuse_what_they_would_read_out_of_bounds():
     with pytest.raises(ValueError, match="radius"):
         cpu_augment.blur_(img, np.ones(2, bool), np.ones(2, np.float32), 17)
     cpu_augment.blur_(img, np.ones(2, bool), np.ones(2, np.float32), 15)   # radius 7 < 8: fine
+    out = np.empty((8, 8, 3), np.float32)
+    for window in ((0, 0, 513, 100), (0, 450, 100, 63), (-1, 0, 10, 10), (0, 0, 0, 4)):
+        with pytest.raises(ValueError, match="outside"):
+            resize_crop(out, data.astronaut(), *window)
     dali_augment = pytest.importorskip("byolfast.pipeline.dali_augment", reason="DALI is not installed")
     body = dali_augment.CpuCropAugment(1, 8, 3, 0.5, (0.0,) * 3, (1.0,) * 3)
     params = [np.zeros(cpu_augment.VIEW_PARAMS, np.float32)]

@@ -42,6 +42,7 @@ reads how many, and why, from the `convert_report.json` above `ffcv/train.beton`
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 from typing import Any, Iterator, Optional
@@ -50,6 +51,7 @@ import numba
 import numpy as np
 import torch
 
+from byolfast.pipeline.augment_stream import AugmentStream
 from byolfast.pipeline.config import DataConfig
 from byolfast.pipeline.contract import Batch, DataError, LoaderContext, TwoViewLoader, to_contract
 from byolfast.pipeline.storage import skipped_at_convert
@@ -175,6 +177,9 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self._mean = torch.tensor(aug.mean, dtype=torch.float32, device=ctx.device).view(1, 3, 1, 1)
         self._std = torch.tensor(aug.std, dtype=torch.float32, device=ctx.device).view(1, 3, 1, 1)
         self._generator = torch.Generator(device=ctx.device)
+        # `data.ffcv.augment_stream`: the augmentation's own CUDA stream (None: the training stream; always on CPUs)
+        self._side = AugmentStream(ctx.device) if cfg.ffcv.augment_stream and ctx.device.type == "cuda" else None
+        self._epoch_side = None
         self._iterator: EpochIterator | None = None
 
     @staticmethod
@@ -250,7 +255,10 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self.close()  # one epoch thread at a time: numba's workqueue threading layer is not thread-safe
         if ctx.device.type == "cuda":   # once per epoch: the last epoch's copies and kernels read the reused buffers
             torch.cuda.synchronize(ctx.device)
-        with keep_torch_threads():
+        # With the side stream (and the augmentation, its only reader of FFCV's device buffers), FFCV's iterator is
+        # created with it current: its copies are waited for there, and its buffer-reuse events recorded there.
+        self._epoch_side = self._side if self.device_augment else None
+        with keep_torch_threads(), (self._epoch_side.current() if self._epoch_side else contextlib.nullcontext()):
             it = self._iterator = SeededEpochIterator(self._loader, order, self._decoder_node, seeds, self._index_of)
         try:
             for b, out in enumerate(it, start=first):
@@ -266,8 +274,12 @@ class FfcvTwoViewLoader(TwoViewLoader):
             # a host-side call, no sync
             self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))
             # straight into the training dtype (the arithmetic in float32): `to_contract` then has nothing to copy
-            view1 = self._augment[0](out["image"], self._generator, dtype=ctx.dtype)
-            view2 = self._augment[1](out["image2"], self._generator, dtype=ctx.dtype)
+            side = self._epoch_side
+            with side.side(after_consumer=False) if side else contextlib.nullcontext():
+                view1 = self._augment[0](out["image"], self._generator, dtype=ctx.dtype)
+                view2 = self._augment[1](out["image2"], self._generator, dtype=ctx.dtype)
+            if side:
+                view1, view2 = side.hand_over(view1, view2)
         else:
             view1, view2 = self._normalise(out["image"]), self._normalise(out["image2"])
         labels = out["label"].view(-1).clone().to(ctx.device, non_blocking=True)

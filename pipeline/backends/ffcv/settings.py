@@ -15,11 +15,15 @@ class FfcvConfig:
             `sequential`.
         os_cache: read the whole file through the OS page cache (True) or with FFCV's own process cache.
         batches_ahead: batches FFCV prepares ahead.
+        augment_stream: on a CUDA device, run the colour augmentation on a stream of its own (FFCV's copies ordered
+            there too), handed to the training stream with an event (`pipeline.augment_stream`), so it can overlap
+            the training step; off by default until measured on a GPU. No effect on the CPU.
     """
 
     order: str = "random"
     os_cache: bool = True
     batches_ahead: int = 3
+    augment_stream: bool = False
 
     def problems(self) -> list[tuple[str, str, object]]:
         """`(key, what is allowed, value)` of each setting out of range, keys relative to the section."""

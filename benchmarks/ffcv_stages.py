@@ -6,26 +6,27 @@ Stages, in the loader's order (per image; the crop, flip, hand-over and colour s
     decoder's);
   - flip: the in-place horizontal flip of the views that draw it;
   - hand_over: each view's crops into the tensor FFCV hands on (`ToDevice`'s copy, on the CPU);
-  - colour: jitter in each sample's op order and grayscale (`cpu_augment.jitter_grayscale_`, uint8 -> float);
-  - blur: the gaussian blur of the samples that draw it (`cpu_augment.blur_`);
-  - normalise: solarize and the mean/std normalisation (`cpu_augment.solarize_normalise_`);
-  - augment_other: the rest of the CPU colour path (its draws, layouts and allocations).
+  - colour: jitter in each sample's op order and grayscale;
+  - blur: the gaussian blur of the samples that draw it;
+  - normalise: uint8 -> float, the flip and the mean/std normalisation (the kernel with no op drawn);
+  - augment_other: the rest of the loader's CPU colour path (its draws, solarize, layouts and allocations).
+colour and blur are passes of the loader's fused kernel (`BatchedViewAugment.apply_cpu`) with only that group's
+coins kept as drawn, less the all-off pass (`normalise`), floored at 0.
 decode, crop and flip run the primitives of `pipeline.backends.ffcv.decode.TwoViewCropFlipDecoder` in separate loops
-(the decoder fuses them); the colour stages time the loader's own `BatchedViewAugment.apply_cpu`, its kernels wrapped.
+(the decoder fuses them); the colour stages run the loader's own `BatchedViewAugment.apply_cpu`.
 Everything runs in the calling thread, one thread (thread CPU time, robust to a shared machine): the CPU cost a
 loader pays, whatever number of workers spreads it. On a GPU the colour stages run on the device instead.
 `byol bench --what stages` runs this beside the other backends' timers (`benchmarks.stages`).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numba
 import numpy as np
 import torch
 
-from byolfast.benchmarks.stages import clock, median_ms, one_torch_thread, timed_calls
+from byolfast.benchmarks.stages import clock, median_ms, one_torch_thread
 from byolfast.pipeline.config import DataConfig
 from byolfast.pipeline.resample import resize_crop_u8
 from byolfast.pipeline.backends.ffcv.decode import crop_flip_params, flip_columns, keep_torch_threads, view_seed
@@ -36,6 +37,10 @@ with keep_torch_threads():
     from ffcv.reader import Reader
 
 STAGES = ("decode", "crop", "flip", "hand_over", "colour", "blur", "normalise", "augment_other")
+# The colour path runs every op of a sample in one kernel (`cpu_augment.augment_view_hwc`): its stages are timed as
+# passes of that kernel with only some ops' coins kept as drawn (`normalise`: none), less the all-off pass.
+_COINS = ("jitter", "grayscale", "blur", "solarize")
+OPS_ON = {"normalise": (), "colour": ("jitter", "grayscale"), "blur": ("blur",)}
 _imdecode = numba.njit(imdecode)
 
 
@@ -71,7 +76,7 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
     """CPU ms per image of each stage (`STAGES`, and `total`) on the first `max_images` images of `cfg.path`'s
     beton, at `cfg.image_size` with `cfg.augment`, in batches of `batch_size`; the median over `repeats` passes
     (after one untimed pass: numba compiles on first use)."""
-    from byolfast.pipeline import cpu_augment, device_augment
+    from byolfast.pipeline import device_augment
     from byolfast.pipeline.backends.ffcv.beton import resolve_beton
 
     path = resolve_beton(cfg.path)
@@ -107,20 +112,26 @@ def ffcv_stage_ms(cfg: DataConfig, batch_size: int, *, max_images: int = 256, re
         clock(seconds, "decode", _decode, data, ptrs, sizes, heights, widths, is_jpeg, decoded)
         clock(seconds, "crop", _crop, decoded, heights, widths, seeds, index, scale, ratio, flip_p, views, flips)
         clock(seconds, "flip", _flip, views, flips)
-        with contextlib.ExitStack() as timers:
-            for module, name, stage in ((cpu_augment, "jitter_grayscale_", "colour"),
-                                        (cpu_augment, "blur_", "blur"),
-                                        (cpu_augment, "solarize_normalise_", "normalise")):
-                timers.enter_context(timed_calls(module, name, seconds, stage))
-            whole = 0.0
-            for b in range(0, n, batch_size):
-                for v in range(2):
-                    crops = torch.from_numpy(views[v, b:b + batch_size])
-                    clock(seconds, "hand_over", handed[:len(crops)].copy_, crops)
+        whole = 0.0
+        passes = dict.fromkeys(OPS_ON, 0.0)
+        for b in range(0, n, batch_size):
+            for v in range(2):
+                crops = torch.from_numpy(views[v, b:b + batch_size])
+                clock(seconds, "hand_over", handed[:len(crops)].copy_, crops)
+                x = handed[:len(crops)]
+                t = time.thread_time()
+                augment[v](x, generator)   # the loader's call: the draws, then the fused kernel
+                whole += time.thread_time() - t
+                drawn = augment[v].sample_params(len(crops), "cpu", generator)
+                for name, on in OPS_ON.items():   # the kernel again with only these ops drawn where they were
+                    params = {k: (p if k not in _COINS or k in on else torch.zeros_like(p)) for k, p in drawn.items()}
                     t = time.thread_time()
-                    augment[v](handed[:len(crops)], generator)
-                    whole += time.thread_time() - t
-        seconds["augment_other"] = whole - seconds["colour"] - seconds["blur"] - seconds["normalise"]
+                    augment[v].apply_cpu(x, params)
+                    passes[name] += time.thread_time() - t
+        seconds["normalise"] = passes["normalise"]
+        for stage in ("colour", "blur"):   # each op group's pass less the all-off pass, floored at 0
+            seconds[stage] = max(0.0, passes[stage] - passes["normalise"])
+        seconds["augment_other"] = max(0.0, whole - seconds["colour"] - seconds["blur"] - seconds["normalise"])
         return seconds
 
     with one_torch_thread():   # the kernels then run in this thread (cpu_augment reads torch's count)

@@ -3,13 +3,15 @@
 On a GPU the batched torch module runs each op as one pass over the whole batch, masking the samples that skip it;
 that is the right shape for a GPU and the wrong one for a CPU: at 224 px a pass over a batch of 32 float images moves
 19 MB, the hue alone is ~40 such passes, and a masked sample pays for every op it skips. Here each sample runs only
-its own ops, in its own order, one image at a time while it sits in cache, every op a loop over pixels:
-  - `jitter_grayscale_`: uint8 -> float [0, 1], then brightness / contrast / saturation / hue in the sample's order,
-    then grayscale: the same formulas as the torch module, in float32, per pixel (its `deepmind` maths, the
-    reference's, when `reference` is set; else torchvision's);
-  - `blur_`: the separable gaussian of the samples that draw it, over the spec's taps (cut at 4 sigma), row by row;
-  - `solarize_normalise_`: solarize and the mean/std normalisation in one pass.
-`augment_crops` runs these stages (`STAGES`, the spec's ops grouped by fused pass) on a batch of crops. The op order,
+its own ops, in its own order, one image at a time while it sits in cache, every op a loop over pixels
+(`augment_view_hwc`, one sample; `STAGES`, its passes):
+  - uint8 -> float [0, 1], then brightness / contrast / saturation / hue in the sample's order, then grayscale
+    (`_jitter_grayscale_float`): the same formulas as the torch module, in float32, per pixel (its `deepmind` maths,
+    the reference's, when `reference` is set; else torchvision's);
+  - `_blur_one`: the separable gaussian where drawn, over the spec's taps (cut at 4 sigma), row by row;
+  - solarize, the flip and the mean/std normalisation in one pass along rows.
+`augment_crops` runs it on a batch of crops (the FFCV backend's CPU path), `crop_augment_view_hwc` after the crop's
+resize (DALI's CPU operator). The op order,
 the luma weights, the jitter op ids and the draws are `pipeline.augment_spec`'s; the draws are the torch module's
 (`BatchedViewAugment.sample_params`), so a seed gives the same views on either path. `tests/test_augment_spec.py` and
 `tests/test_device_augment.py` hold this path to the torch module (which is held to torchvision).
@@ -201,22 +203,10 @@ def _grayscale(img):
 
 
 @numba.njit(nogil=True)
-def _jitter_grayscale_one(img, src, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale,
-                          reference):
-    # One sample: uint8 (H, W, 3) `src` -> float32 [0, 1] `img`, then its jitter ops in its order, then grayscale;
-    # `reference`: the reference's brightness, contrast and saturation (brightness a delta), else torchvision's.
-    h, w = src.shape[0], src.shape[1]
-    for y in range(h):
-        for x in range(w):
-            for c in range(3):
-                img[y, x, c] = _F(src[y, x, c]) * _TO01
-    _jitter_grayscale_float(img, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale, reference)
-
-
-@numba.njit(nogil=True)
 def _jitter_grayscale_float(img, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale,
                             reference):
-    # `_jitter_grayscale_one` on a float32 [0, 1] image, in place.
+    # One sample's jitter ops in its order, then grayscale, on a float32 [0, 1] image, in place; `reference`: the
+    # reference's brightness, contrast and saturation (brightness a delta), else torchvision's.
     if jitter:
         for k in range(4):
             op = order[k]
@@ -239,28 +229,6 @@ def _jitter_grayscale_float(img, jitter, order, brightness, contrast, saturation
                 _hue(img, hue)
     if grayscale:
         _grayscale(img)
-
-
-@numba.njit(nogil=True, cache=True)
-def _jitter_grayscale(samples, src, out, jitter, order, brightness, contrast, saturation, hue, with_hue, grayscale,
-                      reference):
-    for i in samples:
-        _jitter_grayscale_one(out[i], src[i], jitter[i], order[i], brightness[i], contrast[i], saturation[i], hue[i],
-                              with_hue, grayscale[i], reference)
-
-
-@numba.njit(nogil=True, cache=True)
-def _solarize_normalise(samples, img, solarize, threshold, mean, std):
-    h, w = img.shape[1], img.shape[2]
-    for i in samples:
-        sol = solarize[i]
-        for y in range(h):
-            for x in range(w):
-                for c in range(3):
-                    v = img[i, y, x, c]
-                    if sol and v >= threshold:
-                        v = _ONE - v
-                    img[i, y, x, c] = (v - mean[c]) / std[c]
 
 
 @numba.njit(inline="always")
@@ -324,15 +292,6 @@ def _blur_one(img, tmp, sigma, max_radius):
     return
 
 
-@numba.njit(nogil=True, cache=True)
-def _blur(samples, img, blur, sigma, max_radius):
-    h, w = img.shape[1], img.shape[2]
-    tmp = np.empty((h, (w + 2 * max_radius) * 3), dtype=np.float32)
-    for i in samples:
-        if blur[i]:
-            _blur_one(img[i], tmp, sigma[i], max_radius)
-
-
 def _over_samples(kernel, n: int, threads: int, *args) -> None:
     # The kernels release the GIL: each thread takes every `threads`-th sample (per-sample work varies). Plain
     # Python threads rather than numba's parallel loops, whose default (workqueue) layer must not be entered from two
@@ -344,36 +303,6 @@ def _over_samples(kernel, n: int, threads: int, *args) -> None:
     with ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(kernel, np.arange(t, n, threads), *args) for t in range(threads)]:
             f.result()
-
-
-def jitter_grayscale_(src: np.ndarray, out: np.ndarray, jitter: np.ndarray, order: np.ndarray,
-                      brightness: np.ndarray, contrast: np.ndarray, saturation: np.ndarray, hue: np.ndarray,
-                      with_hue: bool, grayscale: np.ndarray, threads: int = 1, reference: bool = True) -> None:
-    """uint8 (N, H, W, 3) `src` -> float32 [0, 1] `out` (same shape), then per sample i: if `jitter[i]`, the ops
-    `order[i, 0..3]` (0 brightness, 1 contrast, 2 saturation, 3 hue; hue only when `with_hue`) with sample i's
-    factors (float32 (N,) arrays; brightness a delta with `reference`); then grayscale if `grayscale[i]`.
-    `reference`: the `deepmind` maths (see `pipeline.device_augment`), else torchvision's. Over `threads` threads."""
-    _over_samples(_jitter_grayscale, src.shape[0], threads, src, out, jitter, order, brightness, contrast,
-                  saturation, hue, with_hue, grayscale, reference)
-
-
-def blur_(img: np.ndarray, blur: np.ndarray, sigma: np.ndarray, kernel_size: int, threads: int = 1) -> None:
-    """In place on float32 (N, H, W, 3), C-contiguous: sample i blurred where `blur[i]`, by the separable gaussian of
-    `sigma[i]` (float32 (N,)) over the spec's taps (at most `kernel_size`, cut at `augment_spec.BLUR_TRUNCATE`
-    sigmas) with reflect padding, as the torch module's `gaussian_blur` (within float rounding). Over `threads`
-    threads."""
-    if kernel_size // 2 >= min(img.shape[1], img.shape[2]):   # the kernel reflects once at each border
-        raise ValueError(f"blur window of {kernel_size} taps for {img.shape[1]} x {img.shape[2]} images: the radius "
-                         f"must be below the image side")
-    if kernel_size > 1 and blur.any():
-        _over_samples(_blur, img.shape[0], threads, img, blur, sigma.astype(np.float32), kernel_size // 2)
-
-
-def solarize_normalise_(img: np.ndarray, solarize: np.ndarray, threshold: float, mean: np.ndarray, std: np.ndarray,
-                        threads: int = 1) -> None:
-    """In place on float32 [0, 1] (N, H, W, 3): x >= threshold -> 1 - x where `solarize[i]`, then (x - mean) / std
-    per channel (float32 (3,) arrays). Over `threads` threads."""
-    _over_samples(_solarize_normalise, img.shape[0], threads, img, solarize, np.float32(threshold), mean, std)
 
 
 # --- uint8 HWC, one sample: the form DALI's numba operator calls (see `pipeline.dali_augment.cpu_augment_view`) ------
@@ -393,7 +322,7 @@ _P_BLUR, _P_SIGMA, _P_SOL, _P_FLIP = _AT["blur"], _AT["sigma"], _AT["solarize"],
 @numba.njit(nogil=True, cache=True)
 def augment_view_hwc(out, img, params, max_radius, threshold, mean, std):
     """One view of one sample, every op after the crop: uint8 (H, W, 3) `img` -> float32 C-contiguous (H, W, 3)
-    `out`, normalised. Colour jitter in the sample's order and grayscale (`_jitter_grayscale_one`), the blur
+    `out`, normalised. Colour jitter in the sample's order and grayscale (`_jitter_grayscale_float`), the blur
     (`_blur_one`, at most `max_radius` taps a side), solarize at `threshold`, the flip and (x - mean) / std (float32
     (3,) arrays) in one last pass: the batch stages' formulas in float32, never rounded. `params` (float32,
     VIEW_PARAMS) packed as `KERNEL_PARAMS`: jitter on (0/1), the op ids in order, brightness (a delta with the
@@ -454,7 +383,7 @@ def _augment_float(out, params, max_radius, threshold, mean, std):
 
 # --- a batch of crops: the stages of this engine --------------------------------------------------------------------
 # The spec's ops (after the crop) as this engine runs them, grouped by fused pass.
-STAGES = (("flip",), ("jitter", "grayscale"), ("blur",), ("solarize", "normalise"))
+STAGES = (("jitter", "grayscale"), ("blur",), ("solarize", "flip", "normalise"))
 # The kernel of each jitter op, per maths (`color_ops`); `_jitter_grayscale_one` dispatches to them by op id.
 JITTER_KERNELS = {
     "deepmind": {"brightness": _add_brightness, "contrast": _channel_contrast, "saturation": _hsv_saturation,
@@ -463,21 +392,39 @@ JITTER_KERNELS = {
 }
 
 
+@numba.njit(nogil=True, cache=True)
+def _augment_samples(samples, src, out, params, max_radius, threshold, mean, std):
+    for i in samples:
+        augment_view_hwc(out[i], src[i], params[i], max_radius, threshold, mean, std)
+
+
+def pack_view_params(params: dict[str, torch.Tensor], spec: ViewSpec, color_ops: str, flip: bool) -> np.ndarray:
+    """The draws of `BatchedViewAugment.sample_params` (on the CPU) as the kernel's float32 (N, VIEW_PARAMS) rows,
+    `KERNEL_PARAMS`' layout; `flip=False`: no sample flips (the crop upstream did)."""
+    n = len(params["jitter"])
+    flags = {"hue_on": float(spec.hue > 0), "reference": float(color_ops == "deepmind")}
+    packed = np.zeros((n, VIEW_PARAMS), dtype=np.float32)
+    for name, width in KERNEL_PARAMS:
+        if name in flags:
+            packed[:, _AT[name]] = flags[name]
+        elif name != "flip" or flip:
+            packed[:, _AT[name]:_AT[name] + width] = params[name].numpy().reshape(n, width)
+    return packed
+
+
 def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, color_ops: str, flip: bool,
                   kernel_size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """`STAGES` on uint8 (N, 3, S, S) crops (any strides) with the draws of `BatchedViewAugment.sample_params`: each
-    sample runs only its own ops, the blur only on the samples that draw it, over torch's intra-op thread count. Returns float32 (N, 3, S, S), channels_last."""
+    """The spec's ops after the crop on uint8 (N, 3, S, S) crops (any strides) with the draws of
+    `BatchedViewAugment.sample_params`: each sample through `augment_view_hwc` (its own ops only, every op while the
+    image sits in cache: `STAGES` are the passes inside it), the samples spread over torch's intra-op thread count.
+    Returns float32 (N, 3, S, S), channels_last."""
     threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
-    nhwc = nchw.permute(0, 2, 3, 1)
-    if flip:
-        nhwc = torch.where(params["flip"].view(-1, 1, 1, 1), nhwc.flip(2), nhwc)
-    nhwc = nhwc.contiguous()
+    nhwc = nchw.permute(0, 2, 3, 1).contiguous()
     out = torch.empty(nhwc.shape, dtype=torch.float32)
-    f32 = {k: params[k].to(torch.float32).numpy() for k in ("brightness", "contrast", "saturation", "hue")}
-    jitter_grayscale_(nhwc.numpy(), out.numpy(), params["jitter"].numpy(), params["order"].numpy(),
-                      f32["brightness"], f32["contrast"], f32["saturation"], f32["hue"], spec.hue > 0,
-                      params["grayscale"].numpy(), threads, color_ops == "deepmind")
-    blur_(out.numpy(), params["blur"].numpy(), params["sigma"].numpy(), kernel_size, threads)
-    solarize_normalise_(out.numpy(), params["solarize"].numpy(), np.float32(spec.solarize_threshold), mean, std,
-                        threads)
+    if kernel_size // 2 >= min(nhwc.shape[1], nhwc.shape[2]):   # the kernel reflects once at each border
+        raise ValueError(f"blur window of {kernel_size} taps for {tuple(nhwc.shape[1:3])} crops: the radius must be "
+                         f"below the image side")
+    _over_samples(_augment_samples, nhwc.shape[0], threads, nhwc.numpy(), out.numpy(),
+                  pack_view_params(params, spec, color_ops, flip), kernel_size // 2,
+                  np.float32(spec.solarize_threshold), mean.astype(np.float32), std.astype(np.float32))
     return out.permute(0, 3, 1, 2)   # channels_last view of the NHWC buffer

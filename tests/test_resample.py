@@ -77,12 +77,18 @@ def test_random_resized_crop_windows_match_pil(shape):
 def test_the_kernels_refuse_what_they_would_read_out_of_bounds():
     """The numba kernels do not check their reads: their Python callers refuse a blur radius as large as the image
     and a crop window outside the decoded image."""
-    from byolfast.pipeline import cpu_augment
+    import torch
 
-    img = np.zeros((2, 8, 8, 3), np.float32)
+    from byolfast.pipeline import cpu_augment
+    from byolfast.pipeline.config import ViewSpec
+    from byolfast.pipeline.device_augment import BatchedViewAugment
+
+    spec, mean, std = ViewSpec(), np.zeros(3, np.float32), np.ones(3, np.float32)
+    crops = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    params = BatchedViewAugment(spec, mean, std, 8).sample_params(2, "cpu", torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="radius"):
-        cpu_augment.blur_(img, np.ones(2, bool), np.ones(2, np.float32), 17)
-    cpu_augment.blur_(img, np.ones(2, bool), np.ones(2, np.float32), 15)   # radius 7 < 8: fine
+        cpu_augment.augment_crops(crops, params, spec, "deepmind", False, 17, mean, std)
+    assert cpu_augment.augment_crops(crops, params, spec, "deepmind", False, 15, mean, std).shape == (2, 3, 8, 8)
     out = np.empty((8, 8, 3), np.float32)
     for window in ((0, 0, 513, 100), (0, 450, 100, 63), (-1, 0, 10, 10), (0, 0, 0, 4)):
         with pytest.raises(ValueError, match="outside"):

@@ -413,14 +413,18 @@ def pack_view_params(params: dict[str, torch.Tensor], spec: ViewSpec, color_ops:
 
 
 def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, color_ops: str, flip: bool,
-                  kernel_size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+                  kernel_size: int, mean: np.ndarray, std: np.ndarray,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """The spec's ops after the crop on uint8 (N, 3, S, S) crops (any strides) with the draws of
     `BatchedViewAugment.sample_params`: each sample through `augment_view_hwc` (its own ops only, every op while the
     image sits in cache: `STAGES` are the passes inside it), the samples spread over torch's intra-op thread count.
-    Returns float32 (N, 3, S, S), channels_last."""
+    Returns float32 (N, 3, S, S), channels_last: a view of `out` (float32 C-contiguous (N, S, S, 3)) when given."""
     threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
     nhwc = nchw.permute(0, 2, 3, 1).contiguous()
-    out = torch.empty(nhwc.shape, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(nhwc.shape, dtype=torch.float32)
+    elif out.shape != nhwc.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be float32 C-contiguous {tuple(nhwc.shape)}, got {out.dtype} {tuple(out.shape)}")
     if kernel_size // 2 >= min(nhwc.shape[1], nhwc.shape[2]):   # the kernel reflects once at each border
         raise ValueError(f"blur window of {kernel_size} taps for {tuple(nhwc.shape[1:3])} crops: the radius must be "
                          f"below the image side")

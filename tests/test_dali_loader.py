@@ -302,6 +302,38 @@ def test_cpu_crop_is_pils_antialiased_bicubic_of_the_drawn_window(tree):
     assert d.mean() < 0.08 and np.percentile(d, 99) <= 2, f"mean {d.mean():.3f}, max {d.max():.1f}"
 
 
+def test_dali_copies_a_python_functions_outputs_before_the_next_call():
+    """`CpuAugment` reuses its output arrays from one call to the next: safe only because DALI copies what a python
+    function returns before it calls it again, even with iterations run ahead (prefetch 3): each batch keeps its own
+    values."""
+    from nvidia.dali import fn, pipeline_def
+
+    buffers = [np.zeros((4, 4, 3), np.float32) for _ in range(2)]
+    calls = [0]
+
+    def body(images):
+        calls[0] += 1
+        for b in buffers:
+            b[...] = calls[0]
+        return buffers[:len(images)]
+
+    fed = [0]
+
+    def source():
+        fed[0] += 1
+        return [np.full((4, 4, 3), fed[0], np.uint8) for _ in range(2)]
+
+    @pipeline_def(batch_size=2, num_threads=2, device_id=None, exec_dynamic=True, prefetch_queue_depth=3)
+    def pipe():
+        x = fn.external_source(source=source, batch=True, layout="HWC")
+        return fn.python_function(x, function=body, batch_processing=True, output_layouts="HWC")
+
+    p = pipe()
+    p.build()
+    got = [float(np.array(p.run()[0][0]).ravel()[0]) for _ in range(5)]
+    assert calls[0] > 5 and got == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
 def test_bad_files_are_left_out_and_counted(tmp_path, tree):
     root = tmp_path / "bad"
     for cname in ("a", "b"):

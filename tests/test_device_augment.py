@@ -251,6 +251,21 @@ def test_cpu_kernels_match_the_batched_ops(photos_u8, view):
         torch.set_num_threads(1)
 
 
+def test_cpu_kernels_reuse_their_float_buffer_only_behind_a_cast(photos_u8):
+    """On the CPU in bf16 the kernels write into a float32 buffer kept from batch to batch (only the cast is handed
+    out): each batch equals the float32 path's cast, and an earlier batch is not overwritten by a later one; in
+    float32 the result itself is handed out, a new tensor each batch."""
+    aug = _plain(AugmentConfig().view1, apply_flip=True)
+    x1, x2 = photos_u8.repeat(4, 1, 1, 1), photos_u8.flip(0).repeat(4, 1, 1, 1)
+    outs = [aug(x, torch.Generator().manual_seed(s), dtype=torch.bfloat16) for s, x in ((1, x1), (2, x2))]
+    refs = [aug(x, torch.Generator().manual_seed(s)).to(torch.bfloat16) for s, x in ((1, x1), (2, x2))]
+    for out, ref in zip(outs, refs):
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert aug._cpu_scratch is not None and outs[0].data_ptr() != outs[1].data_ptr()
+    a, b = (aug(x1, torch.Generator().manual_seed(1)) for _ in range(2))
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+
+
 def test_cpu_kernels_keep_hue_off_when_its_strength_is_zero(photos_u8):
     """spec.hue 0: no HSV round trip at all (as the batched path), so jitter with identity factors is exact."""
     aug = _plain(ViewSpec(hue=0.0))

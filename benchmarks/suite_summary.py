@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 # display name -> (smoke check / backend name, the module whose absence means "not installed")
 PACKAGES = {"DALI": ("dali", "nvidia.dali"), "FFCV": ("ffcv", "ffcv")}
-BENCH_PARTS = ("ema", "e2e", "model", "loader", "compile")
+BENCH_PARTS = ("ema", "e2e", "model", "loader", "compile", "e2e-stream")
 _MISSING_TEXT = re.compile(r"No module named '([\w.]+)'|could not import '([\w.]+)'|import of ([\w.]+) halted")
 
 

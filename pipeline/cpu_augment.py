@@ -421,6 +421,8 @@ def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: Vie
     Returns float32 (N, 3, S, S), channels_last: a view of `out` (float32 C-contiguous (N, S, S, 3)) when given."""
     threads = torch.get_num_threads()   # the trainer sets it to the cores its loader workers leave free
     nhwc = nchw.permute(0, 2, 3, 1).contiguous()
+    if len(params["jitter"]) != nhwc.shape[0]:   # the kernel does not check its reads
+        raise ValueError(f"draws for {len(params['jitter'])} samples, {nhwc.shape[0]} crops")
     if out is None:
         out = torch.empty(nhwc.shape, dtype=torch.float32)
     elif out.shape != nhwc.shape or out.dtype != torch.float32 or not out.is_contiguous():

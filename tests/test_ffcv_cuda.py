@@ -152,15 +152,25 @@ def test_cuda_path_matches_cpu_path(converted, cpu_loader):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_side_stream_gives_the_same_batches(converted):
     """`data.ffcv.augment_stream`: FFCV's copies and the augmentation on a stream of their own, handed to the training
-    stream by an event, give the batches of the default path exactly (the same draws, the same kernels), every batch
-    read on the training stream while the next ones are queued."""
+    stream by an event, give the batches of the default path exactly (the same draws, the same kernels). The training
+    stream is kept busy behind each batch (`torch.cuda._sleep`) and nothing syncs until the epoch's end, so the side
+    stream runs ahead while earlier batches are still being read; the augmentation is switched off for one batch
+    mid-epoch (that batch is read on the side stream too)."""
     batches = {}
     for on in (False, True):
         loader = make_loader(converted, "cuda", augment_stream=on)
         try:
             assert (loader._side is not None) == on
-            batches[on] = [[t.clone() for t in b[:2]] for b in epoch(loader, True)]
+            loader.set_epoch(0)
+            kept = []
+            for b, batch in enumerate(loader):
+                torch.cuda._sleep(2_000_000)   # the consumer lags (~1 ms of spinning on the training stream)
+                kept.append([batch.view1.clone(), batch.view2.clone()])   # device copies, on the training stream
+                loader.device_augment = b != 0   # batch 1 without the augmentation
+            torch.cuda.synchronize()
+            batches[on] = [[t.cpu() for t in pair] for pair in kept]
         finally:
+            loader.device_augment = True
             loader.close()
     assert len(batches[True]) == len(batches[False]) == IMAGES // BATCH
     for got, ref in zip(batches[True], batches[False]):

@@ -208,6 +208,17 @@ def test_last_line_names_failures_caps_and_the_budget(tmp_path):
     assert "skipped for the time budget: profile" in last and last.endswith("DALI and FFCV ran -> exit 1")
 
 
+def test_a_failed_stream_run_is_named(tmp_path):
+    """The opt-in `e2e-stream` part exits 0 when a backend fails (the error is in its JSON): the summary reads it."""
+    res = _results(tmp_path, dali=True)
+    with (res / "parts.jsonl").open("a") as f:
+        f.write(json.dumps({"part": "e2e-stream", "status": "exit", "rc": 0, "seconds": 5, "cap": 100}) + "\n")
+    (res / "e2e-stream.json").write_text(json.dumps({"complete": True, "records": [
+        {"what": "e2e", "backend": "ffcv", "error": "RuntimeError: stream", "traceback": "Traceback ..."}]}))
+    lines, code = _summary(res)
+    assert code == 1 and "e2e-stream (ffcv: RuntimeError: stream)" in lines[-1]
+
+
 def test_no_results_at_all(tmp_path):
     lines, code = _summary(tmp_path)
     assert code == 1 and lines[-1].startswith("suite: ran nothing;") and "DALI and FFCV did not run" in lines[-1]

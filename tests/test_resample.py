@@ -89,6 +89,9 @@ def test_the_kernels_refuse_what_they_would_read_out_of_bounds():
     with pytest.raises(ValueError, match="radius"):
         cpu_augment.augment_crops(crops, params, spec, "deepmind", False, 17, mean, std)
     assert cpu_augment.augment_crops(crops, params, spec, "deepmind", False, 15, mean, std).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="draws for 2 samples, 3 crops"):
+        cpu_augment.augment_crops(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), params, spec, "deepmind", False, 15,
+                                  mean, std)
     out = np.empty((8, 8, 3), np.float32)
     for window in ((0, 0, 513, 100), (0, 450, 100, 63), (-1, 0, 10, 10), (0, 0, 0, 4)):
         with pytest.raises(ValueError, match="outside"):

@@ -255,9 +255,10 @@ class FfcvTwoViewLoader(TwoViewLoader):
         self.close()  # one epoch thread at a time: numba's workqueue threading layer is not thread-safe
         if ctx.device.type == "cuda":   # once per epoch: the last epoch's copies and kernels read the reused buffers
             torch.cuda.synchronize(ctx.device)
-        # With the side stream (and the augmentation, its only reader of FFCV's device buffers), FFCV's iterator is
-        # created with it current: its copies are waited for there, and its buffer-reuse events recorded there.
-        self._epoch_side = self._side if self.device_augment else None
+        # With the side stream (the only stream that reads FFCV's device buffers: `_to_batch` reads them there, with
+        # or without the augmentation), FFCV's iterator is created with it current: its copies are waited for
+        # there, and its buffer-reuse events recorded there.
+        self._epoch_side = self._side
         with keep_torch_threads(), (self._epoch_side.current() if self._epoch_side else contextlib.nullcontext()):
             it = self._iterator = SeededEpochIterator(self._loader, order, self._decoder_node, seeds, self._index_of)
         try:
@@ -270,18 +271,18 @@ class FfcvTwoViewLoader(TwoViewLoader):
     def _to_batch(self, out: dict[str, torch.Tensor], epoch: int, batch: int) -> Batch:
         # FFCV's buffers are reused a few batches later: everything handed out is a fresh tensor.
         ctx = self.ctx
-        if self.device_augment:
-            # a host-side call, no sync
-            self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))
-            # straight into the training dtype (the arithmetic in float32): `to_contract` then has nothing to copy
-            side = self._epoch_side
-            with side.side(after_consumer=False) if side else contextlib.nullcontext():
+        side = self._epoch_side   # `device_augment` may change between batches: both branches read on the side
+        with side.side(after_consumer=False) if side else contextlib.nullcontext():
+            if self.device_augment:
+                # a host-side call, no sync
+                self._generator.manual_seed(mix_seed(rank_seed(ctx.seed, ctx.rank), epoch, batch, 2))
+                # straight into the training dtype (the arithmetic in float32): `to_contract` has nothing to copy
                 view1 = self._augment[0](out["image"], self._generator, dtype=ctx.dtype)
                 view2 = self._augment[1](out["image2"], self._generator, dtype=ctx.dtype)
-            if side:
-                view1, view2 = side.hand_over(view1, view2)
-        else:
-            view1, view2 = self._normalise(out["image"]), self._normalise(out["image2"])
+            else:
+                view1, view2 = self._normalise(out["image"]), self._normalise(out["image2"])
+        if side:
+            view1, view2 = side.hand_over(view1, view2)
         labels = out["label"].view(-1).clone().to(ctx.device, non_blocking=True)
         index = out["index"].view(-1).clone() if self._has_index else None
         return Batch(to_contract(view1, ctx), to_contract(view2, ctx), labels, index)

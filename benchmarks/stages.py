@@ -49,7 +49,7 @@ TORCH_STAGES = ("decode", "crop_flip", "to_float", "jitter", "grayscale", "blur"
 DALI_STAGES = ("decode", "crop", "colour", "blur", "solarize", "normalise")
 
 
-# --- timing helpers, shared with ffcv_stages -------------------------------------------------------------------------
+# --- timing helpers ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def timed_calls(module, name: str, seconds: dict, stage: str) -> Iterator[None]:
     """Add the thread CPU time of every call of `module.name` to `seconds[stage]` while the block runs."""

@@ -398,6 +398,13 @@ def _augment_samples(samples, src, out, params, max_radius, threshold, mean, std
         augment_view_hwc(out[i], src[i], params[i], max_radius, threshold, mean, std)
 
 
+def check_blur_radius(kernel_size: int, side: int) -> None:
+    """Refuse a blur window whose radius reaches the image side: `_blur_one` reflects once at each border and does
+    not check its reads (a config's `blur_kernel_frac <= 1` never gets there)."""
+    if kernel_size // 2 >= side:
+        raise ValueError(f"blur window of {kernel_size} taps for {side} px images: the radius must be below the side")
+
+
 def pack_view_params(params: dict[str, torch.Tensor], spec: ViewSpec, color_ops: str, flip: bool) -> np.ndarray:
     """The draws of `BatchedViewAugment.sample_params` (on the CPU) as the kernel's float32 (N, VIEW_PARAMS) rows,
     `KERNEL_PARAMS`' layout; `flip=False`: no sample flips (the crop upstream did)."""
@@ -427,9 +434,7 @@ def augment_crops(nchw: torch.Tensor, params: dict[str, torch.Tensor], spec: Vie
         out = torch.empty(nhwc.shape, dtype=torch.float32)
     elif out.shape != nhwc.shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be float32 C-contiguous {tuple(nhwc.shape)}, got {out.dtype} {tuple(out.shape)}")
-    if kernel_size // 2 >= min(nhwc.shape[1], nhwc.shape[2]):   # the kernel reflects once at each border
-        raise ValueError(f"blur window of {kernel_size} taps for {tuple(nhwc.shape[1:3])} crops: the radius must be "
-                         f"below the image side")
+    check_blur_radius(kernel_size, min(nhwc.shape[1], nhwc.shape[2]))
     _over_samples(_augment_samples, nhwc.shape[0], threads, nhwc.numpy(), out.numpy(),
                   pack_view_params(params, spec, color_ops, flip), kernel_size // 2,
                   np.float32(spec.solarize_threshold), mean.astype(np.float32), std.astype(np.float32))

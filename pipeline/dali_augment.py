@@ -55,7 +55,8 @@ from byolfast.pipeline.augment_spec import (BRIGHTNESS, CONTRAST, DRAWS, HUE, JI
                                             SATURATION, SLOTS_AFTER_HUE, SLOTS_BEFORE_HUE, blur_kernel_size,
                                             draw_range)
 from byolfast.pipeline.config import ViewSpec
-from byolfast.pipeline.cpu_augment import KERNEL_PARAMS, augment_view_hwc, crop_augment_view_hwc
+from byolfast.pipeline.cpu_augment import (KERNEL_PARAMS, augment_view_hwc, check_blur_radius,
+                                           crop_augment_view_hwc)
 
 # The spec's ops (after the crop) in the order this graph runs them, and in the order of the one CPU operator
 # (`CpuAugment`) that replaces them where `cpu_threads` is set and the images are on the CPU.
@@ -311,11 +312,7 @@ class CpuCropAugment(CpuAugment):
         self.size = size
 
     def __call__(self, images: list, windows: list, params: list) -> list:
-        for img, (top, left, height, width) in zip(images, windows):
-            if height < 1 or width < 1 or top < 0 or left < 0 or top + height > img.shape[0] \
-                    or left + width > img.shape[1]:   # the kernel does not check its reads
-                raise ValueError(f"crop window (top {top}, left {left}, {height} x {width}) outside a decoded image "
-                                 f"of {img.shape[0]} x {img.shape[1]}")
+        # a window outside its image: `resize_crop` raises, before it reads
         outs = self._outputs([(self.size, self.size, 3)] * len(images))
         run = lambda out, img, win, p: crop_augment_view_hwc(out, img, win.astype(np.int64), p,  # noqa
                                                              self.max_radius, self.threshold, self.mean, self.std)
@@ -353,9 +350,7 @@ def cpu_augment_view(images: DataNode, spec: ViewSpec, drawn: dict[str, Union[Da
     groups = [ops if name == "order" else [_as_node(scalars[name], order)] for name, _ in KERNEL_PARAMS]
     params = fn.stack(*[node for group in groups for node in group])
     kernel_size = blur_kernel_size(image_size, spec.blur_kernel_frac)
-    if kernel_size // 2 >= image_size:   # the kernel reflects once at each border
-        raise ValueError(f"blur window of {kernel_size} taps for {image_size} px views: blur_kernel_frac "
-                         f"{spec.blur_kernel_frac} must leave the radius below the size")
+    check_blur_radius(kernel_size, image_size)
     if window is None:
         body = CpuAugment(threads, kernel_size, spec.solarize_threshold, mean, std)
         return fn.python_function(images, params, function=body, batch_processing=True, output_layouts="HWC")

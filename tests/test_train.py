@@ -241,6 +241,21 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, digits16):
     assert [a[s] for s in range(1, stopped + 3)] == [b[s] for s in range(1, stopped + 3)]
 
 
+def test_a_rank_standing_preempted_ignores_the_launchers_sigterm():
+    # torchrun sends SIGTERM to the ranks still running once one has exited 75; a rank still closing its loader then
+    # died with -15. After hold() the handlers stay and ignore every signal until the process exits.
+    from byolfast.train.preempt import PreemptFlag
+    flag = PreemptFlag(["SIGUSR1"])
+    try:
+        flag.hold()
+        os.kill(os.getpid(), signal.SIGUSR1)     # the default action would end this process
+        time.sleep(0.05)
+        assert flag.signum is None and signal.getsignal(signal.SIGUSR1) == flag._handle
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert byol(["train", "train.batch_sise=3"]) == 2
     err = capsys.readouterr().err

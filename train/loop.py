@@ -27,7 +27,7 @@ from byolfast.train.config import Config, ConfigError, check_world, to_dict
 from byolfast.train.distributed import DistInfo, FlagAgreement, check_weights_agree, cleanup, init_distributed
 from byolfast.train.metrics import MetricsWriter, Window
 from byolfast.train.optim import build_optimizer
-from byolfast.train.preempt import PREEMPT_CHECK_EVERY, PREEMPT_MARKER, PreemptFlag, stand_preempted
+from byolfast.train.preempt import PREEMPT_CHECK_EVERY, PREEMPT_MARKER, Preempted, PreemptFlag, stand_preempted
 from byolfast.train.runtime import DTYPES, configure_torch, resolve_precision, setup_logging, write_run_info
 from byolfast.train.schedules import scaled_lr, target_tau, warmup_cosine_lr
 from byolfast.train.step import Forward, NonFiniteError, StageHook, Stepper, StepOutput, no_stage
@@ -206,6 +206,11 @@ class Trainer:
                                                cfg.data.augment.mean, cfg.data.augment.std)
             flag = PreemptFlag(t.preempt_signals)
             return self._train(flag)
+        except Preempted:
+            if self.dist.distributed:   # a torchrun worker exits now; the launcher's SIGTERM must not kill it first
+                flag.hold()
+                flag = None
+            raise
         finally:
             if flag is not None:
                 flag.restore()

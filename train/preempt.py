@@ -2,7 +2,9 @@
 
 A handler only sets a flag; the loop checkpoints at the next step boundary, writes `PREEMPT_MARKER` in the run folder
 (a requeue script's cue: torchrun exits 1, not 75, when its ranks exit 75) and exits with `EXIT_PREEMPTED`. Under
-torchrun the ranks agree on the flag every `PREEMPT_CHECK_EVERY` steps (`train.distributed.FlagAgreement`).
+torchrun the ranks agree on the flag every `PREEMPT_CHECK_EVERY` steps (`train.distributed.FlagAgreement`), and a rank
+that stands preempted keeps ignoring the signals while it exits: torchrun sends SIGTERM to the ranks still running as
+soon as the first one has exited, which killed a rank that was still closing its loader (status -15, not 75).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class PreemptFlag:
 
     def __init__(self, names: list[str]):
         self.signum: Optional[int] = None
+        self.holding = False
         self._previous = {}
         for name in names:
             sig = getattr(signal, name)
@@ -40,9 +43,16 @@ class PreemptFlag:
                 pass
 
     def _handle(self, signum, frame) -> None:
+        if self.holding:
+            log.info("received %s while exiting for requeue: ignored", signal.Signals(signum).name)
+            return
         if self.signum is None:
             log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
         self.signum = signum
+
+    def hold(self) -> None:
+        """Keep the handlers, ignoring every signal from now on: the checkpoint is written and the process exits."""
+        self.holding = True
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -207,6 +207,40 @@ def test_close_mid_epoch_returns_whatever_is_left(loader: FfcvTwoViewLoader) -> 
     loader.set_epoch(0)
 
 
+def test_an_error_in_the_epoch_thread_reaches_the_consumer(loader: FfcvTwoViewLoader, monkeypatch) -> None:
+    """FFCV's epoch thread caught only StopIteration: any other error there (a device copy out of memory, a read
+    error) ended the thread and the consumer waited on the queue for ever."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+    run_pipeline = EpochIterator.run_pipeline   # FFCV's own, below the seeded iterator's
+
+    def failing(self, b_ix, *args):
+        if b_ix == 1:
+            raise MemoryError("no room for batch 1")
+        return run_pipeline(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", failing)
+    got: dict = {}
+
+    def consume() -> None:
+        loader.set_epoch(0)
+        it = iter(loader)
+        got["first"] = next(it)
+        try:
+            next(it)
+        except MemoryError as e:
+            got["error"] = e
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=60)
+    assert not consumer.is_alive(), "the consumer waits for ever after the epoch thread failed"
+    assert "first" in got and str(got["error"]) == "no room for batch 1"
+    assert "epoch 0, batch 1" in " ".join(got["error"].__notes__)
+    monkeypatch.undo()
+    loader.set_epoch(0)
+    assert len(list(loader)) == len(loader)   # the next epoch runs as usual
+
+
 def test_crops_replay_the_seeded_draws(loader: FfcvTwoViewLoader, beton: Path, ctx: LoaderContext) -> None:
     """Crop + flip only (device_augment off): each view equals PIL's antialiased bicubic resize of the crop
     `crop_flip_params` draws."""

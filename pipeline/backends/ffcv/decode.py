@@ -13,6 +13,7 @@ the next.
 from __future__ import annotations
 
 import contextlib
+import queue
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
@@ -192,6 +193,8 @@ class SeededEpochIterator(EpochIterator):
     before it is decoded."""
 
     def __init__(self, loader: Loader, order: np.ndarray, node_id: int, seeds: Sequence[int], index_of: np.ndarray):
+        self.error: BaseException | None = None
+        self.failed_batch: int | None = None
         self._node_id = node_id
         self._seeds = np.asarray(seeds, dtype=np.int64)
         self._index_of = index_of
@@ -204,7 +207,31 @@ class SeededEpochIterator(EpochIterator):
         self._draws()[..., :len(self._seeds)] = self._seeds
         super().start()
 
+    def run(self) -> None:
+        # FFCV's thread catches only StopIteration: any other error (a device copy out of memory, a read error) ended
+        # the thread and left the consumer waiting on the queue for ever. The error is kept and the end marker queued;
+        # `__next__` raises it.
+        try:
+            super().run()
+        except BaseException as e:
+            self.error = e
+            while not self.terminate_event.is_set():
+                try:
+                    self.output_queue.put(None, timeout=0.5)
+                    return
+                except queue.Full:
+                    pass
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                raise self.error from None
+            raise
+
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        self.failed_batch = b_ix   # stays set when this batch raises
         # In the epoch thread, right before this batch's decode, the only reader of these entries.
         index = self._index_of[batch_indices]
         self._draws()[batch_slot, :len(index), -1] = index

@@ -264,6 +264,11 @@ class FfcvTwoViewLoader(TwoViewLoader):
         try:
             for b, out in enumerate(it, start=first):
                 yield self._to_batch(dict(zip(self._outputs, out)), epoch, b)
+        except Exception as e:
+            if it.error is e:
+                e.add_note(f"(in FFCV's epoch thread, reading {str(self.path)!r}: epoch {epoch}, batch "
+                           f"{first + (it.failed_batch or 0)})")
+            raise
         finally:
             if self._iterator is it:  # a superseded generator, finalised late, must not stop the newer epoch
                 self.close()

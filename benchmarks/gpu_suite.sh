@@ -25,12 +25,13 @@
 #   profile    a short torch.profiler run with the bottleneck report
 #   compile    the torch.compile variant (only with BENCH_COMPILE=1; compiling takes minutes)
 #   e2e-stream ffcv end to end with data.ffcv.augment_stream=true (only with BENCH_STREAM=1), beside e2e's ffcv
+#   epoch-start the wait at each DALI epoch start, next pipeline built ahead or not (only with BENCH_EPOCH_START=1)
 #   demo       `byol demo` at GPU scale: kNN against random init, the ablation, curves (only with BENCH_DEMO=1)
 # The last line (benchmarks/suite_summary.py) says which parts ran, which were skipped for a missing package (DALI,
 # FFCV) and which failed; the exit status is 1 when DALI or FFCV did not run or anything failed, else 0.
 # Knobs: PYTHON, BENCH_BUDGET_S (seconds for all parts, default 480), BENCH_BATCH (default 128), BENCH_IMAGES
 # (benchmark JPEGs; default enough batches for the warm-up, the torch loader's read-ahead of 2 batches per core and the
-# timed batches, at least 64), BENCH_COMPILE, BENCH_STREAM, BENCH_DEMO, BENCH_ONLY (the parts to run, e.g. "demo"), BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default
+# timed batches, at least 64), BENCH_COMPILE, BENCH_STREAM, BENCH_EPOCH_START, BENCH_DEMO, BENCH_ONLY (the parts to run, e.g. "demo"), BENCH_DEVICE (default cuda), BENCH_DATA (image folder, default
 # /tmp/byol-bench-data), BENCH_TEST_TIMEOUT_S (per GPU test, default 90), BENCH_ARGS (more overrides, e.g.
 # "model.arch=resnet18 data.image_size=32" for a quick rehearsal on a CPU).
 set -u -o pipefail
@@ -197,6 +198,11 @@ fi
 if [ "${BENCH_STREAM:-0}" = "1" ]; then   # FFCV's augmentation on its own CUDA stream, against the e2e part's ffcv
     part e2e-stream 100 "${BENCH[@]}" --what e2e --backends ffcv --out "$RES/e2e-stream.json" --warmup 4 --steps 10 \
         --repeats 2 data.ffcv.augment_stream=true
+fi
+if [ "${BENCH_EPOCH_START:-0}" = "1" ]; then   # DALI (nvJPEG) pipelines built per epoch: the consumer's wait
+    part epoch-start 90 "$PY" -m byolfast.benchmarks.epoch_start --data "$DATA/epoch-start" --size 224 \
+        --batch "$BATCH" --images "$(( BATCH * 24 ))" --threads "$(( CORES > 8 ? 8 : CORES ))" --epochs 3 \
+        --out "$RES/epoch_start.json"
 fi
 if [ "${BENCH_DEMO:-0}" = "1" ]; then   # the demo at GPU scale (10x the epochs): its kNN curve against random init
     part demo    240 "$PY" -m byolfast demo --out "$DATA/demo" data.num_workers="$(( CORES > 8 ? 8 : CORES ))" \

@@ -87,6 +87,10 @@ class TwoViewLoader(abc.ABC):
             raise DataError(f"{what} holds {self.num_samples} images, fewer than one global batch "
                             f"({self.ctx.batch_size} x {self.ctx.world_size} ranks): {fix}")
 
+    #: Epochs from this one on will not be asked for (the trainer sets it from its schedule; None: unknown). A backend
+    #: that prepares the next epoch ahead does not prepare one beyond the run.
+    stop_epoch: Optional[int] = None
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's shuffle and skip its first `start_batch` batches (mid-epoch resume)."""
         self.epoch = epoch

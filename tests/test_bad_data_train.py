@@ -85,6 +85,14 @@ class _Recording(TwoViewLoader):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.inner.set_epoch(epoch, start_batch)
 
+    @property
+    def stop_epoch(self):
+        return self.inner.stop_epoch
+
+    @stop_epoch.setter
+    def stop_epoch(self, value) -> None:
+        self.inner.stop_epoch = value
+
     def _iter_epoch(self) -> Iterator[Batch]:
         for batch in self.inner:
             self.seen.extend(batch.index.tolist())
@@ -148,6 +156,7 @@ def test_dali_folder_leaves_out_and_counts_the_bad_files(tree, tmp_path, monkeyp
     assert summary["skipped_images"] == stats["bad_images"] == 3 == _last_metrics(tmp_path / "run")["loader/bad_images"]
     assert _relative(tree, stats["bad_paths"]) == sorted(BAD)
     assert "leaving out 3 unreadable image file(s)" in caplog.text
+    assert stats["pipelines_built"] == 1, "a run of one epoch builds no pipeline for the next"
     assert "3 unreadable image files were not trained on" in caplog.text
 
 

@@ -146,6 +146,40 @@ def test_determinism_epochs_and_resume(request, source):
     assert not torch.equal(full[0].view1, other[0].view1)
 
 
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_the_next_epochs_pipeline_is_built_ahead_and_gives_the_same_batches(request, source):
+    path = request.getfixturevalue("tree" if source == "folder" else "shards")
+    ctx = LoaderContext(batch_size=BATCH, seed=5)
+    fresh = DaliTwoViewLoader(_cfg(path, build_ahead=0), ctx, exact_hue=False)
+    ahead = DaliTwoViewLoader(_cfg(path, build_ahead=3), ctx, exact_hue=False)
+    for epoch in range(3):
+        got, want = _epoch(ahead, epoch), _epoch(fresh, epoch)
+        assert len(got) == len(want) == 6
+        for x, y in zip(got, want):
+            assert all(torch.equal(s, t) for s, t in zip(x, y)), f"epoch {epoch}"
+    assert ahead.stats()["epochs_built_ahead"] == 2 and fresh.stats()["epochs_built_ahead"] == 0
+    assert ahead._ahead is not None and ahead._ahead.key == (3, 0)
+
+    # another epoch or start than the one built ahead: that pipeline is dropped, the batches are the asked ones
+    for x, y in zip(_epoch(ahead, 4, start=2), _epoch(fresh, 4, start=2)):
+        assert torch.equal(x.index, y.index) and torch.equal(x.view1, y.view1)
+    assert ahead.stats()["epochs_built_ahead"] == 2
+
+    ahead.stop_epoch = 6   # the trainer's schedule ends the run with epoch 5: nothing is built beyond it
+    _epoch(ahead, 5)
+    assert ahead._ahead is None
+
+    ahead.stop_epoch = None   # closed while the next epoch's build is in flight: no thread is left behind
+    ahead.set_epoch(0)
+    it = iter(ahead)
+    for _ in range(4):
+        next(it)
+    assert ahead._ahead is not None
+    ahead.close()
+    assert ahead._ahead is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("dali-build-ahead")]
+
+
 @pytest.fixture(scope="module")
 def many_tiny(tmp_path_factory) -> Path:
     return _write_tree(tmp_path_factory.mktemp("tiny"), per_class=1024, size=(12, 29))  # 3072 images
@@ -518,6 +552,31 @@ def test_mixed_decoder_on_gpu(tree, shards, scan_classes, random_crop_decoder):
             check_batch(b, ctx, SIZE)
             assert b.view1.is_cuda and (b.view1 - b.view2).abs().float().mean() > 0.05
             assert torch.equal(b.labels.cpu(), scan_classes[b.index.cpu()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_pipeline_built_ahead_on_the_consumers_stream_gives_the_same_batches(tree):
+    """The next epoch's nvJPEG pipeline, built and primed in a background thread with the consumer's (non-default)
+    stream current, hands out the batches a pipeline built when the epoch starts gives. (The CPU twin:
+    `test_the_next_epochs_pipeline_is_built_ahead_and_gives_the_same_batches`.)"""
+    def epochs(build_ahead: int) -> tuple[list[torch.Tensor], dict]:
+        ctx = LoaderContext(device=torch.device("cuda"), dtype=torch.float32, batch_size=BATCH, seed=6)
+        loader = DaliTwoViewLoader(_cfg(tree, decoder="mixed", hw_decoder_load=0.0, build_ahead=build_ahead), ctx)
+        out = []
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                out += [torch.cat([b.view1, b.view2]).sum(dim=(1, 2, 3)) for b in loader]
+            torch.cuda.synchronize()
+        stats = loader.stats()
+        loader.close()
+        return [o.cpu() for o in out], stats
+
+    (fresh, _), (ahead, stats) = epochs(0), epochs(2)
+    assert stats["epochs_built_ahead"] == 2 and len(fresh) == len(ahead) == 18
+    for f, a in zip(fresh, ahead):
+        torch.testing.assert_close(a, f, rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.gpu

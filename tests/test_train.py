@@ -34,6 +34,7 @@ def _losses(trainer) -> dict[int, float]:
 def test_short_run_writes_everything(tmp_path):
     summary, trainer = _train(tiny_overrides(tmp_path / "run", steps=4) + ["train.ckpt_every=2"])
     run = tmp_path / "run"
+    assert trainer.loader.stop_epoch == math.ceil(4 / trainer.schedule.steps_per_epoch)   # no epoch prepared beyond
     assert summary["steps"] == 4 and math.isfinite(summary["final_loss"]) and summary["collapse_std"] > 0
     assert (run / "config.yaml").is_file() and json.loads((run / "run_info.json").read_text())["git"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4

@@ -95,6 +95,7 @@ class Trainer:
                             worker_ignored_signals=tuple(t.preempt_signals))
         self.loader = loader or build_two_view_loader(cfg.data, ctx)
         self.schedule = build_schedule(cfg, len(self.loader))
+        self.loader.stop_epoch = -(-self.schedule.stop_step // self.schedule.steps_per_epoch)
 
         torch.manual_seed(t.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model: Byol = build_byol(cfg.model, distributed=self.dist.distributed,

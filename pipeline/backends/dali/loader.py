@@ -13,9 +13,12 @@ The graph decodes each image once (`mixed` = nvJPEG on the GPU, else the CPU) an
 `pipeline.dali_augment.augment_view` with its own `ViewSpec` and ends as normalised float HWC, which torch sees as a
 channels-last NCHW tensor without a copy.
 
-Epochs and resume: DALI's readers cannot be re-seeded, so the pipeline is rebuilt every epoch with a seed derived from
-(seed, rank, epoch). A build costs 0.6-1.7 s on the CPU (2-3 s for the first in a process, which converts the graph's
-conditionals; `stats()["pipeline_build_s"]` reports it on any device): noise next to an ImageNet epoch.
+Epochs and resume: DALI's readers cannot be re-seeded, so each epoch has its own pipeline, with a seed derived from
+(seed, rank, epoch). Its build and first batch stalled the consumer at every epoch start (on the CPU, 0.05 s to build
+and ~0.2 s to the first batch, 0.8 s for the first build in a process, which converts the graph's conditionals;
+`stats()["pipeline_build_s"]` reports the last build on any device). So `data.dali.build_ahead` batches before an
+epoch's end, the next epoch's pipeline is built and primed in a background thread (`BuildAhead`), unless the trainer
+said the run stops before it (`stop_epoch`); `stats()["epochs_built_ahead"]` counts the epochs that started that way.
 `set_epoch(e, start_batch)` then resumes exactly: the folder source drops the first `start_batch` batches from its list
 (same order; the augmentation draws of the rest are fresh, from a seed that also takes `start_batch`); the shard source
 runs and discards them, which reproduces the order and the augmentation draws of an uninterrupted epoch at the cost of
@@ -38,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -104,6 +108,41 @@ class StreamHold:
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+class BuildAhead:
+    """`open()` run in a background thread: an epoch's pipeline built and primed while the last one is consumed.
+
+    On a GPU the thread runs with the consumer's current stream, as the iterator's first batch would have.
+    `result()` waits for it and returns what `open()` returned, or raises what it raised.
+    """
+
+    def __init__(self, open_fn, key: tuple, stream: Optional[torch.cuda.Stream]):
+        self.key = key
+        self._open, self._stream = open_fn, stream
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, name=f"dali-build-ahead-{key}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                self._value = self._open()
+        except BaseException as e:   # handed to the consumer by result()
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def drop_in_background(refs: list) -> None:
+    """Empty `refs` (the last references to a finished epoch's pipeline and iterator) in a background thread: a DALI
+    pipeline's teardown, which joins its threads and frees its buffers, took 0.085 s of the consumer's time at every
+    epoch's start (on the CPU). Not a daemon: the interpreter waits for it before it exits."""
+    threading.Thread(target=refs.clear, name="dali-drop").start()
 
 
 def epoch_seed(*keys: int) -> int:
@@ -189,6 +228,8 @@ class DaliTwoViewLoader(TwoViewLoader):
         self._build_s: list[float] = []
         self._reader_meta: dict = {}
         self._pipe = None
+        self._ahead: Optional[BuildAhead] = None
+        self._built_ahead = 0   # epochs that started from a pipeline built ahead
         if is_shard_folder(cfg.path):
             self._init_shards()
         else:
@@ -297,33 +338,71 @@ class DaliTwoViewLoader(TwoViewLoader):
         total = len(self)
         if start >= total:
             return
-        source, seed, discard = self._source(epoch, start)
-        self.close()
-        # A pipeline per epoch, in both modes, because DALI fixes at build time everything an epoch changes: the
-        # reader's input (`fn.readers.file`'s file list, `fn.readers.webdataset`'s tar order) and the seeds of the
-        # random operators (`fn.random.*`, the crop generator), which have no re-seed call; a checkpoint restores
-        # a state that was saved, not one for a new seed. One pipeline for the run would need every list and every
-        # draw fed per epoch through `fn.external_source` (a Python reader, and `pipeline.dali_augment` taking its
-        # draws as inputs); without that, a reused pipeline would continue its random state, and `set_epoch(e, b)`
-        # would no longer give the batches of an uninterrupted run.
-        self._pipe = self._build(source, seed)
-        first = start - discard
-        with self._data_errors(epoch, first):  # the iterator runs the first batch when it is created
-            it = DALIGenericIterator(self._pipe, self._output_names(), reader_name="Reader",
-                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
-        self._reader_meta = self._pipe.reader_meta("Reader")
-        hold = StreamHold(self.ctx.device)
+        self._pipe = None   # the last epoch's pipeline (not the one built ahead for this epoch)
+        pipe, it, first = self._take_ahead(epoch, start) or self._open(epoch, start)
+        self._pipe, self._reader_meta = pipe, pipe.reader_meta("Reader")
+        ahead_at = max(first, total - self.cfg.dali.build_ahead) if self.cfg.dali.build_ahead else total
+        hold, out = StreamHold(self.ctx.device), None
         try:
             for b in range(first, total):
                 with self._data_errors(epoch, b):
                     out = next(it, None)
                 if out is None:
                     break
+                if b == ahead_at and self._pipe is pipe:   # not from a superseded epoch's generator
+                    self._build_ahead(epoch + 1)
                 if b >= start:
                     yield self._convert(out[0])
                     hold.hold(out)   # the consumer has queued its work on this batch: keep it until that has run
         finally:
             hold.drain()
+            if self._pipe is pipe:
+                self._pipe = None
+            last = [pipe, it]
+            pipe = it = out = None
+            drop_in_background(last)
+
+    def _open(self, epoch: int, start: int) -> tuple[Pipeline, DALIGenericIterator, int]:
+        """The epoch's pipeline, its iterator (which has run the first batch) and the first batch's number."""
+        source, seed, discard = self._source(epoch, start)
+        # A pipeline per epoch, in both modes, because DALI fixes at build time everything an epoch changes: the
+        # reader's input (`fn.readers.file`'s file list, `fn.readers.webdataset`'s tar order) and the seeds of the
+        # random operators (`fn.random.*`, the crop generator), which have no re-seed call; a checkpoint restores
+        # a state that was saved, not one for a new seed. One pipeline for the run would need every list and every
+        # draw fed per epoch through `fn.external_source` (a Python reader, and `pipeline.dali_augment` taking its
+        # draws as inputs); without that, a reused pipeline would continue its random state, and `set_epoch(e, b)`
+        # would no longer give the batches of an uninterrupted run. The build's stall is hidden instead: the next
+        # epoch's pipeline is built and primed while this one hands out its last batches (`_build_ahead`).
+        pipe = self._build(source, seed)
+        first = start - discard
+        with self._data_errors(epoch, first):  # the iterator runs the first batch when it is created
+            it = DALIGenericIterator(pipe, self._output_names(), reader_name="Reader",
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+        return pipe, it, first
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Build and prime epoch `epoch`'s pipeline (from its first batch) in a background thread."""
+        if self.stop_epoch is not None and epoch >= self.stop_epoch:
+            return
+        self._drop_ahead()
+        stream = torch.cuda.current_stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
+        self._ahead = BuildAhead(lambda: self._open(epoch, 0), (epoch, 0), stream)
+
+    def _take_ahead(self, epoch: int, start: int) -> Optional[tuple[Pipeline, DALIGenericIterator, int]]:
+        """The pipeline built ahead, if it was built for this epoch and start (else it is dropped)."""
+        if self._ahead is None or self._ahead.key != (epoch, start):
+            self._drop_ahead()   # another epoch or start was asked for
+            return None
+        ahead, self._ahead = self._ahead, None
+        opened = ahead.result()
+        self._built_ahead += 1
+        return opened
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with contextlib.suppress(Exception):   # its error belongs to an epoch nobody asked for
+                ahead.result()
 
     @contextlib.contextmanager
     def _data_errors(self, epoch: int, batch: int) -> Iterator[None]:
@@ -352,7 +431,9 @@ class DaliTwoViewLoader(TwoViewLoader):
                 "decoder": self.decoder,
                 "random_crop_decoder": self.cfg.dali.random_crop_decoder,
                 "pipeline_build_s": round(self._build_s[-1], 3) if self._build_s else None,
+                "pipelines_built": len(self._build_s), "epochs_built_ahead": self._built_ahead,
                 "reader": dict(self._reader_meta), **self._convert_skips}
 
     def close(self) -> None:
         self._pipe = None  # DALI frees the pipeline's threads and buffers when it is collected
+        self._drop_ahead()

@@ -25,6 +25,9 @@ class DaliConfig:
             GPU's); the same draws, rounded once instead of after every op.
         prefetch_queue_depth: batches DALI prepares ahead.
         hw_decoder_load: share of JPEG decoding given to the hardware decoder (A100/H100), 0..1.
+        build_ahead: batches before an epoch's end at which the next epoch's pipeline is built and primed in a
+            background thread, so that the epoch starts without the build's stall; 0 builds each epoch's pipeline
+            when the epoch starts. For that many batches two pipelines hold their buffers.
     """
 
     num_threads: int = 4
@@ -34,11 +37,13 @@ class DaliConfig:
     cpu_kernels: bool = True
     prefetch_queue_depth: int = 2
     hw_decoder_load: float = 0.65
+    build_ahead: int = 8
 
     def problems(self) -> list[tuple[str, str, object]]:
         """`(key, what is allowed, value)` of each setting out of range, keys relative to the section."""
         checks = [(self.decoder in DECODERS, "decoder", " or ".join(DECODERS), self.decoder),
                   (self.num_threads >= 1, "num_threads", ">= 1", self.num_threads),
                   (0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load", "[0, 1]", self.hw_decoder_load),
-                  (self.prefetch_queue_depth >= 1, "prefetch_queue_depth", ">= 1", self.prefetch_queue_depth)]
+                  (self.prefetch_queue_depth >= 1, "prefetch_queue_depth", ">= 1", self.prefetch_queue_depth),
+                  (self.build_ahead >= 0, "build_ahead", ">= 0", self.build_ahead)]
         return [(key, allowed, value) for ok, key, allowed, value in checks if not ok]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -178,6 +179,31 @@ def test_the_next_epochs_pipeline_is_built_ahead_and_gives_the_same_batches(requ
     ahead.close()
     assert ahead._ahead is None
     assert not [t for t in threading.enumerate() if t.name.startswith("dali-build-ahead")]
+
+
+def test_a_failed_build_ahead_is_built_again_when_its_epoch_starts(tree, caplog):
+    ctx = LoaderContext(batch_size=BATCH, seed=5)
+    loader = DaliTwoViewLoader(_cfg(tree, build_ahead=2), ctx, exact_hue=False)
+    want = _epoch(DaliTwoViewLoader(_cfg(tree, build_ahead=0), ctx, exact_hue=False), 1)
+    real_open = loader._open
+
+    def failing_ahead(epoch, start, error):
+        if threading.current_thread().name.startswith("dali-build-ahead"):
+            raise error
+        return real_open(epoch, start)
+
+    loader._open = lambda epoch, start: failing_ahead(epoch, start, RuntimeError("out of memory"))
+    _epoch(loader, 0)
+    with caplog.at_level(logging.WARNING):
+        got = _epoch(loader, 1)   # built again, alone
+    assert "the pipeline built ahead for epoch 1 failed (out of memory); building it now" in caplog.text
+    assert [b.index.tolist() for b in got] == [b.index.tolist() for b in want]
+    assert loader.stats()["epochs_built_ahead"] == 0
+    loader._open = lambda epoch, start: failing_ahead(epoch, start, DataError("a corrupt file"))
+    _epoch(loader, 2)   # builds epoch 3's pipeline ahead, which fails on the data
+    with pytest.raises(DataError, match="a corrupt file"):   # the data's problem: a new build would meet it too
+        _epoch(loader, 3)
+    loader.close()
 
 
 @pytest.fixture(scope="module")

@@ -215,7 +215,7 @@ def test_an_error_in_the_epoch_thread_reaches_the_consumer(loader: FfcvTwoViewLo
 
     def failing(self, b_ix, *args):
         if b_ix == 1:
-            raise MemoryError("no room for batch 1")
+            raise MemoryError("no room for batch 1") from OSError("the cause")
         return run_pipeline(self, b_ix, *args)
 
     monkeypatch.setattr(EpochIterator, "run_pipeline", failing)
@@ -235,7 +235,7 @@ def test_an_error_in_the_epoch_thread_reaches_the_consumer(loader: FfcvTwoViewLo
     consumer.join(timeout=60)
     assert not consumer.is_alive(), "the consumer waits for ever after the epoch thread failed"
     assert "first" in got and str(got["error"]) == "no room for batch 1"
-    assert "epoch 0, batch 1" in " ".join(got["error"].__notes__)
+    assert "epoch 0, batch 1" in " ".join(got["error"].__notes__) and str(got["error"].__cause__) == "the cause"
     monkeypatch.undo()
     loader.set_epoch(0)
     assert len(list(loader)) == len(loader)   # the next epoch runs as usual

@@ -3,12 +3,15 @@
 A handler only sets a flag; the loop checkpoints at the next step boundary, writes `PREEMPT_MARKER` in the run folder
 (a requeue script's cue: torchrun exits 1, not 75, when its ranks exit 75) and exits with `EXIT_PREEMPTED`. Under
 torchrun the ranks agree on the flag every `PREEMPT_CHECK_EVERY` steps (`train.distributed.FlagAgreement`), and a rank
-that stands preempted keeps ignoring the signals while it exits: torchrun sends SIGTERM to the ranks still running as
-soon as the first one has exited, which killed a rank that was still closing its loader (status -15, not 75).
+that stands preempted ignores the next signal while it exits: torchrun sends SIGTERM to the ranks still running as
+soon as the first one has exited, which killed a rank that was still closing its loader and its TensorBoard writer
+(status -15, not 75). A second signal ends the process at once with status 75 (a teardown that hangs can still be
+stopped; the checkpoint is on disk).
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Optional
@@ -33,7 +36,7 @@ class PreemptFlag:
 
     def __init__(self, names: list[str]):
         self.signum: Optional[int] = None
-        self.holding = False
+        self.holding, self.held = False, 0
         self._previous = {}
         for name in names:
             sig = getattr(signal, name)
@@ -44,14 +47,21 @@ class PreemptFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.holding:
-            log.info("received %s while exiting for requeue: ignored", signal.Signals(signum).name)
+            self.held += 1
+            name = signal.Signals(signum).name
+            if self.held > 1:
+                log.warning("received %s again while exiting for requeue: exiting now", name)
+                logging.shutdown()
+                os._exit(EXIT_PREEMPTED)
+            log.info("received %s while exiting for requeue: ignored (another one exits at once)", name)
             return
         if self.signum is None:
             log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
         self.signum = signum
 
     def hold(self) -> None:
-        """Keep the handlers, ignoring every signal from now on: the checkpoint is written and the process exits."""
+        """The checkpoint is written and the process exits: keep the handlers, ignore the next signal, exit with
+        `EXIT_PREEMPTED` at once on the one after."""
         self.holding = True
 
     def restore(self) -> None:

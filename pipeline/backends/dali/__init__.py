@@ -1,6 +1,7 @@
 """The DALI backend: webdataset shards or an ImageFolder tree, decoded (nvJPEG on a GPU) and augmented in a DALI
 graph (`pipeline.dali_augment`). `loader.py` reads, `format.py` is the shard format `byol convert` writes,
-`image_files.py` checks a plain folder's files before DALI decodes them, `settings.py` is `data.dali`."""
+`image_files.py` checks a plain folder's files before DALI decodes them, `lifetime.py` keeps the pipelines' builds and
+teardowns off the consumer's path, `settings.py` is `data.dali`."""
 from __future__ import annotations
 
 from pathlib import Path

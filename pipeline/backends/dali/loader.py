@@ -17,8 +17,10 @@ Epochs and resume: DALI's readers cannot be re-seeded, so each epoch has its own
 (seed, rank, epoch). Its build and first batch stalled the consumer at every epoch start (on the CPU, 0.05 s to build
 and ~0.2 s to the first batch, 0.8 s for the first build in a process, which converts the graph's conditionals;
 `stats()["pipeline_build_s"]` reports the last build on any device). So `data.dali.build_ahead` batches before an
-epoch's end, the next epoch's pipeline is built and primed in a background thread (`BuildAhead`), unless the trainer
-said the run stops before it (`stop_epoch`); `stats()["epochs_built_ahead"]` counts the epochs that started that way.
+epoch's end, the next epoch's pipeline is built and primed in a background thread, unless the trainer said the run
+stops before it (`stop_epoch`), and a finished one is torn down in another (`pipeline.backends.dali.lifetime`);
+`stats()["epochs_built_ahead"]` counts the epochs that started that way. If that build fails for another reason than
+the data (no memory for two pipelines at once), the epoch's pipeline is built when it starts, with a warning.
 `set_epoch(e, start_batch)` then resumes exactly: the folder source drops the first `start_batch` batches from its list
 (same order; the augmentation draws of the rest are fresh, from a seed that also takes `start_batch`); the shard source
 runs and discards them, which reproduces the order and the augmentation draws of an uninterrupted epoch at the cost of
@@ -38,10 +40,8 @@ by decoding it.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -63,6 +63,7 @@ from byolfast.pipeline.backends.dali.format import MANIFEST, load_manifest
 from byolfast.pipeline.storage import ORDER
 from byolfast.pipeline.folder import scan_image_folder
 from byolfast.pipeline.backends.dali.image_files import check_image_files
+from byolfast.pipeline.backends.dali.lifetime import BuildAhead, StreamHold, drop_in_background
 from byolfast.pipeline.sharding import rank_indices
 
 logger = logging.getLogger(__name__)
@@ -71,78 +72,6 @@ _DECODE_FAILURES = ("Failed to decode", "nvImageCodec failure", "decoders.image"
 SHUFFLE_BUFFER = 2048  # samples in the webdataset reader's shuffle buffer (per rank)
 # The per-view draws delivered with `debug_params`, by DALI name, in the spec's table order.
 DEBUG_DRAWS = tuple(d.dali_name for d in DRAWS)
-
-
-class StreamHold:
-    """Keeps DALI's outputs alive until the device work queued after them has run.
-
-    With the dynamic executor, the iterator hands out DALI's own buffers without a copy (DLPack), and DALI may reuse a
-    buffer as soon as the last torch tensor viewing it is dropped on the host, while kernels that read it (the cast to
-    the training dtype, the step itself) can still be queued on the GPU. Each batch's outputs are held, with an event
-    recorded on torch's stream when the consumer asks for the next batch, and let go once that event has passed;
-    `drain` waits for the rest (at the end of an epoch). On the CPU, work runs when it is issued: nothing is held.
-
-    Args:
-        device: the consumer's device.
-        new_event: makes an event with `record()`, `query()` and `synchronize()` (CUDA events by default).
-    """
-
-    def __init__(self, device: torch.device, new_event=None):
-        self.active = device.type == "cuda"
-        self.new_event = new_event or (lambda: torch.cuda.Event())
-        self._held: collections.deque = collections.deque()
-
-    def hold(self, outputs: object) -> None:
-        if not self.active:
-            return
-        event = self.new_event()
-        event.record()   # on the current stream of the current device (the trainer sets it to its own)
-        self._held.append((event, outputs))
-        while self._held and self._held[0][0].query():
-            self._held.popleft()
-
-    def drain(self) -> None:
-        for event, _ in self._held:
-            event.synchronize()
-        self._held.clear()
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-
-class BuildAhead:
-    """`open()` run in a background thread: an epoch's pipeline built and primed while the last one is consumed.
-
-    On a GPU the thread runs with the consumer's current stream, as the iterator's first batch would have.
-    `result()` waits for it and returns what `open()` returned, or raises what it raised.
-    """
-
-    def __init__(self, open_fn, key: tuple, stream: Optional[torch.cuda.Stream]):
-        self.key = key
-        self._open, self._stream = open_fn, stream
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, name=f"dali-build-ahead-{key}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                self._value = self._open()
-        except BaseException as e:   # handed to the consumer by result()
-            self._error = e
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def drop_in_background(refs: list) -> None:
-    """Empty `refs` (the last references to a finished epoch's pipeline and iterator) in a background thread: a DALI
-    pipeline's teardown, which joins its threads and frees its buffers, took 0.085 s of the consumer's time at every
-    epoch's start (on the CPU). Not a daemon: the interpreter waits for it before it exits."""
-    threading.Thread(target=refs.clear, name="dali-drop").start()
 
 
 def epoch_seed(*keys: int) -> int:
@@ -360,7 +289,7 @@ class DaliTwoViewLoader(TwoViewLoader):
                 self._pipe = None
             last = [pipe, it]
             pipe = it = out = None
-            drop_in_background(last)
+            drop_in_background(last, self.ctx.device)
 
     def _open(self, epoch: int, start: int) -> tuple[Pipeline, DALIGenericIterator, int]:
         """The epoch's pipeline, its iterator (which has run the first batch) and the first batch's number."""
@@ -385,8 +314,7 @@ class DaliTwoViewLoader(TwoViewLoader):
         if self.stop_epoch is not None and epoch >= self.stop_epoch:
             return
         self._drop_ahead()
-        stream = torch.cuda.current_stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
-        self._ahead = BuildAhead(lambda: self._open(epoch, 0), (epoch, 0), stream)
+        self._ahead = BuildAhead(lambda: self._open(epoch, 0), (epoch, 0), self.ctx.device)
 
     def _take_ahead(self, epoch: int, start: int) -> Optional[tuple[Pipeline, DALIGenericIterator, int]]:
         """The pipeline built ahead, if it was built for this epoch and start (else it is dropped)."""
@@ -394,7 +322,13 @@ class DaliTwoViewLoader(TwoViewLoader):
             self._drop_ahead()   # another epoch or start was asked for
             return None
         ahead, self._ahead = self._ahead, None
-        opened = ahead.result()
+        try:
+            opened = ahead.result()
+        except DataError:
+            raise   # a corrupt image in the epoch's first batch: a build now would stop on it too
+        except Exception as e:   # e.g. no memory for a second pipeline beside the running one: build it now, alone
+            logger.warning("DALI: the pipeline built ahead for epoch %d failed (%s); building it now", epoch, e)
+            return None
         self._built_ahead += 1
         return opened
 

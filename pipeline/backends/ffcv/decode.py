@@ -226,16 +226,18 @@ class SeededEpochIterator(EpochIterator):
         try:
             return super().__next__()
         except StopIteration:
-            if self.error is not None:
-                raise self.error from None
-            raise
+            if self.error is None:
+                raise
+        raise self.error   # outside the except block: the error keeps its own cause and context
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         self.failed_batch = b_ix   # stays set when this batch raises
         # In the epoch thread, right before this batch's decode, the only reader of these entries.
         index = self._index_of[batch_indices]
         self._draws()[batch_slot, :len(index), -1] = index
-        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        self.failed_batch = None
+        return result
 
 
 def allocate_once(graph: Graph) -> None:

@@ -266,8 +266,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
                 yield self._to_batch(dict(zip(self._outputs, out)), epoch, b)
         except Exception as e:
             if it.error is e:
-                e.add_note(f"(in FFCV's epoch thread, reading {str(self.path)!r}: epoch {epoch}, batch "
-                           f"{first + (it.failed_batch or 0)})")
+                where = "between batches" if it.failed_batch is None else f"batch {first + it.failed_batch}"
+                e.add_note(f"(in FFCV's epoch thread, reading {str(self.path)!r}: epoch {epoch}, {where})")
             raise
         finally:
             if self._iterator is it:  # a superseded generator, finalised late, must not stop the newer epoch

@@ -7,7 +7,7 @@ momentum. Parameters with ndim <= 1 (biases, BatchNorm) get neither weight decay
 Kernel launches: CUDA's fused multi-tensor kernels (`torch._foreach_*`) take a list only when corresponding tensors
 have the same shape, strides and dtype; otherwise the op falls back to one kernel per tensor. A list of 0-d trust
 ratios beside the gradients is such a case, so the ratios are spread over a buffer with one element per gradient
-element (one `repeat_interleave`), viewed with each gradient's shape and strides. A step is then a fixed sequence of ops
+element (one `index_select`), viewed with each gradient's shape and strides. A step is then a fixed sequence of ops
 whatever the number of parameter tensors (`tests/test_kernel_count.py` counts them); each multi-tensor op launches
 once per few hundred tensors on recent GPUs.
 """
@@ -35,7 +35,7 @@ class SpreadValues:
     """One value per tensor, spread over a flat buffer with as many elements as the tensors together, and seen
     through views with each tensor's shape and strides: a per-tensor factor in the form the fused multi-tensor
     kernels accept (a list of 0-d tensors would not be). The buffer, its views and each element's tensor number are
-    built once per layout: 4 + 4 bytes per element of the tensors (fp32 values, int32 numbers).
+    built once per layout: per element of the tensors, one value in their dtype and one int32.
 
     Args:
         like: the tensors the values will multiply (all of one dtype and device).
@@ -45,8 +45,10 @@ class SpreadValues:
         self.layout = _layout(like)
         device = like[0].device
         counts = torch.tensor([t.numel() for t in like], device=device)
-        self.owner = torch.repeat_interleave(torch.arange(len(like), dtype=torch.int32, device=device), counts)
-        self.values = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=device)
+        total = sum(t.numel() for t in like)
+        self.owner = torch.repeat_interleave(torch.arange(len(like), dtype=torch.int32, device=device), counts,
+                                             output_size=total)
+        self.values = torch.empty(total, dtype=like[0].dtype, device=device)
         self.views = []
         offset = 0
         for t in like:
@@ -58,8 +60,7 @@ class SpreadValues:
     def fill_(self, per_tensor: torch.Tensor) -> list[torch.Tensor]:
         """Write `per_tensor[i]` into every element of view i (one gather, no host sync); returns the views. The
         values within a segment are all equal, so each view may address its segment in any order of dimensions.
-        (A `repeat_interleave` into a temporary and a copy took 162 ms a step for ResNet-18's 17 M values on a
-        2-core CPU, this 20 ms.)"""
+        (A `repeat_interleave` into a temporary and a copy took 8x as long on a CPU.)"""
         torch.index_select(per_tensor.to(self.values.dtype), 0, self.owner, out=self.values)
         return self.views
 

@@ -63,7 +63,7 @@ from byolfast.pipeline.backends.dali.format import MANIFEST, load_manifest
 from byolfast.pipeline.storage import ORDER
 from byolfast.pipeline.folder import scan_image_folder
 from byolfast.pipeline.backends.dali.image_files import check_image_files
-from byolfast.pipeline.backends.dali.lifetime import BuildAhead, StreamHold, drop_in_background
+from byolfast.pipeline.backends.dali.lifetime import BuildAhead, StreamHold, drop_in_background, with_index
 from byolfast.pipeline.sharding import rank_indices
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class DaliTwoViewLoader(TwoViewLoader):
             logger.warning("DALI: no CUDA device for the 'mixed' (nvJPEG) decoder; decoding and augmenting on the CPU")
         self.device_id: Optional[int] = None
         if self.decoder == "mixed":
-            self.device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+            self.device_id = with_index(ctx.device).index
         self._bad: list[str] = []
         self._bad_reasons: dict[str, int] = {}
         self._convert_skips: dict = {}

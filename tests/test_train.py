@@ -261,6 +261,18 @@ def test_a_rank_standing_preempted_ignores_the_launchers_sigterm_and_exits_75_on
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 75 and proc.stdout == "alive after one\n", (proc.stdout, proc.stderr)
+    # The interpreter's shutdown puts the default handlers back before it frees the loader's and the process
+    # group's objects (a SIGTERM then killed rank 0 with -15 in CI): a held process leaves at its first exit
+    # handler, with status 75 and its output flushed, and the later handlers do not run.
+    script = (
+        "import atexit, sys\n"
+        "from byolfast.train.preempt import PreemptFlag\n"
+        "atexit.register(print, 'a later exit handler ran')\n"
+        "PreemptFlag(['SIGUSR1']).hold()\n"
+        "print('held', end='')\n"
+        "sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75 and proc.stdout == "held", (proc.stdout, proc.stderr)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -6,13 +6,17 @@ torchrun the ranks agree on the flag every `PREEMPT_CHECK_EVERY` steps (`train.d
 that stands preempted ignores the next signal while it exits: torchrun sends SIGTERM to the ranks still running as
 soon as the first one has exited, which killed a rank that was still closing its loader and its TensorBoard writer
 (status -15, not 75). A second signal ends the process at once with status 75 (a teardown that hangs can still be
-stopped; the checkpoint is on disk).
+stopped; the checkpoint is on disk), and so does the interpreter's exit, before its own shutdown puts the default
+handlers back.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -51,8 +55,7 @@ class PreemptFlag:
             name = signal.Signals(signum).name
             if self.held > 1:
                 log.warning("received %s again while exiting for requeue: exiting now", name)
-                logging.shutdown()
-                os._exit(EXIT_PREEMPTED)
+                exit_preempted()
             log.info("received %s while exiting for requeue: ignored (another one exits at once)", name)
             return
         if self.signum is None:
@@ -61,12 +64,24 @@ class PreemptFlag:
 
     def hold(self) -> None:
         """The checkpoint is written and the process exits: keep the handlers, ignore the next signal, exit with
-        `EXIT_PREEMPTED` at once on the one after."""
+        `EXIT_PREEMPTED` at once on the one after. The interpreter's own shutdown sets the handlers back to the
+        default (a signal then kills), so the process leaves at its first exit handler, once its non-daemon threads
+        have finished, without that shutdown."""
         self.holding = True
+        atexit.register(exit_preempted)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def exit_preempted() -> None:
+    """Flush the logs and the standard streams, and end the process with `EXIT_PREEMPTED` now."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_PREEMPTED)
 
 
 def stand_preempted(run_dir: Path, step: int, checkpoint: Optional[Path], flag: PreemptFlag, is_main: bool) -> None:
